@@ -1,0 +1,92 @@
+"""The `recengine` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from recengine.errors import RecengineError
+
+
+def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    # User-fixable problems print as one paragraph and exit 2; anything else keeps its traceback.
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RecengineError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="recengine")
+def cli() -> None:
+    """recengine: train and serve personalized rankers from behaviour logs and item text."""
+
+
+@cli.command()
+@_friendly_errors
+def plugins() -> None:
+    """Print the loaded plugins and what each registered, as JSON."""
+    from recengine.plugins import plugin_info
+
+    click.echo(json.dumps(plugin_info(), indent=2))
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every data-reading command shares; without --events the bundled MovieLens is used."""
+    options = [
+        click.option("--events", type=click.Path(path_type=Path), help="Events file (parquet, CSV, NDJSON)."),
+        click.option("--items", type=click.Path(path_type=Path), help="Items (catalogue) file."),
+        click.option("--users", type=click.Path(path_type=Path), help="Users file."),
+        click.option(
+            "--columns",
+            help="Column mapping source=target, comma-separated, e.g. userId=user_id,movieId=item_id.",
+        ),
+        click.option(
+            "--timestamp-unit",
+            type=click.Choice(["auto", "s", "ms"]),
+            default="auto",
+            show_default=True,
+            help="Unit of integer timestamps; auto tells seconds from milliseconds by magnitude.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_dataset(events: Path | None, items: Path | None, users: Path | None, columns: str | None, timestamp_unit: str):
+    from recengine.data import Dataset, parse_mapping
+
+    if events is None:
+        if items or users or columns:
+            raise RecengineError("--items, --users and --columns need --events as well.")
+        from recengine.datasets import movielens
+
+        return movielens()
+    return Dataset.load(events, items, users, parse_mapping(columns), timestamp_unit)
+
+
+@cli.command()
+@data_options
+@_friendly_errors
+def validate(events, items, users, columns, timestamp_unit) -> None:
+    """Check a data set against the data contract and print a summary."""
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    summary = dataset.summary()
+    click.echo(f"OK: {dataset.name} satisfies the data contract.")
+    for key, value in summary.items():
+        click.echo(f"  {key:16} {value}")
+
+
+if __name__ == "__main__":
+    cli()

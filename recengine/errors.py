@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad input, a missing plugin, a wrong parameter) is raised as a
+`RecengineError` whose message names the file, column or value and says what to do. The CLI prints
+these as one paragraph without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class RecengineError(Exception):
+    """An error the user can act on; the message is the whole explanation."""
+
+
+class DataError(RecengineError):
+    """Input data does not satisfy the data contract."""
+
+
+class PluginError(RecengineError):
+    """A plugin failed to load or register, or a requested plugin part does not exist."""
+
+
+class ConfigError(RecengineError):
+    """A feature set or parameter is invalid."""
