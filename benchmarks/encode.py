@@ -5,27 +5,55 @@ measured in one run: texts/s (median of --repeats after a warm-up), the ratio, a
 deviation of our rows from sentence-transformers' (1 - cosine). On CUDA it also times the plugin
 in fp32 and in its default reduced precision.
 
-    .venv/bin/python benchmarks/encode.py [--n 2000] [--repeats 3] [--device auto]
+Then the embedding cache on a catalogue of --cache-n unique texts: a cold run into an empty cache, a
+re-run (a fresh cache object reading the shards from disk), and a run where 1% of the texts are new.
+
+    .venv/bin/python benchmarks/encode.py [--n 2000] [--repeats 3] [--device auto] [--cache-n 10000]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
 from recengine.datasets import movielens_items
-from recengine.encoders import create_encoder
+from recengine.encoders import EmbeddingCache, create_encoder, embed
 
 
 def catalogue_texts(n: int) -> list[str]:
     items = movielens_items().select(pl.concat_str("title", pl.lit(". "), pl.col("genres").str.replace_all("|", ", ", literal=True)))
     texts = items.collect().to_series().to_list()
     return (texts * (n // len(texts) + 1))[:n]
+
+
+def unique_texts(n: int) -> list[str]:
+    texts = catalogue_texts(n)
+    return [text if i < 9742 else f"{text} (edition {i // 9742})" for i, text in enumerate(texts)]
+
+
+def cache_table(n: int, device: str) -> None:
+    encoder = create_encoder("transformers", {"device": device})
+    encoder.encode(["warm-up"])
+    texts = unique_texts(n)
+    changed = texts[: n - n // 100] + [f"{t} (new)" for t in texts[n - n // 100 :]]
+    with tempfile.TemporaryDirectory() as root:
+        runs = []
+        for label, batch in [("cold: empty cache", texts), ("re-run: all cached", texts), ("1% new items", changed)]:
+            start = time.perf_counter()
+            _, stats = embed(batch, encoder, EmbeddingCache(Path(root)))
+            runs.append((label, time.perf_counter() - start, stats))
+    cold = runs[0][1]
+    print(f"\nembedding cache, {n} unique texts, {device}")
+    print(f"{'run':24} {'seconds':>9} {'vs cold':>8} {'hits':>7} {'encoded':>8}")
+    for label, seconds, stats in runs:
+        print(f"{label:24} {seconds:9.3f} {seconds / cold:7.2%} {stats.hits:7d} {stats.misses:8d}")
 
 
 def timed(fn, texts: list[str], repeats: int) -> tuple[float, np.ndarray]:
@@ -47,6 +75,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="texts per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-n", type=int, default=10000, help="catalogue size for the cache table (0: skip)")
     parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' batch_size (its default: 32)")
     args = parser.parse_args()
 
@@ -72,6 +101,8 @@ def main() -> None:
     print(f"{'method':42} {'texts/s':>10} {'vs ST':>7} {'max 1-cos vs ST':>16}")
     for name, rate, deviation in rows:
         print(f"{name:42} {rate:10.1f} {rate / st_rate:6.2f}x {deviation:16.2e}")
+    if args.cache_n:
+        cache_table(args.cache_n, device)
 
 
 if __name__ == "__main__":

@@ -88,5 +88,61 @@ def validate(events, items, users, columns, timestamp_unit) -> None:
         click.echo(f"  {key:16} {value}")
 
 
+def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` options into a dict; values are parsed as JSON where they can be (numbers, booleans)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RecengineError(f"parameter '{pair}' is not of the form key=value.")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+@cli.command()
+@click.option("--items", type=click.Path(path_type=Path), help="Items file; default: the bundled MovieLens catalogue.")
+@click.option("--columns", help="Column mapping for the items file, e.g. movieId=item_id.")
+@click.option("--field", "fields", multiple=True, default=("title",), show_default=True, help="Text field to embed (repeatable).")
+@click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name.")
+@click.option("--param", "params", multiple=True, help="Encoder parameter key=value (repeatable), e.g. device=cpu.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Embedding cache folder [default: .recengine/cache].")
+@_friendly_errors
+def embed(items, columns, fields, encoder, params, cache_dir) -> None:
+    """Precompute item embeddings into the cache; report rows/s, hits and misses."""
+    import polars as pl
+
+    from recengine.data import load_items, parse_mapping
+    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
+
+    catalogue = load_items(items, parse_mapping(columns)) if items else _bundled_items()
+    model = create_encoder(encoder, parse_params(params))
+    cache = EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR)
+    for field in fields:
+        texts = _field_texts(catalogue, field, str(items or "the bundled catalogue"))
+        _, stats = embed_texts(texts, model, cache, progress=True)
+        click.echo(
+            f"{field}: {len(texts)} items, {stats.hits} cache hits, {stats.misses} encoded, "
+            f"{stats.rows_per_second:,.0f} rows/s ({stats.seconds:.2f} s) with {model.id}"
+        )
+    click.echo(f"cache: {cache.root}")
+
+
+def _bundled_items():
+    from recengine.datasets import movielens_items
+
+    return movielens_items()
+
+
+def _field_texts(items, field: str, source: str) -> list[str]:
+    import polars as pl
+
+    if field not in items.collect_schema():
+        raise RecengineError(f"{source}: no text field '{field}'; its columns are {items.collect_schema().names()}.")
+    return items.select(pl.col(field).cast(pl.String).fill_null("")).collect().to_series().to_list()
+
+
 if __name__ == "__main__":
     cli()

@@ -11,3 +11,35 @@ def cli_run():
         return CliRunner().invoke(cli, list(args))
 
     return run
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+    "the a of and space star war alien love story romance robot galaxy heart wedding comedy drama "
+    "action adventure ship planet kiss paris summer night dark future time travel war"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised 2-layer BERT with a tiny vocabulary, saved as a local model folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(dict.fromkeys(TINY_VOCAB)) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(TINY_VOCAB)), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_encoder(tiny_bert):
+    from recengine.encoders import create_encoder
+
+    return create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu"})

@@ -7,6 +7,7 @@ ranker whose item embeddings are cached, or computing a cache key never pays for
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -63,9 +64,7 @@ class TransformersEncoder:
     def device(self) -> str:
         if self.requested_device != "auto":
             return self.requested_device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if _cuda_available() else "cpu"
 
     @property
     def precision(self) -> str:
@@ -152,6 +151,19 @@ class TransformersEncoder:
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def _cuda_available() -> bool:
+    # A CPU build says so in its version ("2.13.0+cpu"): knowing that spares the ~1.5 s import of torch
+    # when all that is needed is the encoder id, e.g. to read cached embeddings.
+    try:
+        if importlib.metadata.version("torch").endswith("+cpu"):
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _configured_max_length(model_path: str) -> int:

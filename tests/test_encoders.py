@@ -1,0 +1,188 @@
+"""Text encoders: pooling, masking, batching, ids, and the embedding cache's hits, misses and safety."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from recengine.encoders import EmbeddingCache, create_encoder, embed, text_keys
+
+TEXTS = ["star war", "a love story in paris", "the dark future of time travel and space robot war", "kiss"]
+
+
+class CountingEncoder:
+    """Wraps an encoder and records every text it is asked to encode."""
+
+    def __init__(self, inner, id=None):
+        self.inner, self.id, self.seen = inner, id or inner.id, []
+
+    def encode(self, texts):
+        self.seen.extend(texts)
+        return self.inner.encode(texts)
+
+
+def manual_mean_pool(encoder, text):
+    encoder._load()
+    tokens = encoder._tokenizer(text, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = encoder._model(**tokens).last_hidden_state[0]
+    vector = hidden.mean(dim=0)
+    return (vector / vector.norm()).numpy()
+
+
+def test_rows_are_normalised_float32(tiny_encoder):
+    out = tiny_encoder.encode(TEXTS)
+    assert out.shape == (4, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_mean_pooling_ignores_padding(tiny_encoder):
+    # "kiss" is padded to the longest text's length in a shared batch; alone it has no padding.
+    together = tiny_encoder.encode(TEXTS)
+    for row, text in enumerate(TEXTS):
+        np.testing.assert_allclose(together[row], manual_mean_pool(tiny_encoder, text), atol=1e-5)
+
+
+def test_cls_pooling_differs_and_changes_the_id(tiny_bert):
+    mean = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu"})
+    cls = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu", "pooling": "cls"})
+    assert mean.id != cls.id
+    assert not np.allclose(mean.encode(TEXTS), cls.encode(TEXTS))
+
+
+def test_id_names_model_pooling_length_precision(tiny_bert):
+    encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu", "max_length": 16})
+    assert encoder.id.startswith("transformers-v1:tiny-bert") and encoder.id.endswith(":mean:16:fp32")
+
+
+def test_batches_respect_the_token_budget_and_cover_every_text(tiny_bert):
+    encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu", "token_budget": 40, "max_batch": 8})
+    lengths = np.array([3, 20, 5, 5, 12, 40, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    batches = encoder.batches(lengths)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 8
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 40
+    # Sorted by length, so a long text never pads a batch of short ones.
+    assert [lengths[b].max() for b in batches] == sorted((lengths[b].max() for b in batches), reverse=True)
+
+
+def test_batched_output_equals_one_at_a_time(tiny_bert):
+    small = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu", "token_budget": 4})
+    big = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu"})
+    np.testing.assert_allclose(small.encode(TEXTS * 5), big.encode(TEXTS * 5), atol=1e-5)
+
+
+def test_truncation_to_max_length(tiny_bert):
+    encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu", "max_length": 4})
+    long = "star war " * 30
+    np.testing.assert_allclose(encoder.encode([long]), encoder.encode(["star war star war"]), atol=1e-6)
+
+
+def test_cache_second_run_encodes_nothing(tiny_encoder, tmp_path):
+    counting = CountingEncoder(tiny_encoder)
+    first, stats = embed(TEXTS, counting, EmbeddingCache(tmp_path))
+    assert (stats.hits, stats.misses) == (0, 4)
+    again = CountingEncoder(tiny_encoder)
+    second, stats = embed(TEXTS, again, EmbeddingCache(tmp_path))
+    assert (stats.hits, stats.misses) == (4, 0) and again.seen == []
+    np.testing.assert_array_equal(first, second)
+
+
+def test_cache_encodes_only_new_texts_and_duplicates_once(tiny_encoder, tmp_path):
+    embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))
+    counting = CountingEncoder(tiny_encoder)
+    out, stats = embed(TEXTS + ["planet kiss", "planet kiss"], counting, EmbeddingCache(tmp_path))
+    assert counting.seen == ["planet kiss"] and (stats.hits, stats.misses) == (4, 1)
+    np.testing.assert_array_equal(out[-1], out[-2])
+
+
+def test_cache_of_another_encoder_id_is_never_reused(tiny_encoder, tmp_path):
+    embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))
+    other = CountingEncoder(tiny_encoder, id="something-else")
+    _, stats = embed(TEXTS, other, EmbeddingCache(tmp_path))
+    assert stats.hits == 0 and len(other.seen) == 4
+
+
+def test_corrupt_shard_is_ignored_and_reencoded(tiny_encoder, tmp_path, capsys):
+    embed(TEXTS[:2], tiny_encoder, EmbeddingCache(tmp_path))
+    embed(TEXTS[2:], tiny_encoder, EmbeddingCache(tmp_path))
+    shard = sorted(EmbeddingCache(tmp_path).folder(tiny_encoder.id).glob("shard-*.npz"))[0]
+    shard.write_bytes(shard.read_bytes()[:40])  # as a disk fault would leave it
+    counting = CountingEncoder(tiny_encoder)
+    out, stats = embed(TEXTS, counting, EmbeddingCache(tmp_path))
+    assert stats.misses == 2 and stats.hits == 2
+    assert "ignoring unreadable cache shard" in capsys.readouterr().err
+    np.testing.assert_allclose(out, tiny_encoder.encode(TEXTS), atol=1e-6)
+
+
+def test_leftover_temp_file_from_an_interrupted_write_is_ignored(tiny_encoder, tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    embed(TEXTS, tiny_encoder, cache)
+    (cache.folder(tiny_encoder.id) / ".tmp-abc.npz").write_bytes(b"half a shard")
+    _, stats = embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))
+    assert stats.hits == 4
+
+
+def test_concurrent_writers_lose_nothing(tiny_encoder, tmp_path):
+    words = [f"star {i}" for i in range(40)]
+    errors = []
+
+    def work(chunk):
+        try:
+            embed(chunk, tiny_encoder, EmbeddingCache(tmp_path))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(words[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    _, stats = embed(words, tiny_encoder, EmbeddingCache(tmp_path))
+    assert stats.hits == 40
+
+
+def test_compaction_keeps_every_entry(tiny_encoder, tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    texts = [f"love {i}" for i in range(20)]
+    for text in texts:  # one shard per write: 20 writes trigger a merge
+        embed([text], tiny_encoder, cache)
+    assert len(list(cache.folder(tiny_encoder.id).glob("shard-*.npz"))) <= 16
+    _, stats = embed(texts, tiny_encoder, EmbeddingCache(tmp_path))
+    assert stats.hits == 20
+
+
+def test_text_keys_are_stable():
+    assert text_keys(["a"])[0] == text_keys(["a"])[0] and text_keys(["a"])[0] != text_keys(["b"])[0]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return create_encoder("transformers", {"device": "cpu"})
+
+
+@pytest.mark.slow
+def test_packaged_minilm_matches_sentence_transformers(minilm):
+    from sentence_transformers import SentenceTransformer
+    from recengine_transformers import packaged_model_path
+
+    texts = ["Star Wars: Episode IV - A New Hope (1977)", "Notting Hill (1999)", "Alien (1979)", "x", "A " * 300]
+    reference = SentenceTransformer(str(packaged_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    cosines = (minilm.encode(texts) * reference).sum(axis=1)
+    assert cosines.min() >= 0.999
+
+
+@pytest.mark.slow
+def test_packaged_minilm_knows_science_fiction_from_romance(minilm):
+    scifi = ["a space opera about starships and alien empires", "robots and astronauts explore a distant galaxy",
+             "Alien (1979). Horror, Sci-Fi"]
+    romance = ["a romantic comedy about two people falling in love at a wedding",
+               "Notting Hill (1999). Comedy, Romance", "two strangers share one summer night of love in Paris"]
+    vectors = minilm.encode(scifi + romance)
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -1)
+    nearest = similarity.argmax(axis=1)
+    assert (nearest[:3] < 3).all() and (nearest[3:] >= 3).all(), similarity
