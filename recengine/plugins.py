@@ -20,7 +20,7 @@ from recengine.errors import PluginError
 
 ENTRY_POINT_GROUP = "recengine"
 ENV_VAR = "RECENGINE_LOAD_PLUGINS"
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_MODULES = ("recengine.extractors", "recengine.interest", "recengine.candidates")
 KINDS = {
     "encoders": "register_encoders",
     "feature_extractors": "register_feature_extractors",

@@ -1,0 +1,150 @@
+"""Candidate sources: which items a request ranks.
+
+A source gets requests `(_request, user_id, timestamp)` and returns `(_request, item_id, score)`,
+its best `k` per request, from events strictly before each request's timestamp. `generate` takes
+the union, keeps each source's score and rank as features (`cand_<name>_score`, `cand_<name>_rank`;
+null where the source did not propose the item) and drops items the user already interacted with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import polars as pl
+
+import recengine
+from recengine import plugins
+from recengine.errors import ConfigError
+from recengine.extractors import FeatureContext, covisitation_pairs
+from recengine.interest import InterestScores
+from recengine.pit import DAY, cumulative, recent_history, totals_before
+
+
+class CandidateSource(Protocol):
+    name: str
+    k: int
+
+    def generate(self, requests: pl.LazyFrame, context: FeatureContext) -> pl.LazyFrame:
+        """`(_request, item_id, score)`, at most `k` rows per request, higher score = better."""
+
+
+def create_source(name: str, params: dict[str, Any] | None = None) -> CandidateSource:
+    params = dict(params or {})
+    registration = plugins.get("candidate_sources", params.pop("source", name))
+    try:
+        source = registration.factory(**params)
+    except TypeError as exc:
+        raise ConfigError(f"candidate source '{name}' rejected its parameters {params}: {exc}") from exc
+    source.name = name
+    return source
+
+
+def _top_k(scored: pl.LazyFrame, k: int) -> pl.LazyFrame:
+    return scored.sort("score", descending=True).group_by("_request", maintain_order=True).head(k)
+
+
+class PopularSource:
+    """Items with the most events in the days before the request's day, decayed by a half-life."""
+
+    def __init__(self, k: int = 100, half_life_days: float = 14.0):
+        self.name, self.k, self.half_life = "popular", k, half_life_days
+
+    def generate(self, requests, context):
+        # Counted per whole day up to the request's own day, so one table serves all requests of a day.
+        days = context.events.group_by("item_id", pl.col("timestamp").dt.truncate("1d").alias("_day")).agg(pl.len().alias("n"))
+        keyed = requests.select("_request", pl.col("timestamp").dt.truncate("1d").alias("_on"))
+        on_days = keyed.select("_on").unique()
+        horizon = DAY * self.half_life * 10
+        window = on_days.join_where(days, pl.col("_day") < pl.col("_on"), pl.col("_day") >= pl.col("_on") - horizon)
+        age = (pl.col("_on") - pl.col("_day")).dt.total_days()
+        scored = window.group_by("_on", "item_id").agg((pl.col("n") * (-math.log(2) * age / self.half_life).exp()).sum().alias("score"))
+        best = scored.sort("score", descending=True).group_by("_on", maintain_order=True).head(self.k)
+        return keyed.join(best, on="_on").select("_request", "item_id", "score")
+
+
+class CovisitationSource:
+    """Items most often seen within `window` events of the user's last `recent` items, before t."""
+
+    def __init__(self, k: int = 100, window: int = 5, recent: int = 10):
+        self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
+
+    def generate(self, requests, context):
+        pairs = context.memo(("covis_pairs", self.window), lambda: covisitation_pairs(context.events, self.window).collect().lazy())
+        history = recent_history(requests.select("user_id", "timestamp"), context.events, self.recent)
+        seeds = requests.join(history, on=["user_id", "timestamp"]).select(
+            "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")
+        )
+        hits = seeds.join(pairs.rename({"timestamp": "_pair_at"}), on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
+        scored = hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score"))
+        return _top_k(scored, self.k)
+
+
+class EmbeddingSource:
+    """Nearest items to the user's history profile in an encoder's space; reaches never-seen items."""
+
+    def __init__(self, k: int = 100, encoder: str = "transformers", encoder_params: dict | None = None,
+                 field: str = "title", history: int = 50, half_life_days: float | None = None):
+        self.name, self.k, self.field = "embedding", k, field
+        self.scorer = InterestScores(encoder, encoder_params, [field], recent=1, history=history, half_life_days=half_life_days)
+
+    def generate(self, requests, context):
+        keyed = requests.collect()
+        history = recent_history(keyed.lazy().select("user_id", "timestamp"), context.events, self.scorer.history).collect()
+        emb = self.scorer.embeddings(context, self.field)
+        profile, _ = self.scorer.profiles(history, keyed.height, emb)
+        known = ~np.isnan(profile).any(axis=1)
+        rows, items, scores = [], [], []
+        k = min(self.k, len(emb.item_ids))
+        for start in range(0, keyed.height, 1024):
+            block = np.flatnonzero(known[start : start + 1024]) + start
+            if not len(block):
+                continue
+            sims = profile[block] @ emb.matrix.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            rows.append(np.repeat(block, k))
+            items.append(top.ravel())
+            scores.append(np.take_along_axis(sims, top, axis=1).ravel())
+        if not rows:
+            return pl.LazyFrame(schema={"_request": pl.UInt32, "item_id": emb.item_ids.dtype, "score": pl.Float32})
+        found = pl.DataFrame({"_p": np.concatenate(rows), "item_id": emb.item_ids.gather(np.concatenate(items)), "score": np.concatenate(scores)})
+        return found.join(keyed.with_row_index("_p").select(pl.col("_p").cast(pl.Int64), "_request"), on="_p").drop("_p").lazy()
+
+
+def generate(
+    requests: pl.DataFrame, sources: Sequence[CandidateSource], context: FeatureContext, exclude_seen: bool = True
+) -> pl.DataFrame:
+    """Union of the sources' candidates for `requests` (user_id, timestamp, ...), one row per request-item.
+
+    Returns the request columns, `item_id`, and `cand_<source>_score` / `cand_<source>_rank` per source.
+    """
+    if not sources:
+        raise ConfigError("no candidate sources configured; add at least one [candidates.NAME] table.")
+    keyed = requests.with_row_index("_request").lazy()
+    found = None
+    for source in sources:
+        top = source.generate(keyed.select("_request", "user_id", "timestamp"), context)
+        top = top.with_columns(pl.col("score").rank("ordinal", descending=True).over("_request").alias("rank"))
+        top = top.select("_request", "item_id", pl.col("score").cast(pl.Float64).alias(f"cand_{source.name}_score"),
+                         pl.col("rank").cast(pl.Float64).alias(f"cand_{source.name}_rank"))
+        found = top if found is None else found.join(top, on=["_request", "item_id"], how="full", coalesce=True)
+    rows = keyed.join(found, on="_request")
+    if exclude_seen:
+        rows = drop_seen(rows, context.events)
+    return rows.sort("_request", "item_id").drop("_request").collect()
+
+
+def drop_seen(rows: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows whose user had no event with the item strictly before the row's timestamp."""
+    table = cumulative(events.select("user_id", "item_id", "timestamp"), ["user_id", "item_id"], {"n": pl.len()})
+    keyed = rows.with_row_index("_row")
+    seen = totals_before(keyed, table, ["user_id", "item_id"], ["n"])
+    return keyed.join(seen, on="_row").filter(pl.col("n") == 0).drop("_row", "n")
+
+
+@recengine.hookimpl
+def register_candidate_sources(register):
+    register("popular", PopularSource, "Most events in the days before the request, decayed.")
+    register("covisitation", CovisitationSource, "Co-visited with the user's recent items.")
+    register("embedding", EmbeddingSource, "Nearest items to the user's text-embedding profile.")

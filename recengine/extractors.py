@@ -1,0 +1,294 @@
+"""Feature extractors: the interface, the context they read, and the built-in behaviour features.
+
+An extractor receives requests `(_row, user_id, item_id, timestamp, ...)` as a LazyFrame and returns
+`_row` plus its `columns`. It may read anything in the `FeatureContext`, but only events strictly
+before each request's timestamp may shape that request's values: build on `recengine.pit`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import polars as pl
+
+import recengine
+from recengine.encoders import EmbeddingCache
+from recengine.pit import DAY, asof_before, cumulative, recent_history, totals_before
+
+
+class FeatureExtractor(Protocol):
+    columns: list[str]
+
+    def transform(self, requests: pl.LazyFrame, context: "FeatureContext") -> pl.LazyFrame:
+        """`_row` plus `self.columns` for each request row."""
+
+
+@dataclass
+class FeatureContext:
+    """What extractors read: the event log, the catalogue, the embedding cache, shared work."""
+
+    events: pl.LazyFrame
+    items: pl.LazyFrame | None = None
+    cache: EmbeddingCache | None = None
+    progress: bool = False
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_frames(cls, events: pl.LazyFrame | pl.DataFrame, items=None, **kwargs: Any) -> "FeatureContext":
+        # Collected once: every extractor re-reads the events, and a scan would re-parse the file.
+        events = events.lazy().collect().lazy()
+        items = items.lazy().collect().lazy() if items is not None else None
+        return cls(events=events, items=items, **kwargs)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Compute shared work (pair tables, embeddings) once per context."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def has(self, column: str) -> bool:
+        return column in self.events.collect_schema()
+
+
+def compute_features(
+    requests: pl.DataFrame, extractors: Sequence[FeatureExtractor], context: FeatureContext
+) -> pl.DataFrame:
+    """`requests` (user_id, item_id, timestamp, ...) with every extractor's columns added, same row order."""
+    keyed = requests.with_row_index("_row")
+    lazy = keyed.lazy()
+    out = keyed
+    for extractor in extractors:
+        values = extractor.transform(lazy, context).collect()
+        out = out.join(values.select("_row", *extractor.columns), on="_row", how="left", maintain_order="left")
+    return out.drop("_row")
+
+
+def _days(expr: pl.Expr) -> pl.Expr:
+    return expr.dt.total_milliseconds().cast(pl.Float64) / DAY.total_seconds() / 1000
+
+
+class ItemPopularity:
+    """Events per item before t: all time, in trailing windows, and exponentially decayed."""
+
+    def __init__(self, windows_days: Sequence[float] = (1, 7, 30, 365), half_lives_days: Sequence[float] = (14,)):
+        self.windows = list(windows_days)
+        self.half_lives = list(half_lives_days)
+        self.columns = (
+            ["item_count_all"]
+            + [f"item_count_{w:g}d" for w in self.windows]
+            + [f"item_decay_{h:g}d" for h in self.half_lives]
+        )
+
+    def transform(self, requests, context):
+        table = cumulative(context.events, "item_id", {"n": pl.len()})
+        keys = requests.select("_row", "item_id", "timestamp")
+        out = totals_before(keys, table, "item_id", ["n"]).rename({"n": "item_count_all"})
+        for window in self.windows:
+            start = totals_before(keys, table, "item_id", ["n"], at=pl.col("timestamp") - DAY * window)
+            out = out.join(start, on="_row").with_columns(
+                (pl.col("item_count_all") - pl.col("n")).alias(f"item_count_{window:g}d")
+            ).drop("n")
+        for half_life in self.half_lives:
+            decayed = decayed_counts(keys, context.events, "item_id", half_life)
+            out = out.join(decayed.rename({"decayed": f"item_decay_{half_life:g}d"}), on="_row")
+        return out
+
+
+def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_life_days: float) -> pl.LazyFrame:
+    """sum(exp(-(t - ts) / tau)) over events before t, per `by`, without overflow.
+
+    The sum factors as exp(-t/tau) * sum(exp(ts/tau)), but over years exp(ts/tau) overflows. So time is
+    cut into epochs of 200 tau, each with its own origin: an event counts in its own epoch's running
+    sum and, re-based, in the next epoch's total. Older events weigh under exp(-200) and are dropped.
+    """
+    tau = half_life_days / math.log(2) * DAY.total_seconds() * 1000
+    span = 200 * tau
+    ms = pl.col("timestamp").dt.epoch("ms").cast(pl.Float64)
+    epoch = (ms / span).floor()
+    origin = (epoch + 1) * span
+    weighted = events.select(by, "timestamp", epoch.alias("_epoch"), ((ms - origin) / tau).exp().alias("w"),
+                             ((ms - origin - span) / tau).exp().alias("w_next"))
+    running = cumulative(weighted, [by, "_epoch"], {"w": pl.col("w").sum()})
+    carried = weighted.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").sum().alias("carry"))
+    keyed = requests.with_columns(epoch.alias("_epoch"))
+    same = totals_before(keyed, running, [by, "_epoch"], ["w"])
+    scale = ((((ms / span).floor() + 1) * span - ms) / tau).exp()
+    return (
+        keyed.join(same, on="_row")
+        .join(carried, on=[by, "_epoch"], how="left")
+        .select("_row", (scale * (pl.col("w") + pl.col("carry").fill_null(0))).alias("decayed"))
+    )
+
+
+class ItemTrend:
+    """Recent against longer-run popularity: daily rate in the short window over that in the long one."""
+
+    def __init__(self, short_days: float = 7, long_days: float = 90):
+        self.short, self.long = short_days, long_days
+        self.columns = [f"item_trend_{short_days:g}d_{long_days:g}d"]
+
+    def transform(self, requests, context):
+        counts = ItemPopularity(windows_days=(self.short, self.long), half_lives_days=()).transform(requests, context)
+        short, long = pl.col(f"item_count_{self.short:g}d"), pl.col(f"item_count_{self.long:g}d")
+        return counts.select("_row", ((short / self.short) / ((long + 1) / self.long)).alias(self.columns[0]))
+
+
+class ItemAge:
+    """Days since the item's first event, if that was before t (else null: not yet seen)."""
+
+    columns = ["item_age_days"]
+
+    def transform(self, requests, context):
+        first = context.events.group_by("item_id").agg(pl.col("timestamp").min().alias("_first"))
+        joined = requests.select("_row", "item_id", "timestamp").join(first, on="item_id", how="left")
+        age = pl.when(pl.col("_first") < pl.col("timestamp")).then(_days(pl.col("timestamp") - pl.col("_first")))
+        return joined.select("_row", age.alias("item_age_days"))
+
+
+class ItemValue:
+    """Mean event value (e.g. rating) of the item before t, shrunk towards the global mean before t."""
+
+    columns = ["item_value_mean"]
+
+    def __init__(self, prior_weight: float = 5.0):
+        self.prior_weight = prior_weight
+
+    def transform(self, requests, context):
+        if not context.has("value"):
+            return requests.select("_row", pl.lit(None, pl.Float64).alias("item_value_mean"))
+        keys = requests.select("_row", "item_id", "timestamp", pl.lit(0).alias("_all"))
+        sums = {"n": pl.len(), "v": pl.col("value").sum()}
+        item = totals_before(keys, cumulative(context.events, "item_id", sums), "item_id", ["n", "v"])
+        everyone = cumulative(context.events.with_columns(pl.lit(0).alias("_all")), "_all", sums)
+        prior = totals_before(keys, everyone, "_all", ["n", "v"]).rename({"n": "gn", "v": "gv"})
+        mean = (pl.col("v") + self.prior_weight * pl.col("gv") / pl.col("gn")) / (pl.col("n") + self.prior_weight)
+        return item.join(prior, on="_row").select("_row", pl.when(pl.col("gn") > 0).then(mean).alias("item_value_mean"))
+
+
+class ItemCTR:
+    """Clicks per impression of the item before t, with a Beta prior at the global rate before t."""
+
+    columns = ["item_ctr", "item_impressions"]
+
+    def __init__(self, prior_weight: float = 20.0):
+        self.prior_weight = prior_weight
+
+    def transform(self, requests, context):
+        if not context.has("label"):
+            return requests.select("_row", *(pl.lit(None, pl.Float64).alias(c) for c in self.columns))
+        shown = context.events.filter(pl.col("label").is_not_null()).with_columns(pl.lit(0).alias("_all"))
+        sums = {"imp": pl.len(), "clk": (pl.col("label") > 0).sum()}
+        keys = requests.select("_row", "item_id", "timestamp", pl.lit(0).alias("_all"))
+        item = totals_before(keys, cumulative(shown, "item_id", sums), "item_id", ["imp", "clk"])
+        prior = totals_before(keys, cumulative(shown, "_all", sums), "_all", ["imp", "clk"]).rename({"imp": "gi", "clk": "gc"})
+        rate = pl.when(pl.col("gi") > 0).then(pl.col("gc") / pl.col("gi")).otherwise(0.0)
+        ctr = (pl.col("clk") + self.prior_weight * rate) / (pl.col("imp") + self.prior_weight)
+        return item.join(prior, on="_row").select("_row", ctr.alias("item_ctr"), pl.col("imp").cast(pl.Float64).alias("item_impressions"))
+
+
+class UserActivity:
+    """The user's events before t: count, days since the last and the first, mean value."""
+
+    columns = ["user_count", "user_days_since_last", "user_days_active", "user_value_mean"]
+
+    def transform(self, requests, context):
+        value = pl.col("value") if context.has("value") else pl.lit(None, pl.Float64)
+        table = cumulative(context.events.with_columns(value.alias("_v")), "user_id", {"n": pl.len(), "v": pl.col("_v").sum()})
+        table = table.with_columns(pl.col("timestamp").alias("_last"))
+        first = context.events.group_by("user_id").agg(pl.col("timestamp").min().alias("_first"))
+        keys = requests.select("_row", "user_id", "timestamp")
+        joined = asof_before(keys, table.select("user_id", "timestamp", "n", "v", "_last"), "user_id")
+        joined = joined.join(first, on="user_id", how="left")
+        seen = pl.col("n").is_not_null()
+        return joined.select(
+            "_row",
+            pl.col("n").fill_null(0).cast(pl.Float64).alias("user_count"),
+            pl.when(seen).then(_days(pl.col("timestamp") - pl.col("_last"))).alias("user_days_since_last"),
+            pl.when(seen).then(_days(pl.col("timestamp") - pl.col("_first"))).alias("user_days_active"),
+            pl.when(seen & (pl.col("v") != 0)).then(pl.col("v") / pl.col("n")).alias("user_value_mean"),
+        )
+
+
+class CategoryAffinity:
+    """Share of the user's events before t that fell in each of the item's categories (mean, max)."""
+
+    def __init__(self, field: str = "genres", separator: str = "|"):
+        self.field, self.separator = field, separator
+        self.columns = [f"affinity_{field}_mean", f"affinity_{field}_max"]
+
+    def transform(self, requests, context):
+        categories = (
+            context.items.select("item_id", pl.col(self.field).cast(pl.String).str.split(self.separator).alias("_cat"))
+            .explode("_cat")
+            .filter(pl.col("_cat").is_not_null() & (pl.col("_cat") != ""))
+        )
+        per_user = cumulative(context.events.select("user_id", "timestamp"), "user_id", {"total": pl.len()})
+        per_cat = cumulative(
+            context.events.select("user_id", "item_id", "timestamp").join(categories, on="item_id"),
+            ["user_id", "_cat"],
+            {"hits": pl.len()},
+        )
+        keys = requests.select("_row", "user_id", "item_id", "timestamp")
+        total = totals_before(keys, per_user, "user_id", ["total"])
+        exploded = keys.join(categories, on="item_id").with_row_index("_pair").rename({"_row": "_request"})
+        hits = totals_before(exploded.rename({"_pair": "_row"}), per_cat, ["user_id", "_cat"], ["hits"])
+        share = (
+            exploded.join(hits.rename({"_row": "_pair"}), on="_pair")
+            .group_by("_request")
+            .agg(pl.col("hits").mean().alias("_mean"), pl.col("hits").max().alias("_max"))
+            .rename({"_request": "_row"})
+        )
+        out = total.join(share, on="_row", how="left")
+        ratio = lambda c: pl.when(pl.col("total") > 0).then(pl.col(c) / pl.col("total"))  # noqa: E731
+        return out.select("_row", ratio("_mean").alias(self.columns[0]), ratio("_max").alias(self.columns[1]))
+
+
+def covisitation_pairs(events: pl.LazyFrame, window: int) -> pl.LazyFrame:
+    """(a, b, timestamp): b followed a within `window` of one user's events, both ways, dated when b happened."""
+    ordered = events.sort("user_id", "timestamp", "item_id").select("user_id", "item_id", "timestamp")
+    pairs = []
+    for lag in range(1, window + 1):
+        earlier = pl.col("item_id").shift(lag).over("user_id")
+        pairs.append(ordered.select(earlier.alias("a"), pl.col("item_id").alias("b"), "timestamp"))
+        pairs.append(ordered.select(pl.col("item_id").alias("a"), earlier.alias("b"), "timestamp"))
+    return pl.concat(pairs).drop_nulls().filter(pl.col("a") != pl.col("b"))
+
+
+class Covisitation:
+    """How often the item was seen next to each of the user's last `recent` items, before t (sum, max)."""
+
+    columns = ["covis_sum", "covis_max"]
+
+    def __init__(self, window: int = 5, recent: int = 10):
+        self.window, self.recent = window, recent
+
+    def transform(self, requests, context):
+        pairs = context.memo(("covis_pairs", self.window), lambda: covisitation_pairs(context.events, self.window).collect().lazy())
+        counts = cumulative(pairs, ["a", "b"], {"n": pl.len()})
+        keys = requests.select("_row", "user_id", "item_id", "timestamp")
+        profiles = keys.select("user_id", "timestamp").unique()
+        history = recent_history(profiles, context.events, self.recent).select("user_id", "timestamp", pl.col("h_item").alias("a"))
+        expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
+        expanded = expanded.with_row_index("_row")
+        found = totals_before(expanded, counts, ["a", "b"], ["n"])
+        per_request = (
+            expanded.select("_row", "_request").join(found, on="_row")
+            .group_by("_request").agg(pl.col("n").sum().alias("covis_sum"), pl.col("n").max().alias("covis_max"))
+        )
+        return keys.select("_row").join(per_request.rename({"_request": "_row"}), on="_row", how="left").with_columns(
+            pl.col(self.columns).cast(pl.Float64)
+        )
+
+
+@recengine.hookimpl
+def register_feature_extractors(register):
+    register("item_popularity", ItemPopularity, "Item event counts before t: all time, windows, decayed.")
+    register("item_trend", ItemTrend, "Item daily rate in a short window over a long one.")
+    register("item_age", ItemAge, "Days since the item's first event.")
+    register("item_value", ItemValue, "Item's mean event value (rating), shrunk to the global mean.")
+    register("item_ctr", ItemCTR, "Item clicks per impression with a Beta prior (impression logs).")
+    register("user_activity", UserActivity, "User's event count, recency, tenure and mean value.")
+    register("category_affinity", CategoryAffinity, "User's share of events in the item's categories.")
+    register("covisitation", Covisitation, "Co-visitation of the item with the user's recent items.")

@@ -1,0 +1,52 @@
+"""Training samples: request times, labels from what followed, and a time-based validation split.
+
+Impression logs (`request_id` + `label`): each logged request is a group, labels are its clicks.
+Interaction logs: per user, request times are drawn (seeded) from the user's own events after the
+first `min_history`; the items the user interacted with from t on (within `window_days`, if set)
+are the positives among the candidates.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+
+from recengine.pit import DAY
+
+
+def sample_requests(events: pl.LazyFrame, per_user: int = 2, min_history: int = 5, seed: int = 0) -> pl.DataFrame:
+    """Up to `per_user` distinct request times per user, each at one of the user's events."""
+    # One candidate time per distinct timestamp: a burst of ratings in one second is one moment.
+    times = events.select("user_id", "timestamp").unique().sort("user_id", "timestamp")
+    times = times.with_columns(pl.int_range(pl.len()).over("user_id").alias("_position"))
+    eligible = times.filter(pl.col("_position") >= min_history).collect()
+    sampled = eligible.with_columns(pl.int_range(pl.len()).shuffle(seed=seed).over("user_id").alias("_draw"))
+    return sampled.filter(pl.col("_draw") < per_user).select("user_id", "timestamp").sort("timestamp", "user_id")
+
+
+def future_items(
+    requests: pl.DataFrame, events: pl.LazyFrame, window_days: float | None = None, until: datetime | None = None
+) -> pl.DataFrame:
+    """(user_id, timestamp, item_id): items each user interacted with at or after the request time,
+    within `window_days` and strictly before `until` (the validation boundary) when given."""
+    later = requests.lazy().join(events.select("user_id", pl.col("item_id"), pl.col("timestamp").alias("_at")), on="user_id")
+    later = later.filter(pl.col("_at") >= pl.col("timestamp"))
+    if window_days:
+        later = later.filter(pl.col("_at") < pl.col("timestamp") + DAY * window_days)
+    if until is not None:
+        later = later.filter(pl.col("_at") < until)
+    return later.select("user_id", "timestamp", "item_id").unique().collect()
+
+
+def attach_labels(candidates: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """Candidates with `label` 1 where the item is in the request's truth, else 0."""
+    positives = truth.with_columns(pl.lit(1.0).alias("label"))
+    joined = candidates.join(positives, on=["user_id", "timestamp", "item_id"], how="left", maintain_order="left")
+    return joined.with_columns(pl.col("label").fill_null(0.0))
+
+
+def time_split(requests: pl.DataFrame, validation_fraction: float) -> tuple[pl.DataFrame, pl.DataFrame, datetime]:
+    """Earlier requests train, the latest `validation_fraction` validate; returns the boundary too."""
+    boundary = requests["timestamp"].quantile(1 - validation_fraction, interpolation="lower")
+    return requests.filter(pl.col("timestamp") < boundary), requests.filter(pl.col("timestamp") >= boundary), boundary
