@@ -1,0 +1,154 @@
+"""Point-in-time features, interest scores, candidates and metrics on small logs where the truth is known."""
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recengine.candidates import CovisitationSource, EmbeddingSource, PopularSource, generate
+from recengine.encoders import EmbeddingCache
+from recengine.extractors import (
+    CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemCTR, ItemPopularity, ItemTrend, ItemValue,
+    UserActivity, compute_features, decayed_counts,
+)
+from recengine.interest import InterestScores
+from recengine.metrics import evaluate
+
+T0 = datetime(2024, 1, 10)
+DAY = timedelta(days=1)
+ITEMS = pl.DataFrame({
+    "item_id": [1, 2, 3, 4, 5],
+    "title": ["star war", "space robot war", "love story", "paris kiss love", "dark future"],
+    "genres": ["scifi|action", "scifi", "romance", "romance|comedy", "scifi|drama"],
+})
+
+
+def log(rows):
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp", "value"], orient="row")
+
+
+BASE = log([
+    (1, 1, T0 - 5 * DAY, 4.0), (1, 2, T0 - 3 * DAY, 5.0), (1, 3, T0 - 1 * DAY, 2.0),
+    (2, 1, T0 - 20 * DAY, 3.0), (2, 3, T0 - 2 * DAY, 5.0), (2, 4, T0 - 2 * DAY, 4.0),
+    (3, 5, T0 - 400 * DAY, 1.0),
+])
+REQUESTS = pl.DataFrame({"user_id": [1, 1, 2, 9, 1], "item_id": [2, 4, 1, 1, 99], "timestamp": [T0, T0, T0, T0, T0]})
+
+
+def context(events, **kwargs):
+    return FeatureContext.from_frames(events, ITEMS, **kwargs)
+
+
+def extractors(tiny_bert):
+    return [
+        ItemPopularity(windows_days=(1, 7, 30), half_lives_days=(7,)), ItemTrend(3, 30), ItemAge(), ItemValue(),
+        ItemCTR(), UserActivity(), CategoryAffinity(), Covisitation(window=2, recent=3),
+        InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title", "genres"], recent=2),
+    ]
+
+
+def test_events_at_or_after_t_change_no_feature(tiny_bert):
+    # The leakage test: copy the log, add events exactly at t and after t for the requested users and
+    # items (and clicks for CTR); every feature of every request at t must stay the same.
+    future = log([(u, i, T0 + d * DAY, 5.0) for u in (1, 2, 9) for i in (1, 2, 3, 4, 99) for d in (0, 1, 30)])
+    before = compute_features(REQUESTS, extractors(tiny_bert), context(BASE))
+    after = compute_features(REQUESTS, extractors(tiny_bert), context(pl.concat([BASE, future])))
+    assert before.columns == after.columns
+    assert len(before.columns) == 3 + sum(len(e.columns) for e in extractors(tiny_bert))
+    for column in before.columns:
+        assert before[column].to_list() == after[column].to_list(), column
+
+
+def test_popularity_windows_and_decay_match_a_direct_count():
+    features = compute_features(REQUESTS, [ItemPopularity(windows_days=(1, 4, 30), half_lives_days=(7,))], context(BASE))
+    item1 = features.row(2, named=True)  # item 1: events 5 and 20 days before t
+    assert (item1["item_count_all"], item1["item_count_4d"], item1["item_count_30d"]) == (2, 0, 2)
+    expected = 0.5 ** (5 / 7) + 0.5 ** (20 / 7)
+    assert item1["item_decay_7d"] == pytest.approx(expected)
+
+
+def test_decay_spans_decades_without_overflow():
+    events = pl.DataFrame({"item_id": [1] * 3, "timestamp": [datetime(1990, 1, 1), datetime(2010, 1, 1), datetime(2024, 1, 1)]})
+    requests = pl.DataFrame({"_row": [0, 1], "item_id": [1, 1], "timestamp": [datetime(2010, 1, 2), datetime(2024, 1, 2)]})
+    out = decayed_counts(requests.lazy(), events.lazy(), "item_id", 1.0).sort("_row").collect()["decayed"].to_list()
+    assert out == pytest.approx([0.5, 0.5], rel=1e-9)
+
+
+def test_user_activity_and_unknown_user():
+    features = compute_features(REQUESTS, [UserActivity()], context(BASE))
+    user1, unknown = features.row(0, named=True), features.row(3, named=True)
+    assert user1["user_count"] == 3 and user1["user_days_since_last"] == pytest.approx(1.0)
+    assert user1["user_days_active"] == pytest.approx(5.0) and user1["user_value_mean"] == pytest.approx(11 / 3)
+    assert unknown["user_count"] == 0 and unknown["user_days_since_last"] is None
+
+
+def test_category_affinity_is_the_share_of_history_in_the_items_categories():
+    features = compute_features(REQUESTS, [CategoryAffinity()], context(BASE))
+    # user 1 saw scifi twice, action once, romance once out of 3; item 4 is romance|comedy.
+    row = features.row(1, named=True)
+    assert row["affinity_genres_mean"] == pytest.approx((1 / 3 + 0) / 2) and row["affinity_genres_max"] == pytest.approx(1 / 3)
+
+
+def test_covisitation_counts_pairs_seen_before_t():
+    features = compute_features(REQUESTS, [Covisitation(window=1, recent=3)], context(BASE))
+    # user 2 at t has recent items 3, 4, 1; item 1 was next to 3 in user 2's log (1 then 3): once.
+    assert features.row(2, named=True)["covis_sum"] == 1
+
+
+def test_interest_scores_equal_a_direct_computation(tiny_bert):
+    ctx = context(BASE)
+    scorer = InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title"], recent=2)
+    features = compute_features(REQUESTS, [scorer], ctx)
+    emb = scorer.embeddings(ctx, "title")
+    vector = dict(zip(emb.item_ids.to_list(), emb.matrix))
+    profile = vector[1] + vector[2] + vector[3]
+    profile /= np.linalg.norm(profile)
+    row = features.row(1, named=True)  # user 1, item 4
+    assert row["interest_title_mean"] == pytest.approx(float(profile @ vector[4]), abs=1e-5)
+    assert row["interest_title_max"] == pytest.approx(max(vector[3] @ vector[4], vector[2] @ vector[4]), abs=1e-5)
+    assert features.row(3, named=True)["interest_title_mean"] is None  # no history
+    assert features.row(4, named=True)["interest_title_max"] is None  # item without text
+
+
+def test_recency_and_value_weights_enter_the_profile(tiny_bert):
+    ctx = context(BASE)
+    scorer = InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title"],
+                            half_life_days=2.0, weight_by_value=True)
+    features = compute_features(REQUESTS, [scorer], ctx)
+    vector = dict(zip(*(lambda e: (e.item_ids.to_list(), e.matrix))(scorer.embeddings(ctx, "title"))))
+    # user 1: items 1, 2, 3 at 5, 3, 1 days before t with values 4, 5, 2.
+    profile = sum(value * 0.5 ** (age / 2.0) * vector[item] for item, age, value in [(1, 5, 4.0), (2, 3, 5.0), (3, 1, 2.0)])
+    expected = float(profile @ vector[4] / np.linalg.norm(profile))
+    assert features["interest_title_mean"][1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_candidates_exclude_seen_items_and_keep_source_scores(tiny_bert):
+    ctx = context(BASE, cache=None)
+    sources = [PopularSource(k=10), CovisitationSource(k=10, window=2),
+               EmbeddingSource(k=10, encoder_params={"model": str(tiny_bert), "device": "cpu"})]
+    requests = pl.DataFrame({"user_id": [1, 2], "timestamp": [T0, T0]})
+    out = generate(requests, sources, ctx)
+    seen = {(1, 1), (1, 2), (1, 3), (2, 1), (2, 3), (2, 4)}
+    assert not seen & set(zip(out["user_id"], out["item_id"]))
+    assert {"cand_popular_score", "cand_covisitation_rank", "cand_embedding_score"} <= set(out.columns)
+    assert set(out.filter(pl.col("user_id") == 1)["item_id"]) == {4, 5}  # 5 only via embeddings
+    assert out.filter((pl.col("user_id") == 1) & (pl.col("item_id") == 5))["cand_popular_score"].item() is None
+
+
+def test_popular_source_ignores_the_request_day_and_after():
+    events = log([(5, 3, T0 + DAY, 1.0), (6, 3, T0, 1.0), (7, 2, T0 - DAY, 1.0), (8, 2, T0 - DAY, 1.0), (9, 1, T0 - 2 * DAY, 1.0)])
+    out = generate(pl.DataFrame({"user_id": [1], "timestamp": [T0 + timedelta(hours=12)]}), [PopularSource(k=2)], context(events))
+    assert out.sort("cand_popular_rank")["item_id"].to_list() == [2, 1]
+
+
+def test_metrics_by_hand():
+    ranked = pl.DataFrame({"user_id": [1, 1, 1, 2, 2], "item_id": [10, 11, 12, 20, 21], "score": [3.0, 2.0, 1.0, 2.0, 1.0]})
+    truth = pl.DataFrame({"user_id": [1, 1, 2, 3], "item_id": [11, 99, 21, 30]})  # 99, 30: never candidates
+    m = evaluate(ranked, truth, ["user_id"], ks=(10,))
+    ideal2 = 1 + 1 / np.log2(3)
+    ndcg = [(1 / np.log2(3)) / ideal2, (1 / np.log2(3)) / 1, 0.0]
+    assert m["ndcg@10"] == pytest.approx(np.mean(ndcg))
+    assert m["recall@10"] == pytest.approx(np.mean([0.5, 1.0, 0.0]))
+    assert m["hr@10"] == pytest.approx(2 / 3) and m["mrr@10"] == pytest.approx(np.mean([0.5, 0.5, 0.0]))
+    assert m["auc"] == pytest.approx(np.mean([0.5, 0.0])) and m["requests"] == 3
