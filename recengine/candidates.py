@@ -9,13 +9,12 @@ null where the source did not propose the item) and drops items the user already
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import polars as pl
 
 import recengine
-from recengine import plugins
 from recengine.errors import ConfigError
 from recengine.extractors import FeatureContext, covisitation_pairs
 from recengine.interest import InterestScores
@@ -28,17 +27,6 @@ class CandidateSource(Protocol):
 
     def generate(self, requests: pl.LazyFrame, context: FeatureContext) -> pl.LazyFrame:
         """`(_request, item_id, score)`, at most `k` rows per request, higher score = better."""
-
-
-def create_source(name: str, params: dict[str, Any] | None = None) -> CandidateSource:
-    params = dict(params or {})
-    registration = plugins.get("candidate_sources", params.pop("source", name))
-    try:
-        source = registration.factory(**params)
-    except TypeError as exc:
-        raise ConfigError(f"candidate source '{name}' rejected its parameters {params}: {exc}") from exc
-    source.name = name
-    return source
 
 
 def _top_k(scored: pl.LazyFrame, k: int) -> pl.LazyFrame:

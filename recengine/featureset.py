@@ -1,0 +1,119 @@
+"""Feature sets: a TOML file naming the candidate sources, feature extractors, labels and ranker.
+
+    name = "movielens"
+    [candidates.popular]        # table name = a registered candidate source (or give source = "...")
+    k = 100
+    [features.item_popularity]  # table name = a registered extractor (or give extractor = "...")
+    windows_days = [1, 7, 30]
+    [labels]                    # how training requests and their positives are drawn
+    [ranker]                    # LightGBM parameters, plus num_boost_round, early_stopping_rounds
+
+Unknown names and parameters fail at load, listing what is available.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recengine import plugins
+from recengine.errors import ConfigError, PluginError
+
+LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "validation_fraction": 0.2, "seed": 0}
+RANKER_DEFAULTS = {
+    "objective": "lambdarank",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 50,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambdarank_truncation_level": 20,
+    "eval_at": [5, 10],
+    "seed": 0,
+    "num_boost_round": 500,
+    "early_stopping_rounds": 50,
+}
+OBJECTIVES = ("lambdarank", "rank_xendcg")
+
+
+@dataclass
+class FeatureSet:
+    name: str
+    candidates: dict[str, dict[str, Any]]
+    features: dict[str, dict[str, Any]]
+    labels: dict[str, Any] = field(default_factory=lambda: dict(LABEL_DEFAULTS))
+    ranker: dict[str, Any] = field(default_factory=lambda: dict(RANKER_DEFAULTS))
+    exclude_seen: bool = True
+    description: str = ""
+    source_text: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSet":
+        path = Path(path)
+        try:
+            text = path.read_text()
+            raw = tomllib.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such feature set file. The bundled ones are in features/.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}.") from exc
+        return cls.from_dict(raw, str(path), text)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "feature set", text: str = "") -> "FeatureSet":
+        known = {"name", "description", "candidates", "features", "labels", "ranker", "exclude_seen"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown top-level keys {unknown}; expected some of {sorted(known)}.")
+        labels = {**LABEL_DEFAULTS, **raw.get("labels", {})}
+        bad = sorted(set(labels) - set(LABEL_DEFAULTS))
+        if bad:
+            raise ConfigError(f"{source}: unknown [labels] keys {bad}; expected some of {sorted(LABEL_DEFAULTS)}.")
+        ranker = {**RANKER_DEFAULTS, **raw.get("ranker", {})}
+        if ranker["objective"] not in OBJECTIVES:
+            raise ConfigError(f"{source}: [ranker] objective '{ranker['objective']}' is not one of {OBJECTIVES}.")
+        feature_set = cls(
+            name=raw.get("name", Path(source).stem),
+            description=raw.get("description", ""),
+            candidates=raw.get("candidates", {}),
+            features=raw.get("features", {}),
+            labels=labels,
+            ranker=ranker,
+            exclude_seen=raw.get("exclude_seen", True),
+            source_text=text,
+        )
+        feature_set.build_sources(source)
+        feature_set.build_extractors(source)
+        return feature_set
+
+    def build_extractors(self, source: str = "feature set") -> list:
+        return [self._build("feature_extractors", "extractor", name, params, source) for name, params in self.features.items()]
+
+    def build_sources(self, source: str = "feature set") -> list:
+        if not self.candidates:
+            raise ConfigError(f"{source}: no candidate sources; add a [candidates.NAME] table (e.g. [candidates.popular]).")
+        built = []
+        for name, params in self.candidates.items():
+            part = self._build("candidate_sources", "source", name, params, source)
+            part.name = name
+            built.append(part)
+        return built
+
+    @staticmethod
+    def _build(kind: str, alias_key: str, name: str, params: dict[str, Any], source: str):
+        params = dict(params)
+        registered = params.pop(alias_key, name)
+        try:
+            registration = plugins.get(kind, registered)
+        except PluginError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        try:
+            return registration.factory(**params)
+        except TypeError as exc:
+            raise ConfigError(
+                f"{source}: [{'features' if kind == 'feature_extractors' else 'candidates'}.{name}] has bad "
+                f"parameters {sorted(params)}: {exc}. See `recengine plugins` and the part's documentation."
+            ) from exc
