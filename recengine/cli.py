@@ -6,11 +6,16 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from recengine.errors import RecengineError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from recengine.data import Dataset
 
 
 def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,7 +69,9 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def load_dataset(events: Path | None, items: Path | None, users: Path | None, columns: str | None, timestamp_unit: str):
+def load_dataset(
+    events: Path | None, items: Path | None, users: Path | None, columns: str | None, timestamp_unit: str
+) -> "Dataset":
     from recengine.data import Dataset, parse_mapping
 
     if events is None:
@@ -112,8 +119,6 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @_friendly_errors
 def embed(items, columns, fields, encoder, params, cache_dir) -> None:
     """Precompute item embeddings into the cache; report rows/s, hits and misses."""
-    import polars as pl
-
     from recengine.data import load_items, parse_mapping
     from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
 
@@ -136,7 +141,7 @@ def _bundled_items():
     return movielens_items()
 
 
-def _field_texts(items, field: str, source: str) -> list[str]:
+def _field_texts(items: "pl.LazyFrame", field: str, source: str) -> list[str]:
     import polars as pl
 
     if field not in items.collect_schema():

@@ -96,8 +96,8 @@ def example_installed(tmp_path_factory):
 
 
 def plugins_json(site, **env):
-    environment = {**os.environ, "PYTHONPATH": str(site), **env}
-    environment.pop("RECENGINE_LOAD_PLUGINS", None) if "RECENGINE_LOAD_PLUGINS" not in env else None
+    environment = {key: value for key, value in os.environ.items() if key != "RECENGINE_LOAD_PLUGINS"}
+    environment.update(PYTHONPATH=str(site), **env)
     out = subprocess.run(
         [sys.executable, "-m", "recengine.cli", "plugins"], env=environment, capture_output=True, text=True, check=True
     )
