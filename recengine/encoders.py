@@ -99,19 +99,10 @@ class EmbeddingCache:
         if not meta.exists():
             _atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
         _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, vectors)
-        table = self._memory.setdefault(encoder_id, {})
-        table.update(zip(keys.tolist(), vectors))
+        self._load(encoder_id).update(zip(keys.tolist(), vectors))
         shards = sorted(folder.glob("shard-*.npz"))
         if len(shards) > _COMPACT_AFTER:
-            self._compact(encoder_id, folder, shards)
-
-    def _compact(self, encoder_id: str, folder: Path, shards: list[Path]) -> None:
-        # The merged shard lands before the old ones go, so a reader always sees every entry.
-        table = self._memory[encoder_id]
-        keys = np.array(list(table), dtype=_KEY)
-        _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, np.stack(list(table.values())))
-        for shard in shards:
-            shard.unlink(missing_ok=True)
+            _compact(folder, shards)
 
     def _load(self, encoder_id: str) -> dict[bytes, np.ndarray]:
         if encoder_id in self._memory:
@@ -120,13 +111,35 @@ class EmbeddingCache:
         folder = self.folder(encoder_id)
         if _owner(folder) == encoder_id:
             for shard in sorted(folder.glob("shard-*.npz")):
-                try:
-                    with np.load(shard) as data:
-                        table.update(zip(data["keys"].tolist(), data["vectors"]))
-                except Exception as exc:  # a damaged shard costs a re-encode, never a crash
-                    print(f"recengine: ignoring unreadable cache shard {shard}: {exc}", file=sys.stderr)
+                table.update(_read_shard(shard) or {})
         self._memory[encoder_id] = table
         return table
+
+
+def _read_shard(shard: Path) -> dict[bytes, np.ndarray] | None:
+    try:
+        with np.load(shard) as data:
+            return dict(zip(data["keys"].tolist(), data["vectors"]))
+    except Exception as exc:  # a damaged shard costs a re-encode, never a crash
+        print(f"recengine: ignoring unreadable cache shard {shard}: {exc}", file=sys.stderr)
+        return None
+
+
+def _compact(folder: Path, shards: list[Path]) -> None:
+    # Merge exactly the shards on disk and delete only those: a concurrent writer's newer shard stays.
+    # The merged shard lands before the old ones go, so a reader always sees every entry.
+    merged: dict[bytes, np.ndarray] = {}
+    readable = []
+    for shard in shards:
+        entries = _read_shard(shard)
+        if entries is not None:
+            merged.update(entries)
+            readable.append(shard)
+    if merged:
+        keys = np.array(list(merged), dtype=_KEY)
+        _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, np.stack(list(merged.values())))
+    for shard in readable:
+        shard.unlink(missing_ok=True)
 
 
 def _owner(folder: Path) -> str | None:

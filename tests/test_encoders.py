@@ -155,6 +155,16 @@ def test_compaction_keeps_every_entry(tiny_encoder, tmp_path):
     assert stats.hits == 20
 
 
+def test_compaction_keeps_another_writers_shards(tiny_encoder, tmp_path):
+    first, second = EmbeddingCache(tmp_path), EmbeddingCache(tmp_path)
+    embed(["star 0"], tiny_encoder, first)  # first has loaded the folder before second writes
+    embed(["love from the other writer"], tiny_encoder, second)
+    for i in range(1, 20):  # enough writes by `first` to trigger a merge
+        embed([f"star {i}"], tiny_encoder, first)
+    _, stats = embed(["love from the other writer"] + [f"star {i}" for i in range(20)], tiny_encoder, EmbeddingCache(tmp_path))
+    assert stats.hits == 21
+
+
 def test_text_keys_are_stable():
     assert text_keys(["a"])[0] == text_keys(["a"])[0] and text_keys(["a"])[0] != text_keys(["b"])[0]
 
