@@ -16,7 +16,7 @@ import polars as pl
 
 import recengine
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext, covisitation_pairs
+from recengine.extractors import FeatureContext
 from recengine.interest import InterestScores
 from recengine.pit import DAY, cumulative, recent_history, totals_before
 
@@ -59,7 +59,7 @@ class CovisitationSource:
         self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
 
     def generate(self, requests, context):
-        pairs = context.memo(("covis_pairs", self.window), lambda: covisitation_pairs(context.events, self.window).collect().lazy())
+        pairs = context.covisitation_pairs(self.window)
         history = recent_history(requests.select("user_id", "timestamp"), context.events, self.recent)
         seeds = requests.join(history, on=["user_id", "timestamp"]).select(
             "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")

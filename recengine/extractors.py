@@ -51,6 +51,10 @@ class FeatureContext:
     def has(self, column: str) -> bool:
         return column in self.events.collect_schema()
 
+    def covisitation_pairs(self, window: int) -> pl.LazyFrame:
+        """The co-visitation pair table, built once per context and window."""
+        return self.memo(("covis_pairs", window), lambda: covisitation_pairs(self.events, window).collect().lazy())
+
 
 def compute_features(
     requests: pl.DataFrame, extractors: Sequence[FeatureExtractor], context: FeatureContext
@@ -114,7 +118,7 @@ def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_l
     carried = weighted.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").sum().alias("carry"))
     keyed = requests.with_columns(epoch.alias("_epoch"))
     same = totals_before(keyed, running, [by, "_epoch"], ["w"])
-    scale = ((((ms / span).floor() + 1) * span - ms) / tau).exp()
+    scale = (((pl.col("_epoch") + 1) * span - ms) / tau).exp()
     return (
         keyed.join(same, on="_row")
         .join(carried, on=[by, "_epoch"], how="left")
@@ -265,8 +269,7 @@ class Covisitation:
         self.window, self.recent = window, recent
 
     def transform(self, requests, context):
-        pairs = context.memo(("covis_pairs", self.window), lambda: covisitation_pairs(context.events, self.window).collect().lazy())
-        counts = cumulative(pairs, ["a", "b"], {"n": pl.len()})
+        counts = cumulative(context.covisitation_pairs(self.window), ["a", "b"], {"n": pl.len()})
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         profiles = keys.select("user_id", "timestamp").unique()
         history = recent_history(profiles, context.events, self.recent).select("user_id", "timestamp", pl.col("h_item").alias("a"))
