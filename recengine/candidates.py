@@ -29,8 +29,11 @@ class CandidateSource(Protocol):
         """`(_request, item_id, score)`, at most `k` rows per request, higher score = better."""
 
 
-def _top_k(scored: pl.LazyFrame, k: int) -> pl.LazyFrame:
-    return scored.sort("score", descending=True).group_by("_request", maintain_order=True).head(k)
+def _top_k(scored: pl.LazyFrame, k: int, by: str = "_request") -> pl.LazyFrame:
+    # Same data, same candidates: sums are rounded below float noise from summation order (which
+    # varies with threading), and ties are broken by item_id.
+    ordered = scored.with_columns(pl.col("score").round(9)).sort(by, "score", "item_id", descending=[False, True, False])
+    return ordered.group_by(by, maintain_order=True).head(k)
 
 
 class PopularSource:
@@ -48,7 +51,7 @@ class PopularSource:
         window = on_days.join_where(days, pl.col("_day") < pl.col("_on"), pl.col("_day") >= pl.col("_on") - horizon)
         age = (pl.col("_on") - pl.col("_day")).dt.total_days()
         scored = window.group_by("_on", "item_id").agg((pl.col("n") * (-math.log(2) * age / self.half_life).exp()).sum().alias("score"))
-        best = scored.sort("score", descending=True).group_by("_on", maintain_order=True).head(self.k)
+        best = _top_k(scored, self.k, by="_on")
         return keyed.join(best, on="_on").select("_request", "item_id", "score")
 
 
@@ -113,7 +116,8 @@ def generate(
     found = None
     for source in sources:
         top = source.generate(keyed.select("_request", "user_id", "timestamp"), context)
-        top = top.with_columns(pl.col("score").rank("ordinal", descending=True).over("_request").alias("rank"))
+        top = top.sort("_request", "score", "item_id", descending=[False, True, False])
+        top = top.with_columns(pl.int_range(1, pl.len() + 1).over("_request").alias("rank"))
         top = top.select("_request", "item_id", pl.col("score").cast(pl.Float64).alias(f"cand_{source.name}_score"),
                          pl.col("rank").cast(pl.Float64).alias(f"cand_{source.name}_rank"))
         found = top if found is None else found.join(top, on=["_request", "item_id"], how="full", coalesce=True)

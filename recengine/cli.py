@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -147,6 +148,123 @@ def _field_texts(items: "pl.LazyFrame", field: str, source: str) -> list[str]:
     if field not in items.collect_schema():
         raise RecengineError(f"{source}: no text field '{field}'; its columns are {items.collect_schema().names()}.")
     return items.select(pl.col(field).cast(pl.String).fill_null("")).collect().to_series().to_list()
+
+
+def _cache(cache_dir: Path | None):
+    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+
+    return EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR)
+
+
+cache_option = click.option(
+    "--cache-dir", type=click.Path(path_type=Path), help="Embedding cache folder [default: .recengine/cache]."
+)
+model_option = click.option(
+    "--model", "model_uri", required=True,
+    help="Model folder, or MLflow URI such as models:/recengine-movielens@champion or runs:/RUN_ID/ranker.",
+)
+
+REPORT_METRICS = ("ndcg@5", "ndcg@10", "recall@10", "hr@10", "mrr@10", "auc", "coverage@10")
+
+
+def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> None:
+    """The ranker's metrics beside each baseline's, and its NDCG@10 lift over the best of them."""
+    click.echo(f"  {'':22}" + "".join(f"{m:>12}" for m in REPORT_METRICS))
+    for name, values in {"ranker": metrics, **baselines}.items():
+        click.echo(f"  {name:22}" + "".join(f"{values.get(m, float('nan')):12.4f}" for m in REPORT_METRICS))
+    best = max((v["ndcg@10"] for v in baselines.values()), default=0.0)
+    if best > 0:
+        click.echo(f"  ranker NDCG@10 / best baseline: {metrics['ndcg@10'] / best:.2f}x")
+
+
+@cli.command()
+@data_options
+@click.option("--feature-set", type=click.Path(path_type=Path), default=Path("features/movielens.toml"), show_default=True,
+              help="Feature set TOML: candidate sources, extractors, labels, ranker parameters.")
+@click.option("--experiment", default="recengine", show_default=True, help="MLflow experiment to log the run in.")
+@click.option("--model-name", help="Registered model name [default: recengine-<feature set name>].")
+@click.option("--no-register", is_flag=True, help="Log the run and model but do not register it.")
+@click.option("--promote", is_flag=True, help="Move @champion to this version even if it scores lower than the champion.")
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the model folder (model.txt, spec.json) here.")
+@cache_option
+@_friendly_errors
+def train(events, items, users, columns, timestamp_unit, feature_set, experiment, model_name, no_register, promote, output, cache_dir) -> None:
+    """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
+    from recengine.featureset import FeatureSet
+    from recengine.tracking import log_training, tracking_uri
+    from recengine.training import train as fit_ranker
+
+    spec = FeatureSet.load(feature_set)
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
+    click.echo(f"validation metrics (best iteration {result.model.spec['best_iteration']}):")
+    _report(result.metrics, result.baselines)
+    if output:
+        click.echo(f"model folder: {result.model.save(output)}")
+    logged = log_training(result, spec, experiment, None if no_register else (model_name or f"recengine-{spec.name}"), promote)
+    click.echo(f"run id:    {logged.run_id}  (experiment '{experiment}', store {tracking_uri()})")
+    click.echo(f"model URI: {logged.model_uri}")
+    if logged.registered:
+        alias = "; alias @champion now points here" if logged.champion else "; @champion unchanged (it scores higher)"
+        click.echo(f"registered: models:/{logged.registered}/{logged.version}{alias}")
+
+
+@cli.command()
+@model_option
+@data_options
+@click.option("--since", type=click.DateTime(), help="Window start (UTC) [default: the latest 10% of events by time].")
+@click.option("--until", type=click.DateTime(), help="Window end, exclusive (UTC) [default: the last event].")
+@cache_option
+@_friendly_errors
+def evaluate(model_uri, events, items, users, columns, timestamp_unit, since, until, cache_dir) -> None:
+    """Evaluate a model on a held-out time window: one request per user at their first event in it."""
+    from recengine.model import load_model
+    from recengine.training import evaluate_window
+
+    model = load_model(model_uri)
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    if since is None:
+        import polars as pl
+
+        since = dataset.events.select(pl.col("timestamp").quantile(0.9, interpolation="lower")).collect().item()
+    trained_until = model.spec.get("trained_on", {}).get("last_event")
+    if trained_until and since < datetime.fromisoformat(trained_until):
+        click.echo(f"warning: the model was trained on events up to {trained_until}, after the window's start "
+                   f"{since}: these metrics are optimistic. Train on events before --since for an honest figure.", err=True)
+    metrics, baselines, requests = evaluate_window(model, dataset, since, until, _cache(cache_dir))
+    click.echo(f"{requests} requests from {since} to {until or 'the end'}:")
+    _report(metrics, baselines)
+
+
+@cli.command()
+@model_option
+@data_options
+@click.option("--requests", "requests_path", type=click.Path(path_type=Path),
+              help="File of requests (user_id, timestamp) [default: every user, just after the last event].")
+@click.option("--k", default=10, show_default=True, help="Items per request.")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("output/recommendations.parquet"), show_default=True)
+@cache_option
+@_friendly_errors
+def recommend(model_uri, events, items, users, columns, timestamp_unit, requests_path, k, output, cache_dir) -> None:
+    """Top-k items per request: candidates, features as of the request time, seen items excluded."""
+    import polars as pl
+
+    from recengine.data import load_requests, mapping_for, parse_mapping, write_parquet_atomic
+    from recengine.extractors import FeatureContext
+    from recengine.model import load_model
+
+    model = load_model(model_uri)
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    if requests_path:
+        requests = load_requests(requests_path, mapping_for(requests_path, parse_mapping(columns)), timestamp_unit).collect()
+    else:
+        last = dataset.events.select(pl.col("timestamp").max()).collect().item()
+        requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
+            pl.lit(last + timedelta(seconds=1)).alias("timestamp")).collect()
+    context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir), progress=True)
+    ranked = model.recommend(requests.select("user_id", "timestamp"), context, k)
+    write_parquet_atomic(ranked, output)
+    click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
 
 
 @cli.command()

@@ -13,6 +13,7 @@ or strings. Every violation raises a `DataError` naming the file, the column and
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -37,6 +38,7 @@ class TableSpec:
 EVENTS = TableSpec("events", ("user_id", "item_id", "timestamp"))
 ITEMS = TableSpec("items", ("item_id",), unique_key="item_id")
 USERS = TableSpec("users", ("user_id",), unique_key="user_id")
+REQUESTS = TableSpec("requests", ("user_id", "timestamp"))
 
 
 def parse_mapping(text: str | None) -> dict[str, str]:
@@ -203,13 +205,29 @@ def events_from(
     """Validate and normalize events given as a (lazy) frame; `source` names it in errors."""
     lf = _rename(lf, columns or {}, source)
     schema = _schema(lf, source)
-    _require_columns(schema, EVENTS, source)
-    for column in ("user_id", "item_id"):
-        _check_id_type(schema, column, source)
     for column in ("value", "label"):
         _check_numeric(schema, column, source)
-    _check_not_empty(lf, EVENTS, source)
-    _check_nulls(lf, EVENTS.required, source)
+    lf = _timed_table(lf, schema, source, EVENTS, timestamp_unit)
+    optional = [pl.col(c).cast(pl.Float64) for c in ("value", "label") if c in schema]
+    if "event" in schema:
+        optional.append(pl.col("event").cast(pl.String))
+    return lf.with_columns(optional)
+
+
+def load_requests(path: str | Path, columns: Mapping[str, str] | None = None, timestamp_unit: str = "auto") -> pl.LazyFrame:
+    """Requests to recommend for: `user_id`, `timestamp` (and any other columns, kept as they are)."""
+    lf = _rename(scan(path), columns or {}, str(path))
+    return _timed_table(lf, _schema(lf, str(path)), str(path), REQUESTS, timestamp_unit)
+
+
+def _timed_table(lf: pl.LazyFrame, schema: pl.Schema, source: str, spec: TableSpec, timestamp_unit: str) -> pl.LazyFrame:
+    """Check the required columns, id types and nulls; normalize ids and parse `timestamp`."""
+    _require_columns(schema, spec, source)
+    ids = tuple(c for c in ("user_id", "item_id") if c in spec.required)
+    for column in ids:
+        _check_id_type(schema, column, source)
+    _check_not_empty(lf, spec, source)
+    _check_nulls(lf, spec.required, source)
     dtype = schema["timestamp"]
     parsed = _timestamp_expr(dtype, _epoch_unit(lf, dtype, timestamp_unit), source)
     bad = _examples(lf, parsed.is_null(), "timestamp")
@@ -218,15 +236,20 @@ def events_from(
             f"{source}: column 'timestamp' has values that are not timestamps ({'; '.join(bad)}); "
             "expected epoch seconds, epoch milliseconds or ISO-8601 strings such as 2024-05-01T12:00:00Z."
         )
-    optional = []
-    if "value" in schema:
-        optional.append(pl.col("value").cast(pl.Float64))
-    if "label" in schema:
-        optional.append(pl.col("label").cast(pl.Float64))
-    if "event" in schema:
-        optional.append(pl.col("event").cast(pl.String))
-    lf = _normalize_ids(lf, schema, ("user_id", "item_id"))
-    return lf.with_columns(parsed.alias("timestamp"), *optional)
+    return _normalize_ids(lf, schema, ids).with_columns(parsed.alias("timestamp"))
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
+    """Write `frame` to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        frame.write_parquet(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def load_items(path: str | Path, columns: Mapping[str, str] | None = None) -> pl.LazyFrame:
@@ -277,9 +300,9 @@ class Dataset:
     ) -> "Dataset":
         """Load the three tables; one mapping serves all (names absent from a file are ignored)."""
         return cls(
-            events=load_events(events, _subset(events, columns), timestamp_unit),
-            items=load_items(items, _subset(items, columns)) if items else None,
-            users=load_users(users, _subset(users, columns)) if users else None,
+            events=load_events(events, mapping_for(events, columns), timestamp_unit),
+            items=load_items(items, mapping_for(items, columns)) if items else None,
+            users=load_users(users, mapping_for(users, columns)) if users else None,
             name=Path(events).stem,
         )
 
@@ -301,7 +324,8 @@ class Dataset:
         return stats
 
 
-def _subset(path: str | Path, columns: Mapping[str, str] | None) -> dict[str, str]:
+def mapping_for(path: str | Path, columns: Mapping[str, str] | None) -> dict[str, str]:
+    """The entries of a shared column mapping whose source column this file has."""
     if not columns:
         return {}
     present = _schema(scan(path), str(path)).names()

@@ -65,7 +65,9 @@ def compute_features(
     out = keyed
     for extractor in extractors:
         values = extractor.transform(lazy, context).collect()
-        out = out.join(values.select("_row", *extractor.columns), on="_row", how="left", maintain_order="left")
+        # Features are numbers to LightGBM; one dtype keeps model inputs and logged schemas uniform.
+        values = values.select("_row", pl.col(extractor.columns).cast(pl.Float64))
+        out = out.join(values, on="_row", how="left", maintain_order="left")
     return out.drop("_row")
 
 

@@ -89,6 +89,11 @@ class FeatureSet:
         feature_set.build_extractors(source)
         return feature_set
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-data form `from_dict` reads back: what a model spec stores."""
+        keys = ("name", "description", "candidates", "features", "labels", "ranker", "exclude_seen")
+        return {key: getattr(self, key) for key in keys}
+
     def build_extractors(self, source: str = "feature set") -> list:
         return [self._build("feature_extractors", "extractor", name, params, source) for name, params in self.features.items()]
 

@@ -1,0 +1,37 @@
+"""The MLflow pyfunc form of a recengine ranker, logged with models-from-code: nothing is pickled.
+
+MLflow copies this file into the logged model and runs it at load time; `set_model` names the model.
+It needs only lightgbm, numpy and pandas, so a service can load the model without recengine:
+
+    model = mlflow.pyfunc.load_model("models:/recengine-movielens@champion")
+    scores = model.predict(feature_rows)   # a DataFrame with the spec's feature columns
+
+The artifact `ranker` is the model folder recengine wrote (model.txt + spec.json).
+"""
+
+import json
+from pathlib import Path
+
+import lightgbm as lgb
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class LightGBMRanker(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        folder = Path(context.artifacts["ranker"])
+        self.spec = json.loads((folder / "spec.json").read_text())
+        self.booster = lgb.Booster(model_file=str(folder / "model.txt"))
+
+    def predict(self, context, model_input, params=None):
+        features = self.spec["features"]
+        missing = [name for name in features if name not in model_input.columns]
+        if missing:
+            raise ValueError(f"input lacks the model's feature columns {missing}; the spec lists them under 'features'.")
+        matrix = model_input[features].astype(np.float64).to_numpy()
+        scores = self.booster.predict(matrix, num_iteration=self.spec.get("best_iteration") or None)
+        return pd.DataFrame({"score": scores}, index=model_input.index)
+
+
+mlflow.models.set_model(LightGBMRanker())

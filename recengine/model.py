@@ -1,0 +1,125 @@
+"""The trained ranker as files: a LightGBM text model plus a JSON spec, never a pickle.
+
+    model_dir/
+      model.txt    LightGBM's own text format
+      spec.json    feature set, feature columns, encoder ids, plugin versions, training lineage
+
+`RankerModel` scores feature rows and, given a `FeatureContext`, turns requests into ranked items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from recengine.data import TIMESTAMP
+from recengine.errors import ConfigError, DataError
+
+SPEC_FORMAT = 1
+MODEL_FILE, SPEC_FILE = "model.txt", "spec.json"
+
+
+class RankerModel:
+    """A LightGBM booster and the spec that says which features it reads, in which order."""
+
+    def __init__(self, booster: lgb.Booster, spec: dict[str, Any]):
+        self.booster, self.spec = booster, spec
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.spec["features"])
+
+    def feature_set(self):
+        from recengine.featureset import FeatureSet
+
+        return FeatureSet.from_dict(self.spec["feature_set"], f"the model's feature set '{self.spec['feature_set']['name']}'")
+
+    def score(self, rows: pl.DataFrame) -> np.ndarray:
+        """One score per row of `rows`, which must hold every feature column (nulls are missing values)."""
+        missing = [name for name in self.features if name not in rows.columns]
+        if missing:
+            raise DataError(f"rows to score lack the model's feature columns {missing}; compute them with its feature set.")
+        matrix = rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy()
+        return self.booster.predict(matrix, num_iteration=self.spec.get("best_iteration") or None)
+
+    def recommend(self, requests: pl.DataFrame, context, k: int = 10) -> pl.DataFrame:
+        """Top `k` items per request `(user_id, timestamp)`: candidates from the feature set's sources,
+        seen items excluded, features as of each timestamp, scored. Adds `item_id`, `rank`, `score`."""
+        from recengine.candidates import generate
+        from recengine.extractors import compute_features
+
+        feature_set = self.feature_set()
+        # Datetime("ms") like the events, so as-of joins line up whatever the caller built.
+        keyed = requests.with_row_index("_request_id").with_columns(pl.col("timestamp").cast(TIMESTAMP))
+        rows = generate(keyed, feature_set.build_sources(), context, feature_set.exclude_seen)
+        rows = compute_features(rows, feature_set.build_extractors(), context)
+        best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
+        return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")
+
+    def save(self, path: str | Path) -> Path:
+        """Write model.txt and spec.json into `path`, replacing it whole only once both are written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.booster.save_model(staging / MODEL_FILE)
+            (staging / SPEC_FILE).write_text(json.dumps(self.spec, indent=2, default=str))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(staging, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RankerModel":
+        path = Path(path)
+        if not (path / MODEL_FILE).is_file() or not (path / SPEC_FILE).is_file():
+            raise ConfigError(f"{path}: not a recengine model folder (expected {MODEL_FILE} and {SPEC_FILE}); "
+                              "give the folder `recengine train --output` wrote, or an MLflow model URI.")
+        spec = json.loads((path / SPEC_FILE).read_text())
+        if spec.get("format") != SPEC_FORMAT:
+            raise ConfigError(f"{path / SPEC_FILE}: spec format {spec.get('format')!r}; this recengine reads format {SPEC_FORMAT}.")
+        return cls(lgb.Booster(model_file=str(path / MODEL_FILE)), spec)
+
+
+def top_k(rows: pl.DataFrame, keys: list[str], k: int) -> pl.DataFrame:
+    """The best `k` rows per `keys` by `score` (ties by item_id, for stable output), with `rank` from 1."""
+    ordered = rows.sort([*keys, "score", "item_id"], descending=[False] * len(keys) + [True, False])
+    ranked = ordered.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).over(keys).alias("rank"))
+    return ranked.filter(pl.col("rank") <= k)
+
+
+def load_model(uri: str | Path) -> RankerModel:
+    """A model from a local folder, or from an MLflow URI (`models:/name@champion`, `runs:/id/ranker`)."""
+    local = Path(uri)
+    if local.exists():
+        folder = local / "artifacts" / "ranker" if (local / "MLmodel").is_file() else local
+        return RankerModel.load(folder)
+    if ":/" not in str(uri):
+        raise ConfigError(f"model '{uri}': no such folder, and not an MLflow URI such as models:/NAME@champion.")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from recengine.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
+    except MlflowException as exc:
+        raise ConfigError(f"model '{uri}': MLflow could not resolve it ({exc.message}); "
+                          f"check the name, version or alias against tracking store {tracking_uri()}.") from None
+    return RankerModel.load(downloaded / "artifacts" / "ranker")

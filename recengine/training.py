@@ -1,0 +1,296 @@
+"""Training: labelled request groups, candidates, point-in-time features, a LightGBM ranker, evaluation.
+
+Two kinds of logs, picked by the events' columns:
+- interaction logs (no `request_id`): request times are sampled per user; each request's group is
+  its candidates from the feature set's sources, and the positives are the items the user
+  interacted with from t on (training labels stop at the validation boundary: no peeking).
+- impression logs (`request_id` and `label`): each logged request is a group of the items shown,
+  labelled by `label` (graded: 2 for a purchase beats 1 for a click).
+Requests before the time boundary train, those after validate (early stopping and the metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+import recengine
+from recengine import plugins
+from recengine.candidates import drop_seen, generate
+from recengine.data import Dataset
+from recengine.encoders import EmbeddingCache, create_encoder
+from recengine.errors import DataError
+from recengine.extractors import FeatureContext, ItemPopularity, compute_features
+from recengine.featureset import FeatureSet
+from recengine.metrics import evaluate
+from recengine.model import SPEC_FORMAT, RankerModel
+from recengine.samples import attach_labels, future_items, sample_requests, time_split
+
+REQUEST_KEYS = ["user_id", "timestamp"]
+IMPRESSION_KEYS = ["request_id"]
+
+
+@dataclass
+class Split:
+    """One side of the time split: labelled candidate rows (sorted by group) and the full truth."""
+
+    rows: pl.DataFrame
+    truth: pl.DataFrame
+    requests: int
+
+
+@dataclass
+class TrainResult:
+    model: RankerModel
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    history: dict[str, list[float]]
+    importance: pl.DataFrame
+    lineage: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    train: Split | None = None
+    validation: Split | None = None
+
+
+def train(
+    dataset: Dataset,
+    feature_set: FeatureSet,
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fit the feature set's ranker on `dataset` and evaluate it on the later requests."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    events = dataset.events.collect()
+    context = FeatureContext.from_frames(events, dataset.items, cache=cache, progress=progress)
+    keys = IMPRESSION_KEYS if is_impression_log(events) else REQUEST_KEYS
+    say(f"building {'impression' if keys == IMPRESSION_KEYS else 'interaction'} training groups from {events.height:,} events")
+    train_split, val_split = (impression_splits if keys == IMPRESSION_KEYS else interaction_splits)(events, feature_set, context)
+    lap("candidates_and_features")
+    say(f"  train: {train_split.requests:,} requests, {train_split.rows.height:,} rows; "
+        f"validation: {val_split.requests:,} requests, {val_split.rows.height:,} rows ({timings['candidates_and_features']:.1f} s)")
+
+    features = feature_columns(feature_set)
+    booster, history = fit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, progress)
+    lap("lightgbm")
+    spec = model_spec(feature_set, features, keys, booster, lineage(events, dataset.name))
+    model = RankerModel(booster, spec)
+
+    catalogue = dataset.items.select(pl.len()).collect().item() if dataset.items is not None else events["item_id"].n_unique()
+    metrics, baselines = evaluate_split(model, val_split, feature_set, context, keys, catalogue)
+    lap("evaluation")
+    spec["metrics"] = metrics
+    importance = pl.DataFrame({
+        "feature": features,
+        "gain": booster.feature_importance("gain"),
+        "splits": booster.feature_importance("split").astype(np.int64),
+    }).sort("gain", descending=True)
+    return TrainResult(model, metrics, baselines, history, importance, spec["trained_on"], timings, train_split, val_split)
+
+
+def is_impression_log(events: pl.DataFrame) -> bool:
+    return "request_id" in events.columns and "label" in events.columns
+
+
+def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
+    labels = feature_set.labels
+    requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"])
+    if requests.height < 2:
+        raise DataError(
+            f"only {requests.height} training requests: too few users have more than min_history="
+            f"{labels['min_history']} events. Lower [labels] min_history or add events."
+        )
+    train_requests, val_requests, boundary = time_split(requests, labels["validation_fraction"])
+    window = labels["window_days"] or None
+    # Training labels stop at the boundary, so no training row learns from the validation period.
+    train_truth = future_items(train_requests, events.lazy(), window, until=boundary)
+    val_truth = future_items(val_requests, events.lazy(), window)
+    if feature_set.exclude_seen:
+        val_truth = drop_seen(val_truth.lazy(), context.events).collect()
+    return tuple(  # type: ignore[return-value]
+        Split(labelled_candidates(reqs, truth, feature_set, context), truth, reqs.height)
+        for reqs, truth in ((train_requests, train_truth), (val_requests, val_truth))
+    )
+
+
+def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:
+    rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
+    rows = compute_features(rows, feature_set.build_extractors(), context)
+    return attach_labels(rows, truth).sort(*REQUEST_KEYS, "item_id")
+
+
+def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
+    shown = events.filter(pl.col("label").is_not_null()).select("request_id", "user_id", "item_id", "timestamp", "label")
+    requests = shown.group_by("request_id").agg(pl.col("user_id").first(), pl.col("timestamp").min())
+    owners = shown.group_by("request_id").agg(pl.col("user_id").n_unique().alias("n"), pl.col("timestamp").n_unique().alias("t"))
+    bad = owners.filter((pl.col("n") > 1) | (pl.col("t") > 1))
+    if bad.height:
+        raise DataError(f"events: request_id {bad['request_id'].head(5).to_list()} span several users or timestamps; "
+                        "each logged request must be one user's impressions at one time.")
+    train_requests, val_requests, _ = time_split(requests.sort("timestamp"), feature_set.labels["validation_fraction"])
+    splits = []
+    for reqs in (train_requests, val_requests):
+        rows = shown.join(reqs.select("request_id"), on="request_id")
+        proposed = generate(reqs, feature_set.build_sources(), context, exclude_seen=False)
+        rows = rows.join(proposed.drop("user_id", "timestamp"), on=["request_id", "item_id"], how="left")
+        rows = compute_features(rows, feature_set.build_extractors(), context).sort("request_id", "item_id")
+        splits.append(Split(rows, rows.filter(pl.col("label") > 0).select("request_id", "item_id"), reqs.height))
+    return splits[0], splits[1]
+
+
+def feature_columns(feature_set: FeatureSet) -> list[str]:
+    """The model's inputs, in order: each source's score and rank, then each extractor's columns."""
+    columns = [f"cand_{name}_{kind}" for name in feature_set.candidates for kind in ("score", "rank")]
+    for extractor in feature_set.build_extractors():
+        columns.extend(extractor.columns)
+    return columns
+
+
+def fit(
+    train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True
+) -> tuple[lgb.Booster, dict[str, list[float]]]:
+    """LightGBM on groups that hold a positive (others teach nothing and would inflate validation NDCG)."""
+    params = {k: v for k, v in ranker.items() if k not in ("num_boost_round", "early_stopping_rounds")}
+    params.update(metric="ndcg", verbosity=-1, deterministic=True, force_row_wise=True)
+    train_set, val_set = (_lgb_dataset(rows, features, keys) for rows in (train_rows, val_rows))
+    if train_set is None or val_set is None:
+        raise DataError("no training or no validation request has a positive among its candidates; "
+                        "add events, widen [labels] window_days, or add candidate sources.")
+    val_set.set_reference(train_set)
+    history: dict[str, dict[str, list[float]]] = {}
+    rounds = ranker["num_boost_round"]
+    bar = tqdm(total=rounds, desc="lightgbm", unit="it", disable=not progress)
+    booster = lgb.train(
+        params, train_set, num_boost_round=rounds, valid_sets=[val_set], valid_names=["validation"],
+        callbacks=[lgb.record_evaluation(history), lgb.early_stopping(ranker["early_stopping_rounds"], verbose=False),
+                   lambda env: bar.update(1)],
+    )
+    bar.close()
+    return booster, {f"validation_{name}": values for name, values in history.get("validation", {}).items()}
+
+
+def _lgb_dataset(rows: pl.DataFrame, features: list[str], keys: list[str]) -> lgb.Dataset | None:
+    useful = rows.filter((pl.col("label") > 0).any().over(keys))
+    if useful.height == 0:
+        return None
+    sizes = useful.group_by(keys, maintain_order=True).len()["len"].to_numpy()
+    matrix = useful.select(pl.col(features).cast(pl.Float64)).to_numpy()
+    return lgb.Dataset(matrix, label=useful["label"].cast(pl.Int32).to_numpy(), group=sizes, feature_name=features,
+                       free_raw_data=False)
+
+
+def evaluate_split(
+    model: RankerModel, split: Split, feature_set: FeatureSet, context: FeatureContext, keys: list[str], catalogue: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The ranker's metrics on `split`, and the same metrics for each source alone and for popularity."""
+    ks = tuple(feature_set.ranker["eval_at"])
+    rows = split.rows
+    metrics = evaluate(rows.with_columns(pl.Series("score", model.score(rows))), split.truth, keys, ks, catalogue)
+    baselines = {}
+    for name in feature_set.candidates:
+        column = f"cand_{name}_score"
+        if column in rows.columns:
+            alone = rows.filter(pl.col(column).is_not_null()).with_columns(pl.col(column).alias("score"))
+            baselines[f"source_{name}"] = evaluate(alone, split.truth, keys, ks, catalogue)
+    # Popularity re-ranking the same candidates: the lift a ranker must at least show.
+    columns = list(dict.fromkeys([*keys, "user_id", "item_id", "timestamp"]))
+    counted = compute_features(rows.select(columns), [ItemPopularity((), ())], context)
+    baselines["popularity"] = evaluate(counted.rename({"item_count_all": "score"}), split.truth, keys, ks, catalogue)
+    return metrics, baselines
+
+
+def model_spec(feature_set: FeatureSet, features: list[str], keys: list[str], booster: lgb.Booster, trained_on: dict) -> dict[str, Any]:
+    return {
+        "format": SPEC_FORMAT,
+        "recengine_version": recengine.__version__,
+        "feature_set": feature_set.to_dict(),
+        "features": features,
+        "group_keys": keys,
+        "best_iteration": booster.best_iteration or booster.current_iteration(),
+        "parts": used_parts(feature_set),
+        "encoders": encoder_ids(feature_set),
+        "trained_on": trained_on,
+    }
+
+
+def used_parts(feature_set: FeatureSet) -> list[dict[str, str]]:
+    """Each registered part the feature set uses, with the plugin providing it and that plugin's version."""
+    versions = plugins.plugin_versions()
+    used = [("candidate_sources", "source", name, params) for name, params in feature_set.candidates.items()]
+    used += [("feature_extractors", "extractor", name, params) for name, params in feature_set.features.items()]
+    parts = []
+    for kind, alias, name, params in used:
+        registration = plugins.get(kind, params.get(alias, name))
+        parts.append({"kind": kind, "name": registration.name, "plugin": registration.plugin,
+                      "version": versions.get(registration.plugin, "unknown")})
+    for encoder in sorted({params.get("encoder", "transformers") for params in _encoder_users(feature_set)}):
+        registration = plugins.get("encoders", encoder)
+        parts.append({"kind": "encoders", "name": encoder, "plugin": registration.plugin,
+                      "version": versions.get(registration.plugin, "unknown")})
+    return parts
+
+
+def _encoder_users(feature_set: FeatureSet) -> list[dict[str, Any]]:
+    sources = [p for n, p in feature_set.candidates.items() if p.get("source", n) == "embedding"]
+    extractors = [p for n, p in feature_set.features.items() if p.get("extractor", n) == "interest"]
+    return sources + extractors
+
+
+def encoder_ids(feature_set: FeatureSet) -> list[str]:
+    """The encoders' ids (model, pooling, length, precision): which cached embeddings the model expects."""
+    ids = {create_encoder(p.get("encoder", "transformers"), p.get("encoder_params")).id for p in _encoder_users(feature_set)}
+    return sorted(ids)
+
+
+def lineage(events: pl.DataFrame, name: str) -> dict[str, Any]:
+    """What the model was trained on: counts, time span and a content digest of the events."""
+    digest = hashlib.sha256(events.hash_rows(seed=0).sort().to_numpy().tobytes()).hexdigest()[:16]
+    return {
+        "dataset": name,
+        "events": events.height,
+        "users": events["user_id"].n_unique(),
+        "items": events["item_id"].n_unique(),
+        "first_event": str(events["timestamp"].min()),
+        "last_event": str(events["timestamp"].max()),
+        "digest": digest,
+    }
+
+
+def evaluate_window(
+    model: RankerModel, dataset: Dataset, since: datetime, until: datetime | None = None, cache: EmbeddingCache | None = None
+) -> tuple[dict[str, float], dict[str, dict[str, float]], int]:
+    """A trained model on a held-out time window: one request per user at their first event in
+    [since, until), whose truth is what they interacted with from then until `until`.
+    Features still see only events before each request. Returns metrics, baselines, requests."""
+    events = dataset.events.collect()
+    in_window = events.filter(pl.col("timestamp") >= since)
+    if until is not None:
+        in_window = in_window.filter(pl.col("timestamp") < until)
+    if in_window.height == 0:
+        raise DataError(f"no events in the evaluation window from {since} to {until or 'the end'}; "
+                        f"the events span {events['timestamp'].min()} to {events['timestamp'].max()}.")
+    requests = in_window.group_by("user_id").agg(pl.col("timestamp").min()).sort("user_id")
+    feature_set = model.feature_set()
+    context = FeatureContext.from_frames(events, dataset.items, cache=cache, progress=True)
+    truth = future_items(requests, events.lazy(), until=until)
+    if feature_set.exclude_seen:
+        truth = drop_seen(truth.lazy(), context.events).collect()
+    split = Split(labelled_candidates(requests, truth, feature_set, context), truth, requests.height)
+    catalogue = dataset.items.select(pl.len()).collect().item() if dataset.items is not None else events["item_id"].n_unique()
+    metrics, baselines = evaluate_split(model, split, feature_set, context, REQUEST_KEYS, catalogue)
+    return metrics, baselines, requests.height
