@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 import recengine
+from recengine.data import TIMESTAMP
 from recengine.errors import ConfigError
 from recengine.extractors import FeatureContext
 from recengine.interest import InterestScores
@@ -112,7 +113,7 @@ def generate(
     """
     if not sources:
         raise ConfigError("no candidate sources configured; add at least one [candidates.NAME] table.")
-    keyed = requests.with_row_index("_request").lazy()
+    keyed = requests.with_row_index("_request").lazy().with_columns(pl.col("timestamp").cast(TIMESTAMP))
     found = None
     for source in sources:
         top = source.generate(keyed.select("_request", "user_id", "timestamp"), context)

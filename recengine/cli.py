@@ -267,26 +267,47 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
 
 
+def bundled_feature_set(name: str = "movielens") -> Path:
+    """features/NAME.toml under the working directory, else in the source checkout recengine runs from."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "features" / f"{name}.toml").is_file():
+            return root / "features" / f"{name}.toml"
+    raise RecengineError(f"features/{name}.toml not found; run from the recengine checkout or pass --feature-set.")
+
+
 @cli.command()
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Embedding cache folder [default: .recengine/cache].")
+@cache_option
+@click.pass_context
 @_friendly_errors
-def quickstart(cache_dir) -> None:
-    """The first run: validate the bundled MovieLens data and embed its catalogue."""
+def quickstart(ctx, cache_dir) -> None:
+    """The whole job on the bundled MovieLens: validate, embed, train, log to MLflow, recommend."""
     from recengine.datasets import movielens
-    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
+    from recengine.encoders import create_encoder, embed as embed_texts
 
     dataset = movielens()
-    click.echo(f"1/2 validating {dataset.name} (bundled; licence: recengine/datasets/movielens/README.txt)")
+    click.echo(f"1/4 validating {dataset.name} (bundled; licence: recengine/datasets/movielens/README.txt)")
     for key, value in dataset.summary().items():
         click.echo(f"  {key:16} {value}")
     encoder = create_encoder("transformers")
-    cache = EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR)
-    click.echo(f"2/2 embedding item titles and genres with {encoder.id}")
+    cache = _cache(cache_dir)
+    click.echo(f"2/4 embedding item titles and genres with {encoder.id}")
     for field in ("title", "genres"):
         texts = _field_texts(dataset.items, field, "the bundled catalogue")
         _, stats = embed_texts(texts, encoder, cache, progress=True)
         click.echo(f"  {field}: {stats.misses} encoded, {stats.hits} from cache, {stats.rows_per_second:,.0f} rows/s")
-    click.echo(f"Done. Item embeddings are cached under {cache.root.resolve()}; a re-run encodes nothing.")
+    click.echo("3/4 training the ranker (features/movielens.toml) and logging it to MLflow")
+    data = dict(events=None, items=None, users=None, columns=None, timestamp_unit="auto", cache_dir=cache_dir)
+    ctx.invoke(train, **data, feature_set=bundled_feature_set(), experiment="recengine", model_name=None,
+               no_register=False, promote=False, output=None)
+    output = Path("output/recommendations.parquet")
+    click.echo("4/4 recommending 10 movies to every user, as of just after the last event")
+    ctx.invoke(recommend, model_uri="models:/recengine-movielens@champion", **data, requests_path=None, k=10, output=output)
+    import polars as pl
+
+    sample = pl.read_parquet(output).filter(pl.col("user_id") == 1).join(
+        dataset.items.select("item_id", "title").collect(), on="item_id", how="left")
+    click.echo("user 1's top 10:\n" + "\n".join(f"  {r['rank']:2}. {r['title']}" for r in sample.iter_rows(named=True)))
+    click.echo("Compare runs in the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,8 @@ class Dataset:
     name: str = "dataset"
 
     def __post_init__(self) -> None:
+        # Frames built in code may carry other datetime units; as-of joins need one.
+        self.events = self.events.with_columns(pl.col("timestamp").cast(TIMESTAMP))
         self.events, self.items = _align_ids(self.events, self.items, "item_id")
         self.events, self.users = _align_ids(self.events, self.users, "user_id")
 

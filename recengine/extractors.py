@@ -14,7 +14,9 @@ from typing import Any, Callable, Protocol, Sequence
 import polars as pl
 
 import recengine
+from recengine.data import TIMESTAMP
 from recengine.encoders import EmbeddingCache
+from recengine.errors import ConfigError
 from recengine.pit import DAY, asof_before, cumulative, recent_history, totals_before
 
 
@@ -27,10 +29,15 @@ class FeatureExtractor(Protocol):
 
 @dataclass
 class FeatureContext:
-    """What extractors read: the event log, the catalogue, the embedding cache, shared work."""
+    """What extractors read: the event log, the catalogue, the embedding cache, shared work.
+
+    With impression logs, `events` holds what users did (rows without a label, or with label > 0)
+    and `impressions` what they were shown (rows with a label, clicked or not).
+    """
 
     events: pl.LazyFrame
     items: pl.LazyFrame | None = None
+    impressions: pl.LazyFrame | None = None
     cache: EmbeddingCache | None = None
     progress: bool = False
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
@@ -38,15 +45,30 @@ class FeatureContext:
     @classmethod
     def from_frames(cls, events: pl.LazyFrame | pl.DataFrame, items=None, **kwargs: Any) -> "FeatureContext":
         # Collected once: every extractor re-reads the events, and a scan would re-parse the file.
-        events = events.lazy().collect().lazy()
+        events = events.lazy().with_columns(pl.col("timestamp").cast(TIMESTAMP)).collect()
         items = items.lazy().collect().lazy() if items is not None else None
-        return cls(events=events, items=items, **kwargs)
+        impressions = None
+        if "label" in events.columns:
+            # An item shown and not clicked is not something the user did: it feeds CTR only.
+            impressions = events.filter(pl.col("label").is_not_null()).lazy()
+            events = events.filter(pl.col("label").is_null() | (pl.col("label") > 0))
+        return cls(events=events.lazy(), items=items, impressions=impressions, **kwargs)
 
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
         """Compute shared work (pair tables, embeddings) once per context."""
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+    def item_field(self, field: str, part: str) -> pl.LazyFrame:
+        """The catalogue, checked to hold `field`, or an error saying what `part` needs."""
+        if self.items is None:
+            raise ConfigError(f"{part} reads the item field '{field}', but no items table was given; pass --items "
+                              "(a catalogue with item_id and that field) or drop it from the feature set.")
+        schema = self.items.collect_schema()
+        if field not in schema:
+            raise ConfigError(f"{part}: the items have no field '{field}'; they have {schema.names()}.")
+        return self.items
 
     def has(self, column: str) -> bool:
         return column in self.events.collect_schema()
@@ -60,7 +82,7 @@ def compute_features(
     requests: pl.DataFrame, extractors: Sequence[FeatureExtractor], context: FeatureContext
 ) -> pl.DataFrame:
     """`requests` (user_id, item_id, timestamp, ...) with every extractor's columns added, same row order."""
-    keyed = requests.with_row_index("_row")
+    keyed = requests.with_row_index("_row").with_columns(pl.col("timestamp").cast(TIMESTAMP))
     lazy = keyed.lazy()
     out = keyed
     for extractor in extractors:
@@ -182,9 +204,9 @@ class ItemCTR:
         self.prior_weight = prior_weight
 
     def transform(self, requests, context):
-        if not context.has("label"):
+        if context.impressions is None:
             return requests.select("_row", *(pl.lit(None, pl.Float64).alias(c) for c in self.columns))
-        shown = context.events.filter(pl.col("label").is_not_null()).with_columns(pl.lit(0).alias("_all"))
+        shown = context.impressions.with_columns(pl.lit(0).alias("_all"))
         sums = {"imp": pl.len(), "clk": (pl.col("label") > 0).sum()}
         keys = requests.select("_row", "item_id", "timestamp", pl.lit(0).alias("_all"))
         item = totals_before(keys, cumulative(shown, "item_id", sums), "item_id", ["imp", "clk"])
@@ -226,7 +248,7 @@ class CategoryAffinity:
 
     def transform(self, requests, context):
         categories = (
-            context.items.select("item_id", pl.col(self.field).cast(pl.String).str.split(self.separator).alias("_cat"))
+            context.item_field(self.field, "category_affinity").select("item_id", pl.col(self.field).cast(pl.String).str.split(self.separator).alias("_cat"))
             .explode("_cat")
             .filter(pl.col("_cat").is_not_null() & (pl.col("_cat") != ""))
         )
@@ -249,6 +271,31 @@ class CategoryAffinity:
         out = total.join(share, on="_row", how="left")
         ratio = lambda c: pl.when(pl.col("total") > 0).then(pl.col(c) / pl.col("total"))  # noqa: E731
         return out.select("_row", ratio("_mean").alias(self.columns[0]), ratio("_max").alias(self.columns[1]))
+
+
+class ItemAttribute:
+    """Numeric item fields (a release year, a price) as features, and their distance to the mean of
+    the user's last `recent` items before t: how far the item sits from what the user just chose."""
+
+    def __init__(self, fields: Sequence[str] = ("year",), recent: int = 10):
+        self.fields, self.recent = list(fields), recent
+        self.columns = [f"{kind}_{f}" for f in self.fields for kind in ("item", "user_gap")]
+
+    def transform(self, requests, context):
+        for f in self.fields:
+            if not context.item_field(f, "item_attribute").collect_schema()[f].is_numeric():
+                raise ConfigError(f"item_attribute: item field '{f}' is not numeric; give numeric fields only.")
+        values = context.items.select("item_id", *(pl.col(f).cast(pl.Float64) for f in self.fields))
+        keys = requests.select("_row", "user_id", "item_id", "timestamp")
+        history = recent_history(keys.select("user_id", "timestamp").unique(), context.events, self.recent)
+        means = history.join(values, left_on="h_item", right_on="item_id").group_by("user_id", "timestamp").agg(
+            pl.col(f).mean().alias(f"_mean_{f}") for f in self.fields
+        )
+        joined = keys.join(values, on="item_id", how="left").join(means, on=["user_id", "timestamp"], how="left")
+        return joined.select("_row", *(
+            e for f in self.fields
+            for e in (pl.col(f).alias(f"item_{f}"), (pl.col(f) - pl.col(f"_mean_{f}")).abs().alias(f"user_gap_{f}"))
+        ))
 
 
 def covisitation_pairs(events: pl.LazyFrame, window: int) -> pl.LazyFrame:
@@ -297,3 +344,4 @@ def register_feature_extractors(register):
     register("user_activity", UserActivity, "User's event count, recency, tenure and mean value.")
     register("category_affinity", CategoryAffinity, "User's share of events in the item's categories.")
     register("covisitation", Covisitation, "Co-visitation of the item with the user's recent items.")
+    register("item_attribute", ItemAttribute, "Numeric item fields, and their gap to the user's recent items' mean.")

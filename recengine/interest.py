@@ -73,7 +73,8 @@ class InterestScores:
 
         def build() -> ItemEmbeddings:
             encoder = context.memo(("encoder", key[1], key[2]), lambda: create_encoder(self.encoder_name, self.encoder_params))
-            return item_embeddings(context.items, field, encoder, context.cache, context.progress)
+            items = context.item_field(field, "interest scores and embedding candidates")
+            return item_embeddings(items, field, encoder, context.cache, context.progress)
 
         return context.memo(key, build)
 

@@ -9,8 +9,8 @@ import pytest
 from recengine.candidates import CovisitationSource, EmbeddingSource, PopularSource, generate
 from recengine.encoders import EmbeddingCache
 from recengine.extractors import (
-    CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemCTR, ItemPopularity, ItemTrend, ItemValue,
-    UserActivity, compute_features, decayed_counts,
+    CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
+    ItemValue, UserActivity, compute_features, decayed_counts,
 )
 from recengine.interest import InterestScores
 from recengine.metrics import evaluate
@@ -21,6 +21,7 @@ ITEMS = pl.DataFrame({
     "item_id": [1, 2, 3, 4, 5],
     "title": ["star war", "space robot war", "love story", "paris kiss love", "dark future"],
     "genres": ["scifi|action", "scifi", "romance", "romance|comedy", "scifi|drama"],
+    "year": [1977, 1999, 1942, 2001, 2015],
 })
 
 
@@ -43,7 +44,7 @@ def context(events, **kwargs):
 def extractors(tiny_bert):
     return [
         ItemPopularity(windows_days=(1, 7, 30), half_lives_days=(7,)), ItemTrend(3, 30), ItemAge(), ItemValue(),
-        ItemCTR(), UserActivity(), CategoryAffinity(), Covisitation(window=2, recent=3),
+        ItemCTR(), UserActivity(), CategoryAffinity(), Covisitation(window=2, recent=3), ItemAttribute(["year"], recent=2),
         InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title", "genres"], recent=2),
     ]
 
@@ -58,6 +59,21 @@ def test_events_at_or_after_t_change_no_feature(tiny_bert):
     assert len(before.columns) == 3 + sum(len(e.columns) for e in extractors(tiny_bert))
     for column in before.columns:
         assert before[column].to_list() == after[column].to_list(), column
+
+
+def test_the_leakage_test_covers_every_builtin_extractor(tiny_bert):
+    from recengine.plugins import registrations
+
+    builtin = {r.factory for r in registrations("feature_extractors").values() if r.plugin.startswith("recengine.")}
+    assert builtin <= {type(e) for e in extractors(tiny_bert)}
+
+
+def test_item_attribute_gap_to_recent_items():
+    out = compute_features(REQUESTS, [ItemAttribute(["year"], recent=2)], context(BASE))
+    # User 1's last two items before T0 are 2 (1999) and 3 (1942): mean 1970.5.
+    assert out["item_year"].to_list() == [1999, 2001, 1977, 1977, None]
+    assert out["user_gap_year"].to_list()[:2] == [28.5, 30.5]
+    assert out["user_gap_year"][3] is None  # unknown user: no history
 
 
 def test_popularity_windows_and_decay_match_a_direct_count():

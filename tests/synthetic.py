@@ -1,0 +1,73 @@
+"""Small logs where the truth is known: each user prefers one cluster of items."""
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+CLUSTERS = 6
+START = datetime(2024, 1, 1)
+
+
+def catalogue(n_items: int = 120) -> pl.DataFrame:
+    ids = np.arange(n_items)
+    return pl.DataFrame({
+        "item_id": ids,
+        "title": [f"item {i}" for i in ids],
+        "genres": [f"g{i % CLUSTERS}" for i in ids],
+        "year": 1950 + ids % 60,
+    })
+
+
+def interactions(n_users: int = 200, n_items: int = 120, per_user: int = 30, taste: float = 0.8, seed: int = 0) -> pl.DataFrame:
+    """Each user's events, an hour apart from a random start: mostly items of the user's cluster (in
+    random order), otherwise one of the globally popular items 0..11."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(n_users):
+        own = rng.permutation(np.arange(user % CLUSTERS, n_items, CLUSTERS))
+        popular = rng.permutation(12)
+        start = START + timedelta(days=float(rng.uniform(0, 200)))
+        picked: set[int] = set()
+        for step in range(per_user):
+            pool = own if rng.random() < taste else popular
+            choice = next((int(i) for i in pool if int(i) not in picked), None)
+            if choice is None:
+                continue
+            picked.add(choice)
+            rows.append((user, choice, start + timedelta(hours=step), float(rng.integers(1, 6))))
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp", "value"], orient="row")
+
+
+def impressions(n_users: int = 150, n_items: int = 120, requests_per_user: int = 8, seed: int = 0) -> pl.DataFrame:
+    """Logged requests of 10 random items; a user clicks (label 1) or buys (label 2) items of their
+    cluster far more often than others."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(n_users):
+        start = START + timedelta(days=float(rng.uniform(0, 100)))
+        for r in range(requests_per_user):
+            at = start + timedelta(hours=6 * r)
+            for item in rng.choice(n_items, 10, replace=False):
+                likes = item % CLUSTERS == user % CLUSTERS
+                clicked = rng.random() < (0.6 if likes else 0.05)
+                label = (2.0 if rng.random() < 0.3 else 1.0) if clicked else 0.0
+                rows.append((f"{user}-{r}", user, int(item), at, label))
+    return pl.DataFrame(rows, schema=["request_id", "user_id", "item_id", "timestamp", "label"], orient="row")
+
+
+def feature_set(**ranker):
+    from recengine.featureset import FeatureSet
+
+    return FeatureSet.from_dict({
+        "name": "synthetic",
+        "candidates": {"popular": {"k": 40, "half_life_days": 30}, "covisitation": {"k": 60, "window": 3, "recent": 5}},
+        "features": {
+            "item_popularity": {"windows_days": [7, 30], "half_lives_days": [14]},
+            "category_affinity": {"field": "genres"},
+            "covisitation": {"window": 3, "recent": 5},
+            "user_activity": {},
+        },
+        "labels": {"samples_per_user": 3, "min_history": 5},
+        "ranker": {"num_boost_round": 80, "early_stopping_rounds": 20, "min_data_in_leaf": 20, **ranker},
+    })
