@@ -91,7 +91,7 @@ def train(
     spec = model_spec(feature_set, features, keys, booster, lineage(events, dataset.name))
     model = RankerModel(booster, spec)
 
-    catalogue = dataset.items.select(pl.len()).collect().item() if dataset.items is not None else events["item_id"].n_unique()
+    catalogue = catalogue_size(dataset, events)
     metrics, baselines = evaluate_split(model, val_split, feature_set, context, keys, catalogue)
     lap("evaluation")
     spec["metrics"] = metrics
@@ -291,6 +291,11 @@ def evaluate_window(
     if feature_set.exclude_seen:
         truth = drop_seen(truth.lazy(), context.events).collect()
     split = Split(labelled_candidates(requests, truth, feature_set, context), truth, requests.height)
-    catalogue = dataset.items.select(pl.len()).collect().item() if dataset.items is not None else events["item_id"].n_unique()
+    catalogue = catalogue_size(dataset, events)
     metrics, baselines = evaluate_split(model, split, feature_set, context, REQUEST_KEYS, catalogue)
     return metrics, baselines, requests.height
+
+
+def catalogue_size(dataset: Dataset, events: pl.DataFrame) -> int:
+    """Items that could be recommended: the catalogue, or the items seen in events without one."""
+    return dataset.items.select(pl.len()).collect().item() if dataset.items is not None else events["item_id"].n_unique()
