@@ -94,6 +94,15 @@ class FeatureSet:
         keys = ("name", "description", "candidates", "features", "labels", "ranker", "exclude_seen")
         return {key: getattr(self, key) for key in keys}
 
+    def candidate_rows(self, requests, context):
+        """Candidates for `requests` (user_id, timestamp, ...) from the sources, seen items dropped if
+        `exclude_seen`, with every extractor's features as of each request's timestamp."""
+        from recengine.candidates import generate
+        from recengine.extractors import compute_features
+
+        rows = generate(requests, self.build_sources(), context, self.exclude_seen)
+        return compute_features(rows, self.build_extractors(), context)
+
     def build_extractors(self, source: str = "feature set") -> list:
         return [self._build("feature_extractors", "extractor", name, params, source) for name, params in self.features.items()]
 

@@ -53,14 +53,9 @@ class RankerModel:
     def recommend(self, requests: pl.DataFrame, context, k: int = 10) -> pl.DataFrame:
         """Top `k` items per request `(user_id, timestamp)`: candidates from the feature set's sources,
         seen items excluded, features as of each timestamp, scored. Adds `item_id`, `rank`, `score`."""
-        from recengine.candidates import generate
-        from recengine.extractors import compute_features
-
-        feature_set = self.feature_set()
         # Datetime("ms") like the events, so as-of joins line up whatever the caller built.
         keyed = requests.with_row_index("_request_id").with_columns(pl.col("timestamp").cast(TIMESTAMP))
-        rows = generate(keyed, feature_set.build_sources(), context, feature_set.exclude_seen)
-        rows = compute_features(rows, feature_set.build_extractors(), context)
+        rows = self.feature_set().candidate_rows(keyed, context)
         best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
         return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")
 

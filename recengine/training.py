@@ -129,9 +129,7 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
 
 
 def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:
-    rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
-    rows = compute_features(rows, feature_set.build_extractors(), context)
-    return attach_labels(rows, truth).sort(*REQUEST_KEYS, "item_id")
+    return attach_labels(feature_set.candidate_rows(requests, context), truth).sort(*REQUEST_KEYS, "item_id")
 
 
 def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
