@@ -249,14 +249,14 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     """Top-k items per request: candidates, features as of the request time, seen items excluded."""
     import polars as pl
 
-    from recengine.data import load_requests, mapping_for, parse_mapping, write_parquet_atomic
+    from recengine.data import load_requests, parse_mapping, write_parquet_atomic
     from recengine.extractors import FeatureContext
     from recengine.model import load_model
 
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     if requests_path:
-        requests = load_requests(requests_path, mapping_for(requests_path, parse_mapping(columns)), timestamp_unit).collect()
+        requests = load_requests(requests_path, parse_mapping(columns), timestamp_unit).collect()
     else:
         last = dataset.events.select(pl.col("timestamp").max()).collect().item()
         requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
@@ -265,6 +265,33 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     ranked = model.recommend(requests.select("user_id", "timestamp"), context, k)
     write_parquet_atomic(ranked, output)
     click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
+
+
+@cli.command()
+@model_option
+@data_options
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="Candidates (user_id, item_id[, timestamp][, request_id]) or, with --generate, requests.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Parquet file for the top k per request.")
+@click.option("--generate", is_flag=True, help="The input is requests: the model's candidate sources propose the items.")
+@click.option("--k", default=10, show_default=True, help="Items kept per request.")
+@click.option("--chunk-rows", default=1_000_000, show_default=True, help="Input rows per chunk (memory follows this).")
+@cache_option
+@_friendly_errors
+def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir) -> None:
+    """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
+    from recengine.batch import rank_file
+    from recengine.data import parse_mapping
+    from recengine.extractors import FeatureContext
+    from recengine.model import load_model
+
+    model = load_model(model_uri)
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir))
+    report = rank_file(model, input_path, output, context, k, chunk_rows, generate, parse_mapping(columns))
+    resumed = f", {report.skipped} finished earlier and skipped" if report.skipped else ""
+    click.echo(f"{report.rows:,} input rows in {report.chunks} chunk(s){resumed}: top {k} for {report.requests:,} "
+               f"requests written to {report.output} in {report.seconds:.1f} s ({report.rows / report.seconds:,.0f} rows/s)")
 
 
 def bundled_feature_set(name: str = "movielens") -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Mapping
 
@@ -39,6 +40,7 @@ EVENTS = TableSpec("events", ("user_id", "item_id", "timestamp"))
 ITEMS = TableSpec("items", ("item_id",), unique_key="item_id")
 USERS = TableSpec("users", ("user_id",), unique_key="user_id")
 REQUESTS = TableSpec("requests", ("user_id", "timestamp"))
+CANDIDATES = TableSpec("candidates", ("user_id", "item_id", "timestamp"))
 
 
 def parse_mapping(text: str | None) -> dict[str, str]:
@@ -216,8 +218,24 @@ def events_from(
 
 def load_requests(path: str | Path, columns: Mapping[str, str] | None = None, timestamp_unit: str = "auto") -> pl.LazyFrame:
     """Requests to recommend for: `user_id`, `timestamp` (and any other columns, kept as they are)."""
-    lf = _rename(scan(path), columns or {}, str(path))
-    return _timed_table(lf, _schema(lf, str(path)), str(path), REQUESTS, timestamp_unit)
+    return load_timed(path, REQUESTS, columns, timestamp_unit)
+
+
+def load_timed(
+    path: str | Path, spec: TableSpec, columns: Mapping[str, str] | None = None, timestamp_unit: str = "auto",
+    default_time: datetime | None = None,
+) -> pl.LazyFrame:
+    """A table of `spec`'s required columns with a `timestamp`, checked and normalized. Without a
+    `timestamp` column, `default_time` (if given) fills it; a `request_id` column must have no nulls."""
+    source = str(path)
+    lf = _rename(scan(path), mapping_for(path, columns), source)
+    schema = _schema(lf, source)
+    if "timestamp" not in schema and default_time is not None:
+        lf = lf.with_columns(pl.lit(default_time).cast(TIMESTAMP).alias("timestamp"))
+        schema = _schema(lf, source)
+    if "request_id" in schema:
+        spec = TableSpec(spec.name, (*spec.required, "request_id"))
+    return _timed_table(lf, schema, source, spec, timestamp_unit)
 
 
 def _timed_table(lf: pl.LazyFrame, schema: pl.Schema, source: str, spec: TableSpec, timestamp_unit: str) -> pl.LazyFrame:

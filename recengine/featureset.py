@@ -103,6 +103,18 @@ class FeatureSet:
         rows = generate(requests, self.build_sources(), context, self.exclude_seen)
         return compute_features(rows, self.build_extractors(), context)
 
+    def given_rows(self, rows, keys: list[str], context):
+        """Features for given candidate rows (`keys` naming each request, user_id, item_id, timestamp):
+        each source's score and rank where it would have proposed the item, then every extractor's."""
+        from recengine.candidates import generate
+        from recengine.extractors import compute_features
+
+        requests = rows.select(list(dict.fromkeys([*keys, "user_id", "timestamp"]))).unique(keys, maintain_order=True)
+        proposed = generate(requests, self.build_sources(), context, exclude_seen=False)
+        rows = rows.join(proposed.drop([c for c in ("user_id", "timestamp") if c not in keys]), on=[*keys, "item_id"],
+                         how="left", maintain_order="left")
+        return compute_features(rows, self.build_extractors(), context)
+
     def build_extractors(self, source: str = "feature set") -> list:
         return [self._build("feature_extractors", "extractor", name, params, source) for name, params in self.features.items()]
 

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from recengine.data import TIMESTAMP
-from recengine.errors import ConfigError, DataError
+from recengine.errors import ConfigError, DataError, PluginError
 
 SPEC_FORMAT = 1
 MODEL_FILE, SPEC_FILE = "model.txt", "spec.json"
@@ -41,6 +41,27 @@ class RankerModel:
         from recengine.featureset import FeatureSet
 
         return FeatureSet.from_dict(self.spec["feature_set"], f"the model's feature set '{self.spec['feature_set']['name']}'")
+
+    def check_plugins(self) -> None:
+        """Every part the model was trained with must be registered now, by a plugin of the same version."""
+        from recengine import plugins
+
+        versions = plugins.plugin_versions()
+        for part in self.spec.get("parts", []):
+            try:
+                registration = plugins.get(part["kind"], part["name"])
+            except PluginError:
+                raise ConfigError(
+                    f"the model needs {part['kind'].replace('_', ' ')[:-1]} '{part['name']}' from plugin '{part['plugin']}' "
+                    f"{part['version']}, which is not installed or not loaded; install that plugin (and check "
+                    "RECENGINE_LOAD_PLUGINS) before loading this model."
+                ) from None
+            found = versions.get(registration.plugin, "unknown")
+            if found != part["version"]:
+                raise ConfigError(
+                    f"the model was trained with plugin '{part['plugin']}' {part['version']} for '{part['name']}', but "
+                    f"{found} is installed; install {part['plugin']}=={part['version']} or retrain the model."
+                )
 
     def score(self, rows: pl.DataFrame) -> np.ndarray:
         """One score per row of `rows`, which must hold every feature column (nulls are missing values)."""

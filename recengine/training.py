@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import recengine
 from recengine import plugins
-from recengine.candidates import drop_seen, generate
+from recengine.candidates import drop_seen
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import DataError
@@ -144,9 +144,7 @@ def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: Fe
     splits = []
     for reqs in (train_requests, val_requests):
         rows = shown.join(reqs.select("request_id"), on="request_id")
-        proposed = generate(reqs, feature_set.build_sources(), context, exclude_seen=False)
-        rows = rows.join(proposed.drop("user_id", "timestamp"), on=["request_id", "item_id"], how="left")
-        rows = compute_features(rows, feature_set.build_extractors(), context).sort("request_id", "item_id")
+        rows = feature_set.given_rows(rows, IMPRESSION_KEYS, context).sort("request_id", "item_id")
         splits.append(Split(rows, rows.filter(pl.col("label") > 0).select("request_id", "item_id"), reqs.height))
     return splits[0], splits[1]
 

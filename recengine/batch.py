@@ -1,0 +1,145 @@
+"""The offline batch job: rank a candidates (or requests) table in chunks, resumably.
+
+Input rows are split into chunks by a hash of their request key, so every request lands whole in one
+chunk whatever the file's order, and memory follows the chunk size, not the input size. Each chunk's
+top-k is written atomically as a part file and recorded in a manifest; a job killed at any point and
+started again with the same arguments skips the finished chunks. The parts are merged into the output
+at the end, so the output is the same, byte for byte, however often the job was interrupted.
+
+    OUTPUT.parquet          the result: request key, user_id, timestamp, item_id, rank, score
+    .OUTPUT.parquet.parts/  work in progress: manifest.json and part-NNNNN.parquet
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from recengine.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
+from recengine.errors import DataError
+from recengine.extractors import FeatureContext
+from recengine.model import RankerModel, top_k
+
+
+@dataclass
+class JobReport:
+    rows: int
+    requests: int
+    chunks: int
+    skipped: int
+    seconds: float
+    output: Path
+
+
+def rank_file(
+    model: RankerModel,
+    input_path: str | Path,
+    output: str | Path,
+    context: FeatureContext,
+    k: int = 10,
+    chunk_rows: int = 1_000_000,
+    generate: bool = False,
+    columns: dict[str, str] | None = None,
+    progress: bool = True,
+) -> JobReport:
+    """Rank `input_path` (candidates: user_id, item_id[, timestamp][, request_id]; or with `generate`,
+    requests: user_id[, timestamp][, request_id]) and write the top `k` per request to `output`."""
+    started = time.perf_counter()
+    output = Path(output)
+    model.check_plugins()
+    rows, keys = _validated_input(input_path, generate, columns or {}, context)
+    total = rows.select(pl.len()).collect().item()
+    feature_set = model.feature_set()
+    # A dry run on one row: a feature set the data cannot serve fails here, before any file is made.
+    _score_chunk(model, feature_set, rows.head(1).collect(), keys, context, generate, k)
+    chunks = max(1, math.ceil(total / chunk_rows))
+    work = output.with_name(f".{output.name}.parts")
+    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunks, generate, columns, context))
+    bucket = pl.struct(keys).hash(seed=0) % chunks
+    bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
+    skipped = 0
+    for chunk in range(chunks):
+        part = work / f"part-{chunk:05d}.parquet"
+        if manifest.done(chunk, part):
+            skipped += 1
+            bar.update(manifest.rows[str(chunk)])
+            continue
+        batch = rows.filter(bucket == chunk).collect()
+        write_parquet_atomic(_score_chunk(model, feature_set, batch, keys, context, generate, k), part)
+        manifest.finish(chunk, batch.height)
+        bar.update(batch.height)
+    bar.close()
+    # The output (top k per request) is far smaller than the input, so the merge fits in memory.
+    merged = pl.concat([pl.read_parquet(work / f"part-{c:05d}.parquet") for c in range(chunks)])
+    write_parquet_atomic(merged, output)
+    requests = merged.select(keys).n_unique() if merged.height else 0
+    shutil.rmtree(work, ignore_errors=True)
+    return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output)
+
+
+def _score_chunk(model, feature_set, batch: pl.DataFrame, keys: list[str], context, generate: bool, k: int) -> pl.DataFrame:
+    scored = feature_set.candidate_rows(batch, context) if generate else feature_set.given_rows(batch, keys, context)
+    scored = scored.with_columns(pl.Series("score", model.score(scored)))
+    columns = list(dict.fromkeys([*keys, "user_id", "timestamp"]))
+    return top_k(scored, keys, k).sort([*keys, "rank"]).select(*columns, "item_id", "rank", "score")
+
+
+def _validated_input(path, generate: bool, columns: dict[str, str], context: FeatureContext) -> tuple[pl.LazyFrame, list[str]]:
+    """The input, checked before anything is written: required columns, no nulls, parseable times.
+    Without a timestamp column, requests are ranked as of just after the last known event."""
+    now = context.events.select(pl.col("timestamp").max()).collect().item() + timedelta(seconds=1)
+    rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=now)
+    keys = ["request_id"] if "request_id" in rows.collect_schema() else ["user_id", "timestamp"]
+    return rows, keys
+
+
+def _fingerprint(model, input_path, k, chunks, generate, columns, context) -> str:
+    """What makes two runs the same job: input file, model, events, k, chunking, mode."""
+    stat = Path(input_path).stat()
+    events = context.events.select(pl.len(), pl.col("timestamp").max()).collect().row(0)
+    parts = [str(Path(input_path).resolve()), stat.st_size, stat.st_mtime_ns, model.booster.model_to_string(),
+             json.dumps(model.spec, sort_keys=True, default=str), k, chunks, generate, sorted((columns or {}).items()), str(events)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+class _Manifest:
+    """Which chunks are finished (and their input rows), kept as JSON and replaced atomically."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.path = folder / "manifest.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {}
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+            if state.get("fingerprint") != fingerprint:
+                raise DataError(
+                    f"{folder} holds an unfinished job with other arguments (input, model, events, k or chunk size); "
+                    "run it again with those, or delete that folder to start over."
+                )
+        self.fingerprint = fingerprint
+        self.rows: dict[str, int] = state.get("rows", {})
+        self._write()
+
+    def done(self, chunk: int, part: Path) -> bool:
+        return str(chunk) in self.rows and part.exists()
+
+    def finish(self, chunk: int, rows: int) -> None:
+        self.rows[str(chunk)] = rows
+        self._write()
+
+    def _write(self) -> None:
+        temp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows,
+                                    "updated": datetime.now().isoformat(timespec="seconds")}))
+        os.replace(temp, self.path)

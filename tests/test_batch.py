@@ -1,0 +1,140 @@
+"""`recengine rank`: chunked, atomic, resumable batch ranking, and input errors that write nothing."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recengine.batch import rank_file
+from recengine.data import Dataset
+from recengine.errors import ConfigError, DataError
+from recengine.extractors import FeatureContext
+from recengine.training import train
+
+from synthetic import catalogue, feature_set, interactions
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
+    events = interactions()
+    result = train(Dataset(events.lazy(), catalogue().lazy()), feature_set(), progress=False, say=lambda _: None)
+    result.model.save(folder / "model")
+    events.write_parquet(folder / "events.parquet")
+    catalogue().write_parquet(folder / "items.parquet")
+    rng = np.random.default_rng(1)
+    at = events["timestamp"].max() + timedelta(hours=1)
+    users = np.repeat(np.arange(150), 40)
+    candidates = pl.DataFrame({"user_id": users, "item_id": rng.integers(0, 120, users.size), "timestamp": [at] * users.size})
+    candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
+    return folder, result.model, events
+
+
+def context_of(events):
+    return FeatureContext.from_frames(events, catalogue())
+
+
+def test_chunked_output_equals_ranking_everything_at_once(setup, tmp_path):
+    folder, model, events = setup
+    one = rank_file(model, folder / "candidates.parquet", tmp_path / "one.parquet", context_of(events), k=5, chunk_rows=10**9, progress=False)
+    many = rank_file(model, folder / "candidates.parquet", tmp_path / "many.parquet", context_of(events), k=5, chunk_rows=700, progress=False)
+    assert one.chunks == 1 and many.chunks > 5
+    a = pl.read_parquet(one.output).sort("user_id", "rank")
+    b = pl.read_parquet(many.output).sort("user_id", "rank")
+    assert a.equals(b)
+    assert a.columns == ["user_id", "timestamp", "item_id", "rank", "score"]
+    assert a.group_by("user_id").len()["len"].max() == 5 and a["user_id"].n_unique() == 150
+    assert not (tmp_path / ".many.parquet.parts").exists()
+
+
+def test_generate_mode_ranks_the_sources_candidates(setup, tmp_path):
+    folder, model, events = setup
+    pl.DataFrame({"request_id": ["a", "b"], "user_id": [3, 999]}).write_csv(tmp_path / "requests.csv")
+    report = rank_file(model, tmp_path / "requests.csv", tmp_path / "out.parquet", context_of(events), k=4, generate=True, progress=False)
+    out = pl.read_parquet(report.output)
+    assert out.group_by("request_id").len().sort("request_id")["len"].to_list() == [4, 4]
+    assert out.join(events.select("user_id", "item_id"), on=["user_id", "item_id"]).height == 0
+
+
+RUN = """
+import sys
+from recengine.batch import rank_file
+from recengine.extractors import FeatureContext
+from recengine.model import RankerModel
+import polars as pl
+folder, out = sys.argv[1], sys.argv[2]
+context = FeatureContext.from_frames(pl.read_parquet(f"{folder}/events.parquet"), pl.read_parquet(f"{folder}/items.parquet"))
+rank_file(RankerModel.load(f"{folder}/model"), f"{folder}/candidates.parquet", out, context, k=5, chunk_rows=400, progress=False)
+"""
+
+
+def test_a_job_killed_at_random_points_resumes_to_identical_bytes(setup, tmp_path):
+    folder, _, _ = setup
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    reference = tmp_path / "reference.parquet"
+    subprocess.run([sys.executable, str(script), str(folder), str(reference)], check=True)
+    target = tmp_path / "resumed.parquet"
+    manifest = tmp_path / ".resumed.parquet.parts" / "manifest.json"
+    rng = random.Random(7)
+    kills, finished = 0, 0
+    for _ in range(4):
+        # Let the job finish at least one more chunk, then kill it at a random moment (often mid-chunk).
+        job = subprocess.Popen([sys.executable, str(script), str(folder), str(target)])
+        while job.poll() is None and _chunks_done(manifest) <= finished:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.4))
+        if job.poll() is None:
+            job.send_signal(signal.SIGKILL)
+            kills += 1
+        job.wait()
+        finished = _chunks_done(manifest)
+        assert not target.exists() or job.returncode == 0  # never a partial output file
+    assert kills >= 3
+    subprocess.run([sys.executable, str(script), str(folder), str(target)], check=True)
+    assert target.read_bytes() == reference.read_bytes()
+    assert not list(tmp_path.glob(".resumed.parquet.parts"))
+
+
+def _chunks_done(manifest) -> int:
+    import json
+
+    try:
+        return len(json.loads(manifest.read_text())["rows"])
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_bad_input_stops_before_any_output(setup, tmp_path):
+    folder, model, events = setup
+    out = tmp_path / "out.parquet"
+    pl.DataFrame({"user": [1], "item_id": [2]}).write_parquet(tmp_path / "nouser.parquet")
+    with pytest.raises(DataError, match="user_id"):
+        rank_file(model, tmp_path / "nouser.parquet", out, context_of(events), progress=False)
+    pl.DataFrame({"user_id": [1, None], "item_id": [2, 3]}).write_parquet(tmp_path / "nulls.parquet")
+    with pytest.raises(DataError, match="null"):
+        rank_file(model, tmp_path / "nulls.parquet", out, context_of(events), progress=False)
+    no_items = FeatureContext.from_frames(events)  # the feature set needs the items' genres
+    with pytest.raises(ConfigError, match="genres"):
+        rank_file(model, folder / "candidates.parquet", out, no_items, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
+
+
+def test_a_model_needing_a_missing_plugin_names_it(setup, tmp_path):
+    from recengine.model import RankerModel
+
+    folder, model, events = setup
+    spec = {**model.spec, "parts": [*model.spec["parts"], {"kind": "feature_extractors", "name": "sentiment",
+                                                           "plugin": "recengine-sentiment", "version": "1.2.0"}]}
+    with pytest.raises(ConfigError, match="recengine-sentiment"):
+        RankerModel(model.booster, spec).check_plugins()
+    changed = {**model.spec, "parts": [{**model.spec["parts"][0], "version": "0.0.1"}]}
+    with pytest.raises(ConfigError, match="0.0.1"):
+        RankerModel(model.booster, changed).check_plugins()
