@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from recengine import plugins
 from recengine.errors import ConfigError, PluginError
 
@@ -109,6 +111,9 @@ class FeatureSet:
         from recengine.candidates import generate
         from recengine.extractors import compute_features
 
+        from recengine.data import TIMESTAMP
+
+        rows = rows.with_columns(pl.col("timestamp").cast(TIMESTAMP))
         requests = rows.select(list(dict.fromkeys([*keys, "user_id", "timestamp"]))).unique(keys, maintain_order=True)
         proposed = generate(requests, self.build_sources(), context, exclude_seen=False)
         rows = rows.join(proposed.drop([c for c in ("user_id", "timestamp") if c not in keys]), on=[*keys, "item_id"],

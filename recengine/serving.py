@@ -1,0 +1,331 @@
+"""Serving state: everything a per-request ranking needs, precomputed from an events snapshot.
+
+A request is ranked as of the state's time T (just after its last event), so features that depend
+only on the item (popularity, age, CTR, the popular source) or only on the user (activity) are
+computed once, for every item and user, by the very extractors that computed them in training.
+Features of a user-item pair are computed per request in numpy from the user's recent history and
+precomputed tables (co-visitation counts, category counts, item embeddings); a test checks them
+against the batch extractors. A third-party extractor without a fast path is run as in batch.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recengine.candidates import PopularSource, generate
+from recengine.data import TIMESTAMP
+from recengine.extractors import (
+    CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
+    ItemValue, UserActivity, compute_features,
+)
+from recengine.interest import InterestScores
+from recengine.pit import recent_history
+
+ITEM_ONLY = (ItemPopularity, ItemTrend, ItemAge, ItemValue, ItemCTR)
+USER_ONLY = (UserActivity,)
+
+
+class ServingState:
+    """Immutable once built: `Ranker` swaps in a new one on refresh, so readers never see a half state."""
+
+    def __init__(self, feature_set, features: list[str], context: FeatureContext, at: datetime | None = None):
+        events = context.events.collect()
+        self.context, self.features = context, features
+        last = events["timestamp"].max() if events.height else datetime(1970, 1, 1)
+        self.at = at or last + timedelta(seconds=1)
+        catalogue = context.items.select("item_id").collect()["item_id"] if context.items is not None else events["item_id"][:0]
+        ids = pl.concat([catalogue, events["item_id"]]).unique().sort()
+        self.item_ids = ids
+        self.item_index: dict[Any, int] = dict(zip(ids.to_list(), range(len(ids))))
+        self.extractors = feature_set.build_extractors()
+        self.sources = feature_set.build_sources()
+        self._columns: dict[str, np.ndarray] = {}  # item-only features, one value per item index
+        self._user_columns: dict[str, dict[Any, float]] = {}
+        self._precompute_item_and_user(events)
+        depth = max([getattr(e, "recent", 0) for e in self.extractors] + [1])
+        self.history = self._histories(events, depth)
+        self.user_events = dict(events.group_by("user_id").len().iter_rows())
+        self._user_dtype = events["user_id"].dtype
+        self._pairs: dict[int, sp.csr_matrix] = {}
+        self._embeddings: dict[tuple, Any] = {}
+        self._categories: dict[tuple, tuple[sp.csr_matrix, dict]] = {}
+        self._proposals, self._proposal_columns = self._propose(events)
+        self._fast: list[tuple[Any, Callable]] = [(e, self._fast_path(e)) for e in self.extractors]
+        self._warm()
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _precompute_item_and_user(self, events: pl.DataFrame) -> None:
+        any_user = events["user_id"][0] if events.height else 0
+        per_item = pl.DataFrame({"user_id": pl.Series([any_user] * len(self.item_ids), dtype=events["user_id"].dtype),
+                                 "item_id": self.item_ids, "timestamp": [self.at] * len(self.item_ids)})
+        item_only = [e for e in self.extractors if isinstance(e, ITEM_ONLY)]
+        self._unknown_item: dict[str, float] = {}
+        if item_only:
+            # The last row is an item no event or catalogue row has: what an unknown item gets.
+            probe = per_item.head(1).with_columns(pl.lit(_absent(self.item_ids)).cast(per_item["item_id"].dtype).alias("item_id"))
+            table = compute_features(pl.concat([per_item, probe]), item_only, self.context)
+            for column in (c for e in item_only for c in e.columns):
+                values = table[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                self._columns[column], self._unknown_item[column] = values[:-1], values[-1]
+        popular = [s for s in self.sources if isinstance(s, PopularSource)]
+        if popular:
+            one = per_item.head(1).select("user_id", "timestamp")
+            proposed = generate(one, popular, self.context, exclude_seen=False)
+            index = pl.DataFrame({"item_id": self.item_ids, "_i": np.arange(len(self.item_ids))})
+            joined = index.join(proposed.drop("user_id", "timestamp"), on="item_id", how="left", maintain_order="left")
+            for s in popular:
+                for kind in ("score", "rank"):
+                    column = f"cand_{s.name}_{kind}"
+                    self._columns[column] = joined[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        user_only = [e for e in self.extractors if isinstance(e, USER_ONLY)]
+        users = events.select("user_id").unique()
+        if user_only and users.height:
+            requests = users.with_columns(pl.lit(self.item_ids[0]).alias("item_id"), pl.lit(self.at).alias("timestamp"))
+            table = compute_features(requests, user_only, self.context)
+            for column in (c for e in user_only for c in e.columns):
+                self._user_columns[column] = dict(zip(table["user_id"].to_list(), table[column].fill_null(np.nan).to_list()))
+        self._unknown_user = {}
+        if user_only:
+            # Features of a user with no events, from the same extractors.
+            probe = pl.DataFrame({"user_id": pl.Series([None], dtype=events["user_id"].dtype), "item_id": [self.item_ids[0]],
+                                  "timestamp": [self.at]})
+            table = compute_features(probe, user_only, self.context)
+            self._unknown_user = {c: table[c].fill_null(np.nan)[0] for e in user_only for c in e.columns}
+
+    def _propose(self, events: pl.DataFrame) -> tuple[dict[Any, tuple[np.ndarray, np.ndarray]], list[str]]:
+        """What each user-dependent source proposes to every known user at T, by the batch `generate`:
+        per user, the proposed item indices (sorted) and their score/rank columns."""
+        sources = [s for s in self.sources if not isinstance(s, PopularSource)]
+        columns = [f"cand_{s.name}_{k}" for s in sources for k in ("score", "rank")]
+        if not sources or not events.height:
+            return {}, columns
+        users = events.select("user_id").unique().with_columns(pl.lit(self.at).cast(TIMESTAMP).alias("timestamp"))
+        proposed = generate(users, sources, self.context, exclude_seen=False)
+        proposed = proposed.with_columns(pl.col("item_id").replace_strict(self.item_index, return_dtype=pl.Int64).alias("_i"))
+        proposed = proposed.sort("user_id", "_i")
+        out = {}
+        for (user,), group in proposed.group_by("user_id", maintain_order=True):
+            out[user] = (group["_i"].to_numpy(), group.select(pl.col(columns).cast(pl.Float64)).fill_null(np.nan).to_numpy())
+        return out, columns
+
+    def _histories(self, events: pl.DataFrame, depth: int) -> dict[Any, dict[str, np.ndarray]]:
+        """Each user's last `depth` events before T, most recent first (the batch `recent_history`)."""
+        profiles = events.select("user_id").unique().with_columns(pl.lit(self.at).cast(events["timestamp"].dtype).alias("timestamp"))
+        rows = recent_history(profiles.lazy(), events.lazy(), depth).collect().sort("user_id", "h_back")
+        rows = rows.with_columns(pl.col("h_item").replace_strict(self.item_index, return_dtype=pl.Int64).alias("_i"))
+        out = {}
+        for (user,), group in rows.group_by("user_id", maintain_order=True):
+            out[user] = {"item": group["_i"].to_numpy(), "id": group["h_item"], "time": group["h_time"],
+                         "value": group["h_value"].to_numpy()}
+        return out
+
+    def _pair_counts(self, window: int) -> sp.csr_matrix:
+        if window not in self._pairs:
+            pairs = self.context.covisitation_pairs(window).collect()
+            a = pairs["a"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            b = pairs["b"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            n = len(self.item_ids)
+            self._pairs[window] = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+        return self._pairs[window]
+
+    def _embedding(self, scorer: InterestScores, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """Item embeddings in item-index order (zero rows where an item has no text), and which have one."""
+        key = (scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)
+        if key not in self._embeddings:
+            emb = scorer.embeddings(self.context, field)
+            rows = emb.item_ids.replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            aligned = np.zeros((len(self.item_ids), emb.matrix.shape[1]), dtype=np.float32)
+            aligned[rows] = emb.matrix
+            has = np.zeros(len(self.item_ids), dtype=bool)
+            has[rows] = True
+            self._embeddings[key] = (aligned, has, emb)
+        return self._embeddings[key][:2]
+
+    def _profiles(self, scorer: InterestScores, field: str) -> dict[Any, np.ndarray]:
+        """Every known user's profile as of T, by the batch code (`InterestScores.profiles`)."""
+        key = ("profiles", id(scorer), field)
+        if key not in self._embeddings:
+            self._embedding(scorer, field)
+            emb = self._embeddings[(scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)][2]
+            users = list(self.history)
+            profiles = pl.DataFrame({"user_id": pl.Series(users, dtype=self._user_dtype),
+                                     "timestamp": pl.Series([self.at] * len(users), dtype=TIMESTAMP)})
+            history = recent_history(profiles.lazy(), self.context.events, scorer.history).collect()
+            matrix, _ = scorer.profiles(history, len(users), emb)
+            self._embeddings[key] = {u: matrix[j] for j, u in enumerate(users) if np.isfinite(matrix[j]).all()}
+        return self._embeddings[key]
+
+    def _category_matrix(self, field: str, separator: str) -> tuple[sp.csr_matrix, dict]:
+        key = (field, separator)
+        if key not in self._categories:
+            items = self.context.item_field(field, "category_affinity").select(
+                "item_id", pl.col(field).cast(pl.String).str.split(separator).alias("_cat")).explode("_cat").filter(
+                pl.col("_cat").is_not_null() & (pl.col("_cat") != "")).collect()
+            items = items.filter(pl.col("item_id").is_in(self.item_ids.implode()))
+            names = {c: j for j, c in enumerate(items["_cat"].unique().sort().to_list())}
+            rows = items["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            cols = items["_cat"].replace_strict(names, return_dtype=pl.Int64).to_numpy()
+            matrix = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(self.item_ids), len(names)))
+            self._categories[key] = (matrix, names)
+        return self._categories[key]
+
+    def _warm(self) -> None:
+        """Build every lazily made table now, so requests only read (and threads never race to build)."""
+        for part in [*self.extractors, *self.sources]:
+            if isinstance(part, Covisitation):
+                self._pair_counts(part.window)
+            if isinstance(part, CategoryAffinity):
+                self._user_category_table(part, self._category_matrix(part.field, part.separator)[0])
+            if isinstance(part, ItemAttribute):
+                self._attribute_table(part)
+            if isinstance(part, InterestScores):
+                for f in part.fields:
+                    self._profiles(part, f)
+
+    def _fast_path(self, extractor) -> Callable:
+        if isinstance(extractor, ITEM_ONLY):
+            return lambda user, idx, ids: {c: _take(self._columns[c], idx, self._unknown_item[c]) for c in extractor.columns}
+        if isinstance(extractor, USER_ONLY):
+            return lambda user, idx, ids: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}
+        paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, InterestScores: self._interest,
+                 ItemAttribute: self._attribute}
+        if type(extractor) in paths:
+            return lambda user, idx, ids: paths[type(extractor)](extractor, user, idx)
+        return lambda user, idx, ids: self._batch(extractor, user, ids)
+
+    # -- per request ------------------------------------------------------------------------------
+
+    def feature_matrix(self, user_id: Any, item_ids: list) -> np.ndarray:
+        """(len(item_ids), len(features)) in the model's order; unknown users and items give what they can."""
+        idx = np.fromiter((self.item_index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        values = self._source_values(user_id, idx)
+        for source in self.sources:
+            if isinstance(source, PopularSource):
+                values.update({f"cand_{source.name}_{k}": _take(self._columns[f"cand_{source.name}_{k}"], idx) for k in ("score", "rank")})
+        for extractor, path in self._fast:
+            values.update(path(user_id, idx, item_ids))
+        return np.column_stack([np.asarray(values[c], dtype=np.float64) for c in self.features])
+
+    def _user_value(self, column: str, user: Any) -> float:
+        return self._user_columns.get(column, {}).get(user, self._unknown_user.get(column, np.nan))
+
+    def _source_values(self, user, idx) -> dict[str, np.ndarray]:
+        """Each user-dependent source's score and rank for the candidates, from the proposals at T."""
+        out = {c: np.full(len(idx), np.nan) for c in self._proposal_columns}
+        found = self._proposals.get(user)
+        if found is not None:
+            items, values = found
+            at = np.minimum(np.searchsorted(items, idx), len(items) - 1)
+            hit = (items[at] == idx) & (idx >= 0)
+            for j, column in enumerate(self._proposal_columns):
+                out[column][hit] = values[at[hit], j]
+        return out
+
+    def _covisitation(self, ext: Covisitation, user, idx) -> dict[str, np.ndarray]:
+        history = self.history.get(user)
+        if history is None:
+            return {c: np.full(len(idx), np.nan) for c in ext.columns}
+        seeds = history["item"][: ext.recent]
+        # A few dense rows then a gather: much cheaper than sparse column indexing per request.
+        counts = self._pair_counts(ext.window)[seeds].toarray()[:, np.where(idx >= 0, idx, 0)]
+        counts[:, idx < 0] = 0
+        return {"covis_sum": counts.sum(axis=0), "covis_max": counts.max(axis=0)}
+
+    def _affinity(self, ext: CategoryAffinity, user, idx) -> dict[str, np.ndarray]:
+        matrix, _ = self._category_matrix(ext.field, ext.separator)
+        total = self.user_events.get(user, 0)
+        out = {c: np.full(len(idx), np.nan) for c in ext.columns}
+        if not total:
+            return out
+        # Category counts over all the user's events: the history kept may be shorter than that.
+        per_category = self._user_category_counts(ext, user, matrix)
+        known = idx >= 0
+        members = matrix[idx[known]].toarray()  # candidates x categories: small and dense
+        counts = members.sum(axis=1)
+        hits = members * per_category
+        has = counts > 0
+        out[ext.columns[0]][known] = np.where(has, hits.sum(axis=1) / np.maximum(counts, 1), np.nan) / total
+        out[ext.columns[1]][known] = np.where(has, np.where(members > 0, hits, -np.inf).max(axis=1), np.nan) / total
+        return out
+
+    def _user_category_counts(self, ext, user, matrix) -> np.ndarray:
+        per_user, users = self._user_category_table(ext, matrix)
+        return per_user[users[user]].toarray().ravel()
+
+    def _user_category_table(self, ext, matrix) -> tuple[sp.csr_matrix, dict]:
+        key = ("category_counts", ext.field, ext.separator)
+        if key not in self._categories:
+            events = self.context.events.select("user_id", "item_id").collect()
+            rows = events["user_id"].to_list()
+            users = {u: j for j, u in enumerate(dict.fromkeys(rows))}
+            u = np.fromiter((users[r] for r in rows), dtype=np.int64, count=len(rows))
+            i = events["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            per_user = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(len(users), len(self.item_ids))) @ matrix
+            self._categories[key] = (sp.csr_matrix(per_user), users)
+        return self._categories[key]
+
+    def _interest(self, ext: InterestScores, user, idx) -> dict[str, np.ndarray]:
+        out = {}
+        history = self.history.get(user)
+        for field in ext.fields:
+            matrix, has = self._embedding(ext, field)
+            safe = np.where(idx >= 0, idx, 0)
+            known = (idx >= 0) & has[safe]
+            vectors = matrix[safe]
+            profile = self._profiles(ext, field).get(user)
+            mean = np.full(len(idx), np.nan)
+            if profile is not None:
+                mean = np.where(known, vectors @ profile, np.nan)
+            best = np.full(len(idx), np.nan)
+            if history is not None:
+                recent = history["item"][: ext.recent]
+                recent = recent[has[recent]]
+                if len(recent):
+                    best = np.where(known, (vectors @ matrix[recent].T).max(axis=1), np.nan)
+            out[f"interest_{field}_mean"], out[f"interest_{field}_max"] = mean, best
+        return out
+
+    def _attribute_table(self, ext: ItemAttribute) -> np.ndarray:
+        key = ("attributes", tuple(ext.fields))
+        if key not in self._embeddings:
+            values = self.context.items.select("item_id", *(pl.col(f).cast(pl.Float64) for f in ext.fields)).collect()
+            table = np.full((len(self.item_ids), len(ext.fields)), np.nan)
+            rows = values["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            table[rows] = values.select(ext.fields).fill_null(np.nan).to_numpy()
+            self._embeddings[key] = table
+        return self._embeddings[key]
+
+    def _attribute(self, ext: ItemAttribute, user, idx) -> dict[str, np.ndarray]:
+        table = self._attribute_table(ext)
+        history = self.history.get(user)
+        out = {}
+        for j, f in enumerate(ext.fields):
+            item = _take(table[:, j], idx)
+            mean = np.nan
+            if history is not None:
+                recent = table[history["item"][: ext.recent], j]
+                mean = np.nanmean(recent) if np.isfinite(recent).any() else np.nan
+            out[f"item_{f}"], out[f"user_gap_{f}"] = item, np.abs(item - mean)
+        return out
+
+    def _batch(self, extractor, user, item_ids) -> dict[str, np.ndarray]:
+        requests = pl.DataFrame({"user_id": [user] * len(item_ids), "item_id": item_ids, "timestamp": [self.at] * len(item_ids)})
+        table = compute_features(requests, [extractor], self.context)
+        return {c: table[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in extractor.columns}
+
+
+def _take(column: np.ndarray, idx: np.ndarray, missing: float = np.nan) -> np.ndarray:
+    return np.where(idx >= 0, column[np.where(idx >= 0, idx, 0)], missing)
+
+
+def _absent(ids: pl.Series) -> Any:
+    """An id of the same type that is not in `ids`."""
+    if ids.dtype == pl.String:
+        return "\x00recengine-unknown-item"
+    return (ids.max() or 0) + 1
