@@ -110,7 +110,7 @@ class ItemPopularity:
         )
 
     def transform(self, requests, context):
-        table = cumulative(context.events, "item_id", {"n": pl.len()})
+        table = context.memo("item_counts", lambda: cumulative(context.events, "item_id", {"n": pl.len()}).collect()).lazy()
         keys = requests.select("_row", "item_id", "timestamp")
         out = totals_before(keys, table, "item_id", ["n"]).rename({"n": "item_count_all"})
         for window in self.windows:
@@ -318,7 +318,10 @@ class Covisitation:
         self.window, self.recent = window, recent
 
     def transform(self, requests, context):
-        counts = cumulative(context.covisitation_pairs(self.window), ["a", "b"], {"n": pl.len()})
+        counts = context.memo(
+            ("covis_counts", self.window),
+            lambda: cumulative(context.covisitation_pairs(self.window), ["a", "b"], {"n": pl.len()}).collect(),
+        ).lazy()
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         profiles = keys.select("user_id", "timestamp").unique()
         history = recent_history(profiles, context.events, self.recent).select("user_id", "timestamp", pl.col("h_item").alias("a"))

@@ -22,8 +22,6 @@ from recengine.encoders import create_encoder, embed
 from recengine.errors import ConfigError
 from recengine.pit import DAY, recent_history
 
-_CHUNK = 8192
-
 
 @dataclass
 class ItemEmbeddings:
@@ -113,19 +111,21 @@ class InterestScores:
         owners = keys["_profile"].to_numpy()
         mean_cos = np.full(len(keys), np.nan)
         max_cos = np.full(len(keys), np.nan)
-        for start in range(0, len(keys), _CHUNK):
-            part = slice(start, start + _CHUNK)
-            item, owner = items[part], owners[part]
-            known = item >= 0
-            vectors = matrix[np.where(known, item, 0)]
-            mean = np.einsum("nd,nd->n", profile[owner], vectors)
-            mean_cos[part] = np.where(known, mean, np.nan)
-            neighbours = recent[owner]
-            valid = neighbours >= 0
-            sims = np.matmul(matrix[np.where(valid, neighbours, 0)], vectors[:, :, None])[:, :, 0]
-            sims[~valid] = -np.inf
-            best = sims.max(axis=1)
-            max_cos[part] = np.where(known & valid.any(axis=1), best, np.nan)
+        # One small matrix product per profile (a request time), over its candidates: gathering
+        # per-row copies of the neighbours' vectors would move far more memory.
+        order = np.argsort(owners, kind="stable")
+        bounds = np.searchsorted(owners[order], np.arange(n_profiles + 1))
+        for p in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[p] : bounds[p + 1]]
+            rows = rows[items[rows] >= 0]
+            if not len(rows):
+                continue
+            vectors = matrix[items[rows]]
+            if np.isfinite(profile[p]).all():
+                mean_cos[rows] = vectors @ profile[p]
+            neighbours = recent[p][recent[p] >= 0]
+            if len(neighbours):
+                max_cos[rows] = (vectors @ matrix[neighbours].T).max(axis=1)
         return {"mean": mean_cos, "max": max_cos}
 
     def _weights(self, seen: pl.DataFrame) -> np.ndarray:

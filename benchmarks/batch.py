@@ -1,0 +1,100 @@
+"""Offline batch ranking throughput and memory: `recengine rank` on 1M and 10M candidate rows.
+
+Each size runs in its own process (so its peak RSS is its own): the end-to-end job (features +
+predict, chunked, written to parquet) against LightGBM's bare `predict` on a feature matrix of the
+same size (the floor: one chunk's real features, tiled), timed in the same run.
+
+    .venv/bin/python benchmarks/batch.py --model models:/recengine-movielens@champion [--sizes 1000000 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+
+def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0) -> None:
+    """`rows` candidates: requests of `per_request` random catalogue items for random users, just after the data."""
+    from recengine.datasets import movielens
+
+    data = movielens()
+    events = data.events.select("user_id", "timestamp").collect()
+    catalogue = data.items.select("item_id").collect()["item_id"].to_numpy()
+    rng = np.random.default_rng(seed)
+    requests = rows // per_request
+    at = events["timestamp"].max() + timedelta(seconds=1)
+    pl.DataFrame({
+        "request_id": np.repeat(np.arange(requests), per_request),
+        "user_id": np.repeat(rng.choice(events["user_id"].unique().to_numpy(), requests), per_request),
+        "item_id": rng.choice(catalogue, requests * per_request),
+    }).with_columns(pl.lit(at).alias("timestamp")).write_parquet(path)
+
+
+def child(model_uri: str, input_path: str, output: str, chunk_rows: int) -> None:
+    """One size, in this process: the job end to end, then the floor; prints JSON."""
+    from recengine.batch import rank_file
+    from recengine.datasets import movielens
+    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+    from recengine.extractors import FeatureContext
+    from recengine.model import load_model
+
+    model = load_model(model_uri)
+    data = movielens()
+    context = FeatureContext.from_frames(data.events, data.items, cache=EmbeddingCache(DEFAULT_CACHE_DIR))
+    started = time.perf_counter()
+    report = rank_file(model, input_path, output, context, k=10, chunk_rows=chunk_rows, progress=False)
+    job = time.perf_counter() - started
+    peak_job = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # The floor: bare predict over a matrix of the same size, built from one chunk's real features.
+    sample = pl.read_parquet(input_path, n_rows=min(chunk_rows, report.rows))
+    features = model.feature_set().given_rows(sample, ["request_id"], context)
+    block = features.select(pl.col(model.features).cast(pl.Float64)).to_numpy()
+    repeats = -(-report.rows // len(block))
+    started = time.perf_counter()
+    for _ in range(repeats):
+        model.booster.predict(block, num_iteration=model.spec.get("best_iteration") or None)
+    floor = time.perf_counter() - started
+    print(json.dumps({"rows": report.rows, "job_s": job, "floor_s": floor, "peak_mib": peak_job, "chunks": report.chunks}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="models:/recengine-movielens@champion")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--chunk-rows", type=int, default=500_000)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.model, *args.child[:2], chunk_rows=int(args.child[2]))
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            source = Path(tmp) / f"candidates-{size}.parquet"
+            make_input(source, size)
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", str(source),
+                                  str(Path(tmp) / f"ranked-{size}.parquet"), str(args.chunk_rows)],
+                                 capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"done: {size:,} rows", flush=True)
+
+    print(f"\n{'rows':>12} {'chunks':>7} {'job rows/s':>12} {'floor rows/s':>13} {'job/floor':>10} {'peak MiB':>9} {'vs first':>9}")
+    for r in results:
+        print(f"{r['rows']:>12,} {r['chunks']:>7} {r['rows'] / r['job_s']:>12,.0f} {r['rows'] / r['floor_s']:>13,.0f} "
+              f"{r['job_s'] / r['floor_s']:>9.1f}x {r['peak_mib']:>9.0f} {r['peak_mib'] / results[0]['peak_mib']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
