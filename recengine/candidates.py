@@ -68,7 +68,17 @@ class CovisitationSource:
         seeds = requests.join(history, on=["user_id", "timestamp"]).select(
             "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")
         )
-        hits = seeds.join(pairs.rename({"timestamp": "_pair_at"}), on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
+        # Requests after the last pair (ranking "now") read the pair totals: far fewer rows than the
+        # pairs themselves, whose dates matter only to requests in the past.
+        last, totals = context.memo(("covis_totals", self.window), lambda: (
+            pairs.select(pl.col("timestamp").max()).collect().item(),
+            pairs.group_by("a", "b").agg(pl.len().alias("n")).collect().lazy(),
+        ))
+        now = pl.col("timestamp") > last if last is not None else pl.lit(True)
+        recent_hits = seeds.filter(now).join(totals, on="a").select("_request", "b", (pl.col("w") * pl.col("n")).alias("w"))
+        past_hits = seeds.filter(~now).join(pairs.rename({"timestamp": "_pair_at"}), on="a").filter(
+            pl.col("_pair_at") < pl.col("timestamp")).select("_request", "b", "w")
+        hits = pl.concat([recent_hits, past_hits])
         scored = hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score"))
         return _top_k(scored, self.k)
 
