@@ -33,11 +33,11 @@ USER_ONLY = (UserActivity,)
 class ServingState:
     """Immutable once built: `Ranker` swaps in a new one on refresh, so readers never see a half state."""
 
-    def __init__(self, feature_set, features: list[str], context: FeatureContext, at: datetime | None = None):
+    def __init__(self, feature_set, features: list[str], context: FeatureContext):
         events = context.events.collect()
         self.context, self.features = context, features
         last = events["timestamp"].max() if events.height else datetime(1970, 1, 1)
-        self.at = at or last + timedelta(seconds=1)
+        self.at = last + timedelta(seconds=1)
         catalogue = context.items.select("item_id").collect()["item_id"] if context.items is not None else events["item_id"][:0]
         ids = pl.concat([catalogue, events["item_id"]]).unique().sort()
         self.item_ids = ids
@@ -52,7 +52,7 @@ class ServingState:
         self.user_events = dict(events.group_by("user_id").len().iter_rows())
         self._user_dtype = events["user_id"].dtype
         self._pairs: dict[int, sp.csr_matrix] = {}
-        self._embeddings: dict[tuple, Any] = {}
+        self._tables: dict[tuple, Any] = {}  # embeddings, profiles, item attributes: built once, then read
         self._categories: dict[tuple, tuple[sp.csr_matrix, dict]] = {}
         self._proposals, self._proposal_columns = self._propose(events)
         self._fast: list[tuple[Any, Callable]] = [(e, self._fast_path(e)) for e in self.extractors]
@@ -137,29 +137,29 @@ class ServingState:
     def _embedding(self, scorer: InterestScores, field: str) -> tuple[np.ndarray, np.ndarray]:
         """Item embeddings in item-index order (zero rows where an item has no text), and which have one."""
         key = (scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)
-        if key not in self._embeddings:
+        if key not in self._tables:
             emb = scorer.embeddings(self.context, field)
             rows = emb.item_ids.replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             aligned = np.zeros((len(self.item_ids), emb.matrix.shape[1]), dtype=np.float32)
             aligned[rows] = emb.matrix
             has = np.zeros(len(self.item_ids), dtype=bool)
             has[rows] = True
-            self._embeddings[key] = (aligned, has, emb)
-        return self._embeddings[key][:2]
+            self._tables[key] = (aligned, has, emb)
+        return self._tables[key][:2]
 
     def _profiles(self, scorer: InterestScores, field: str) -> dict[Any, np.ndarray]:
         """Every known user's profile as of T, by the batch code (`InterestScores.profiles`)."""
         key = ("profiles", id(scorer), field)
-        if key not in self._embeddings:
+        if key not in self._tables:
             self._embedding(scorer, field)
-            emb = self._embeddings[(scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)][2]
+            emb = self._tables[(scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)][2]
             users = list(self.history)
             profiles = pl.DataFrame({"user_id": pl.Series(users, dtype=self._user_dtype),
                                      "timestamp": pl.Series([self.at] * len(users), dtype=TIMESTAMP)})
             history = recent_history(profiles.lazy(), self.context.events, scorer.history).collect()
             matrix, _ = scorer.profiles(history, len(users), emb)
-            self._embeddings[key] = {u: matrix[j] for j, u in enumerate(users) if np.isfinite(matrix[j]).all()}
-        return self._embeddings[key]
+            self._tables[key] = {u: matrix[j] for j, u in enumerate(users) if np.isfinite(matrix[j]).all()}
+        return self._tables[key]
 
     def _category_matrix(self, field: str, separator: str) -> tuple[sp.csr_matrix, dict]:
         key = (field, separator)
@@ -293,13 +293,13 @@ class ServingState:
 
     def _attribute_table(self, ext: ItemAttribute) -> np.ndarray:
         key = ("attributes", tuple(ext.fields))
-        if key not in self._embeddings:
+        if key not in self._tables:
             values = self.context.items.select("item_id", *(pl.col(f).cast(pl.Float64) for f in ext.fields)).collect()
             table = np.full((len(self.item_ids), len(ext.fields)), np.nan)
             rows = values["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             table[rows] = values.select(ext.fields).fill_null(np.nan).to_numpy()
-            self._embeddings[key] = table
-        return self._embeddings[key]
+            self._tables[key] = table
+        return self._tables[key]
 
     def _attribute(self, ext: ItemAttribute, user, idx) -> dict[str, np.ndarray]:
         table = self._attribute_table(ext)
