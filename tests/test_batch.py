@@ -90,7 +90,7 @@ def test_a_job_killed_at_random_points_resumes_to_identical_bytes(setup, tmp_pat
         job = subprocess.Popen([sys.executable, str(script), str(folder), str(target)])
         while job.poll() is None and _chunks_done(manifest) <= finished:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.4))
+        time.sleep(rng.uniform(0, 0.15))
         if job.poll() is None:
             job.send_signal(signal.SIGKILL)
             kills += 1
