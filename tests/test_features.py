@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 
 from recengine.candidates import CovisitationSource, EmbeddingSource, PopularSource, generate
-from recengine.encoders import EmbeddingCache
 from recengine.extractors import (
     CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
     ItemValue, UserActivity, compute_features, decayed_counts,

@@ -8,7 +8,7 @@ import pytest
 
 from recengine.data import Dataset
 from recengine.extractors import FeatureContext
-from recengine.model import RankerModel, load_model
+from recengine.model import load_model
 from recengine.training import train
 
 from synthetic import catalogue, feature_set, impressions, interactions
