@@ -27,7 +27,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recengine import plugins
-from recengine.errors import PluginError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECENGINE_CACHE_DIR", ".recengine/cache"))
 _KEY = np.dtype("S16")
@@ -44,12 +43,7 @@ class Encoder(Protocol):
 
 def create_encoder(name: str, params: dict[str, Any] | None = None) -> Encoder:
     """Build the registered encoder `name` with keyword `params`."""
-    registration = plugins.get("encoders", name)
-    try:
-        encoder = registration.factory(**(params or {}))
-    except TypeError as exc:
-        raise PluginError(f"encoder '{name}' (from {registration.plugin}) rejected parameters {params}: {exc}") from exc
-    return encoder
+    return plugins.create("encoders", name, params)
 
 
 def text_keys(texts: Sequence[str]) -> np.ndarray:

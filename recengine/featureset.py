@@ -138,13 +138,7 @@ class FeatureSet:
         params = dict(params)
         registered = params.pop(alias_key, name)
         try:
-            registration = plugins.get(kind, registered)
+            return plugins.create(kind, registered, params)
         except PluginError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        try:
-            return registration.factory(**params)
-        except TypeError as exc:
-            raise ConfigError(
-                f"{source}: [{'features' if kind == 'feature_extractors' else 'candidates'}.{name}] has bad "
-                f"parameters {sorted(params)}: {exc}. See `recengine plugins` and the part's documentation."
-            ) from exc
+            table = f"[{'features' if kind == 'feature_extractors' else 'candidates'}.{name}]"
+            raise ConfigError(f"{source}: {table}: {exc}") from None

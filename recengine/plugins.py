@@ -116,6 +116,20 @@ def get(kind: str, name: str) -> Registration:
     return available[name]
 
 
+def create(kind: str, name: str, params: dict[str, Any] | None = None) -> Any:
+    """Build the registered part `name` of `kind` with keyword `params`; an unknown name, or
+    parameters its factory rejects, raise a PluginError saying which and where the part comes from."""
+    registration = get(kind, name)
+    try:
+        return registration.factory(**(params or {}))
+    except TypeError as exc:
+        label = kind[:-1].replace("_", " ")
+        raise PluginError(
+            f"{label} '{name}' (from {registration.plugin}) has bad parameters {sorted(params or {})}: {exc}. "
+            "See `recengine plugins` and the part's documentation."
+        ) from exc
+
+
 def plugin_info() -> list[dict[str, Any]]:
     """What `recengine plugins` prints: each plugin's name, version, hooks and registered parts."""
     load_plugins()

@@ -24,7 +24,7 @@ def test_unknown_extractor_lists_the_available_ones():
 
 
 def test_bad_parameter_names_the_table():
-    with pytest.raises(ConfigError, match=r"\[features.item_age\] has bad parameters \['window'\]"):
+    with pytest.raises(ConfigError, match=r"\[features.item_age\]: feature extractor 'item_age' .* has bad parameters \['window'\]"):
         FeatureSet.from_dict({"candidates": {"popular": {}}, "features": {"item_age": {"window": 3}}})
 
 

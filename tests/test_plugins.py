@@ -116,3 +116,10 @@ def test_load_plugins_env_var_restricts_entry_points(example_installed):
     assert "example" not in plugins_json(example_installed, RECENGINE_LOAD_PLUGINS="")
     assert "example" in plugins_json(example_installed, RECENGINE_LOAD_PLUGINS="recengine-example")
     assert "example" not in plugins_json(example_installed, RECENGINE_LOAD_PLUGINS="something-else")
+
+
+def test_bad_parameters_name_the_part_and_its_plugin():
+    from recengine.encoders import create_encoder
+
+    with pytest.raises(PluginError, match=r"encoder 'transformers' \(from transformers\) has bad parameters \['nonsense'\]"):
+        create_encoder("transformers", {"nonsense": 1})
