@@ -312,10 +312,10 @@ def covisitation_pairs(events: pl.LazyFrame, window: int) -> pl.LazyFrame:
 class Covisitation:
     """How often the item was seen next to each of the user's last `recent` items, before t (sum, max)."""
 
-    columns = ["covis_sum", "covis_max"]
-
     def __init__(self, window: int = 5, recent: int = 10):
         self.window, self.recent = window, recent
+        # Named by their parameters, so one feature set can use two neighbourhoods side by side.
+        self.columns = [f"covis_w{window}_r{recent}_sum", f"covis_w{window}_r{recent}_max"]
 
     def transform(self, requests, context):
         counts = context.memo(
@@ -330,7 +330,7 @@ class Covisitation:
         found = totals_before(expanded, counts, ["a", "b"], ["n"])
         per_request = (
             expanded.select("_row", "_request").join(found, on="_row")
-            .group_by("_request").agg(pl.col("n").sum().alias("covis_sum"), pl.col("n").max().alias("covis_max"))
+            .group_by("_request").agg(pl.col("n").sum().alias(self.columns[0]), pl.col("n").max().alias(self.columns[1]))
         )
         return keys.select("_row").join(per_request.rename({"_request": "_row"}), on="_row", how="left").with_columns(
             pl.col(self.columns).cast(pl.Float64)

@@ -88,8 +88,18 @@ class FeatureSet:
             source_text=text,
         )
         feature_set.build_sources(source)
-        feature_set.build_extractors(source)
+        feature_set._check_columns(source)
         return feature_set
+
+    def _check_columns(self, source: str) -> None:
+        """Two extractors writing the same feature column would silently shadow one another."""
+        owners: dict[str, str] = {}
+        for name, extractor in zip(self.features, self.build_extractors(source)):
+            for column in extractor.columns:
+                if column in owners:
+                    raise ConfigError(f"{source}: [features.{name}] and [features.{owners[column]}] both produce column "
+                                      f"'{column}'; give one of them different parameters or drop it.")
+                owners[column] = name
 
     def to_dict(self) -> dict[str, Any]:
         """The plain-data form `from_dict` reads back: what a model spec stores."""

@@ -235,7 +235,7 @@ class ServingState:
         # A few dense rows then a gather: much cheaper than sparse column indexing per request.
         counts = self._pair_counts(ext.window)[seeds].toarray()[:, np.where(idx >= 0, idx, 0)]
         counts[:, idx < 0] = 0
-        return {"covis_sum": counts.sum(axis=0), "covis_max": counts.max(axis=0)}
+        return {ext.columns[0]: counts.sum(axis=0), ext.columns[1]: counts.max(axis=0)}
 
     def _affinity(self, ext: CategoryAffinity, user, idx) -> dict[str, np.ndarray]:
         matrix, _ = self._category_matrix(ext.field, ext.separator)

@@ -108,7 +108,7 @@ def test_category_affinity_is_the_share_of_history_in_the_items_categories():
 def test_covisitation_counts_pairs_seen_before_t():
     features = compute_features(REQUESTS, [Covisitation(window=1, recent=3)], context(BASE))
     # user 2 at t has recent items 3, 4, 1; item 1 was next to 3 in user 2's log (1 then 3): once.
-    assert features.row(2, named=True)["covis_sum"] == 1
+    assert features.row(2, named=True)["covis_w1_r3_sum"] == 1
 
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):

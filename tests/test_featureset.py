@@ -51,3 +51,12 @@ def test_invalid_toml_names_the_file(tmp_path):
     bad.write_text("name = ")
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         FeatureSet.load(bad)
+
+
+def test_two_extractors_writing_one_column_are_refused():
+    raw = {"candidates": {"popular": {}}, "features": {"covisitation": {}, "again": {"extractor": "covisitation"}}}
+    with pytest.raises(ConfigError, match=r"\[features.again\] and \[features.covisitation\] both produce column 'covis_w5_r10_sum'"):
+        FeatureSet.from_dict(raw)
+    raw["features"]["again"]["window"] = 50
+    columns = [c for e in FeatureSet.from_dict(raw).build_extractors() for c in e.columns]
+    assert columns == ["covis_w5_r10_sum", "covis_w5_r10_max", "covis_w50_r10_sum", "covis_w50_r10_max"]
