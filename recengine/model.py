@@ -20,7 +20,6 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from recengine.data import TIMESTAMP
 from recengine.errors import ConfigError, DataError, PluginError
 
 SPEC_FORMAT = 1
@@ -68,14 +67,16 @@ class RankerModel:
         missing = [name for name in self.features if name not in rows.columns]
         if missing:
             raise DataError(f"rows to score lack the model's feature columns {missing}; compute them with its feature set.")
-        matrix = rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy()
-        return self.booster.predict(matrix, num_iteration=self.spec.get("best_iteration") or None)
+        return self.predict(rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy())
+
+    def predict(self, matrix: np.ndarray, num_threads: int = 0) -> np.ndarray:
+        """Scores for a feature matrix in the spec's column order, using the best iteration."""
+        return self.booster.predict(matrix, num_iteration=self.spec.get("best_iteration") or None, num_threads=num_threads)
 
     def recommend(self, requests: pl.DataFrame, context, k: int = 10) -> pl.DataFrame:
         """Top `k` items per request `(user_id, timestamp)`: candidates from the feature set's sources,
         seen items excluded, features as of each timestamp, scored. Adds `item_id`, `rank`, `score`."""
-        # Datetime("ms") like the events, so as-of joins line up whatever the caller built.
-        keyed = requests.with_row_index("_request_id").with_columns(pl.col("timestamp").cast(TIMESTAMP))
+        keyed = requests.with_row_index("_request_id")
         rows = self.feature_set().candidate_rows(keyed, context)
         best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
         return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")

@@ -68,20 +68,18 @@ class Ranker:
         items = list(candidate_item_ids)
         if not items:
             return []
-        state = self._state
+        state = self._state  # read once: a concurrent refresh swaps in a new one
         if at is not None and at != state.at:
-            return self._rank_at(user_id, items, at)
-        # One thread: for a few hundred rows, waking a thread pool costs more than it saves.
-        scores = self.model.booster.predict(state.feature_matrix(user_id, items), num_threads=1,
-                                            num_iteration=self.model.spec.get("best_iteration") or None)
+            scores = self._scores_at(state, user_id, items, at)
+        else:
+            # One thread: for a few hundred rows, waking a thread pool costs more than it saves.
+            scores = self.model.predict(state.feature_matrix(user_id, items), num_threads=1)
         order = sorted(range(len(items)), key=lambda i: -scores[i])
         return [(items[i], float(scores[i])) for i in order]
 
-    def _rank_at(self, user_id, items, at) -> list[tuple[Any, float]]:
+    def _scores_at(self, state, user_id, items, at):
+        schema = state.context.events.collect_schema()
         rows = pl.DataFrame({"user_id": [user_id] * len(items), "item_id": items, "timestamp": [at] * len(items)})
-        rows = rows.with_columns(pl.col("user_id").cast(self._events["user_id"].dtype), pl.col("item_id").cast(self._events["item_id"].dtype))
-        scored = self.model.feature_set().given_rows(rows, ["user_id", "timestamp"], self._state.context)
-        scores = self.model.score(scored)
-        order = sorted(range(len(items)), key=lambda i: -scores[i])
-        return [(items[i], float(scores[i])) for i in order]
+        rows = rows.with_columns(pl.col("user_id").cast(schema["user_id"]), pl.col("item_id").cast(schema["item_id"]))
+        return self.model.score(self.model.feature_set().given_rows(rows, ["user_id", "timestamp"], state.context))
 
