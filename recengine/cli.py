@@ -197,7 +197,8 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     spec = FeatureSet.load(feature_set)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
-    click.echo(f"validation metrics (best iteration {result.model.spec['best_iteration']}):")
+    click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; early stopping at "
+               f"{result.model.spec['early_stopped_at']}, final model {result.model.spec['best_iteration']} rounds):")
     _report(result.metrics, result.baselines)
     if output:
         click.echo(f"model folder: {result.model.save(output)}")

@@ -73,9 +73,9 @@ class FeatureContext:
     def has(self, column: str) -> bool:
         return column in self.events.collect_schema()
 
-    def covisitation_pairs(self, window: int) -> pl.LazyFrame:
-        """The co-visitation pair table, built once per context and window."""
-        return self.memo(("covis_pairs", window), lambda: covisitation_pairs(self.events, window).collect().lazy())
+    def covisitation_pairs(self, window: int, directed: bool = False) -> pl.LazyFrame:
+        """The co-visitation pair table, built once per context, window and direction."""
+        return self.memo(("covis_pairs", window, directed), lambda: covisitation_pairs(self.events, window, directed).collect().lazy())
 
 
 def compute_features(
@@ -91,6 +91,12 @@ def compute_features(
         values = values.select("_row", pl.col(extractor.columns).cast(pl.Float64))
         out = out.join(values, on="_row", how="left", maintain_order="left")
     return out.drop("_row")
+
+
+def _exact_sum(expr: pl.Expr) -> pl.Expr:
+    """A sum of floats in fixed point (1e-9): integer addition does not depend on the order a parallel
+    group-by adds in, so the same data always gives the same features, and the same model."""
+    return (expr * 1e9).round().cast(pl.Int64).sum() / 1e9
 
 
 def _days(expr: pl.Expr) -> pl.Expr:
@@ -298,42 +304,67 @@ class ItemAttribute:
         ))
 
 
-def covisitation_pairs(events: pl.LazyFrame, window: int) -> pl.LazyFrame:
-    """(a, b, timestamp): b followed a within `window` of one user's events, both ways, dated when b happened."""
+def covisitation_pairs(events: pl.LazyFrame, window: int, directed: bool = False) -> pl.LazyFrame:
+    """(a, b, timestamp): b followed a within `window` of one user's events, dated when the later one
+    happened; both ways unless `directed` (then only earlier a, later b: what comes next)."""
     ordered = events.sort("user_id", "timestamp", "item_id").select("user_id", "item_id", "timestamp")
     pairs = []
     for lag in range(1, window + 1):
         earlier = pl.col("item_id").shift(lag).over("user_id")
         pairs.append(ordered.select(earlier.alias("a"), pl.col("item_id").alias("b"), "timestamp"))
-        pairs.append(ordered.select(pl.col("item_id").alias("a"), earlier.alias("b"), "timestamp"))
+        if not directed:
+            pairs.append(ordered.select(pl.col("item_id").alias("a"), earlier.alias("b"), "timestamp"))
     return pl.concat(pairs).drop_nulls().filter(pl.col("a") != pl.col("b"))
 
 
 class Covisitation:
-    """How often the item was seen next to each of the user's last `recent` items, before t (sum, max)."""
+    """How often the item was seen next to each of the user's last `recent` items, before t.
 
-    def __init__(self, window: int = 5, recent: int = 10):
-        self.window, self.recent = window, recent
+    Columns: the sum and max over those seed items; the sum weighted by 1 / (1 + position) so the
+    latest seeds count most; and a cosine-like sum, each count over sqrt(seed events x item events),
+    which keeps the blockbusters every history shares from dominating. `directed` counts only
+    pairs where the item came after the seed.
+    """
+
+    def __init__(self, window: int = 5, recent: int = 10, directed: bool = False):
+        self.window, self.recent, self.directed = window, recent, directed
         # Named by their parameters, so one feature set can use two neighbourhoods side by side.
-        self.columns = [f"covis_w{window}_r{recent}_sum", f"covis_w{window}_r{recent}_max"]
+        stem = f"covis{'_next' if directed else ''}_w{window}_r{recent}"
+        self.columns = [f"{stem}_{kind}" for kind in ("sum", "max", "wsum", "cos")]
+
+    def counts(self, context: "FeatureContext") -> pl.LazyFrame:
+        """Running pair counts (a, b, timestamp, n), built once per context."""
+        return context.memo(
+            ("covis_counts", self.window, self.directed),
+            lambda: cumulative(context.covisitation_pairs(self.window, self.directed), ["a", "b"], {"n": pl.len()}).collect(),
+        ).lazy()
 
     def transform(self, requests, context):
-        counts = context.memo(
-            ("covis_counts", self.window),
-            lambda: cumulative(context.covisitation_pairs(self.window), ["a", "b"], {"n": pl.len()}).collect(),
-        ).lazy()
+        item_counts = context.memo("item_counts", lambda: cumulative(context.events, "item_id", {"n": pl.len()}).collect()).lazy()
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         profiles = keys.select("user_id", "timestamp").unique()
-        history = recent_history(profiles, context.events, self.recent).select("user_id", "timestamp", pl.col("h_item").alias("a"))
+        # Collected before numbering: a lazy join's row order may differ between the two reads below.
+        history = recent_history(profiles, context.events, self.recent).select(
+            "user_id", "timestamp", pl.col("h_item").alias("a"), "h_back").collect().with_row_index("_row").lazy()
+        seed_events = totals_before(history.rename({"a": "item_id"}), item_counts, "item_id", ["n"]).rename({"n": "_na"})
+        history = history.join(seed_events, on="_row").drop("_row")
         expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
         expanded = expanded.with_row_index("_row")
-        found = totals_before(expanded, counts, ["a", "b"], ["n"])
+        found = totals_before(expanded, self.counts(context), ["a", "b"], ["n"])
+        n = pl.col("n").cast(pl.Float64)
         per_request = (
-            expanded.select("_row", "_request").join(found, on="_row")
-            .group_by("_request").agg(pl.col("n").sum().alias(self.columns[0]), pl.col("n").max().alias(self.columns[1]))
+            expanded.select("_row", "_request", "h_back", "_na").join(found, on="_row")
+            .group_by("_request").agg(
+                n.sum().alias(self.columns[0]), n.max().alias(self.columns[1]),
+                _exact_sum(n / (1 + pl.col("h_back"))).alias(self.columns[2]),
+                _exact_sum(n / pl.col("_na").clip(lower_bound=1).sqrt()).alias("_cos"),
+            )
+            .rename({"_request": "_row"})
         )
-        return keys.select("_row").join(per_request.rename({"_request": "_row"}), on="_row", how="left").with_columns(
-            pl.col(self.columns).cast(pl.Float64)
+        item_events = totals_before(keys, item_counts, "item_id", ["n"]).rename({"n": "_nb"})
+        return keys.select("_row").join(per_request, on="_row", how="left").join(item_events, on="_row").select(
+            "_row", *(pl.col(c) for c in self.columns[:3]),
+            (pl.col("_cos") / pl.col("_nb").clip(lower_bound=1).sqrt()).alias(self.columns[3]),
         )
 
 

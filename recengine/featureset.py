@@ -6,7 +6,7 @@
     [features.item_popularity]  # table name = a registered extractor (or give extractor = "...")
     windows_days = [1, 7, 30]
     [labels]                    # how training requests and their positives are drawn
-    [ranker]                    # LightGBM parameters, plus num_boost_round, early_stopping_rounds
+    [ranker]                    # LightGBM parameters, plus num_boost_round, early_stopping_rounds, refit
 
 Unknown names and parameters fail at load, listing what is available.
 """
@@ -37,6 +37,10 @@ RANKER_DEFAULTS = {
     "seed": 0,
     "num_boost_round": 500,
     "early_stopping_rounds": 50,
+    # After early stopping, train again on training + validation groups (the latest requests, the
+    # ones most like tomorrow's) for proportionally more rounds. Validation metrics are measured
+    # before the refit, since the refit model has seen those labels.
+    "refit": True,
 }
 OBJECTIVES = ("lambdarank", "rank_xendcg")
 

@@ -51,7 +51,10 @@ class ServingState:
         self.history = self._histories(events, depth)
         self.user_events = dict(events.group_by("user_id").len().iter_rows())
         self._user_dtype = events["user_id"].dtype
-        self._pairs: dict[int, sp.csr_matrix] = {}
+        self._pairs: dict[tuple[int, bool], sp.csr_matrix] = {}
+        # Events per item index: every event is before T, so these are the counts "before t".
+        self._item_events = np.bincount(events["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy(),
+                                        minlength=len(ids)).astype(np.float64)
         self._tables: dict[tuple, Any] = {}  # embeddings, profiles, item attributes: built once, then read
         self._categories: dict[tuple, tuple[sp.csr_matrix, dict]] = {}
         self._proposals, self._proposal_columns = self._propose(events)
@@ -125,14 +128,14 @@ class ServingState:
                          "value": group["h_value"].to_numpy()}
         return out
 
-    def _pair_counts(self, window: int) -> sp.csr_matrix:
-        if window not in self._pairs:
-            pairs = self.context.covisitation_pairs(window).collect()
+    def _pair_counts(self, window: int, directed: bool = False) -> sp.csr_matrix:
+        if (window, directed) not in self._pairs:
+            pairs = self.context.covisitation_pairs(window, directed).collect()
             a = pairs["a"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             b = pairs["b"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             n = len(self.item_ids)
-            self._pairs[window] = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-        return self._pairs[window]
+            self._pairs[window, directed] = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+        return self._pairs[window, directed]
 
     def _embedding(self, scorer: InterestScores, field: str) -> tuple[np.ndarray, np.ndarray]:
         """Item embeddings in item-index order (zero rows where an item has no text), and which have one."""
@@ -179,7 +182,7 @@ class ServingState:
         """Build every lazily made table now, so requests only read (and threads never race to build)."""
         for part in [*self.extractors, *self.sources]:
             if isinstance(part, Covisitation):
-                self._pair_counts(part.window)
+                self._pair_counts(part.window, part.directed)
             if isinstance(part, CategoryAffinity):
                 self._user_category_table(part, self._category_matrix(part.field, part.separator)[0])
             if isinstance(part, ItemAttribute):
@@ -233,9 +236,12 @@ class ServingState:
             return {c: np.full(len(idx), np.nan) for c in ext.columns}
         seeds = history["item"][: ext.recent]
         # A few dense rows then a gather: much cheaper than sparse column indexing per request.
-        counts = self._pair_counts(ext.window)[seeds].toarray()[:, np.where(idx >= 0, idx, 0)]
+        counts = self._pair_counts(ext.window, ext.directed)[seeds].toarray()[:, np.where(idx >= 0, idx, 0)]
         counts[:, idx < 0] = 0
-        return {ext.columns[0]: counts.sum(axis=0), ext.columns[1]: counts.max(axis=0)}
+        weighted = counts / (1.0 + np.arange(len(seeds)))[:, None]
+        cosine = (counts / np.sqrt(np.maximum(self._item_events[seeds], 1))[:, None]).sum(axis=0)
+        cosine /= np.sqrt(np.maximum(_take(self._item_events, idx, 0.0), 1))
+        return dict(zip(ext.columns, (counts.sum(axis=0), counts.max(axis=0), weighted.sum(axis=0), cosine)))
 
     def _affinity(self, ext: CategoryAffinity, user, idx) -> dict[str, np.ndarray]:
         matrix, _ = self._category_matrix(ext.field, ext.separator)

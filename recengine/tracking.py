@@ -106,6 +106,7 @@ def _flat_params(feature_set: FeatureSet, result: TrainResult) -> dict[str, Any]
     params.update({f"data.{k}": v for k, v in result.lineage.items()})
     params["features"] = len(result.model.features)
     params["best_iteration"] = result.model.spec["best_iteration"]
+    params["early_stopped_at"] = result.model.spec["early_stopped_at"]
     params["encoders"] = ",".join(result.model.spec["encoders"]) or "none"
     return params
 
@@ -142,7 +143,7 @@ def _log_figures(mlflow, result: TrainResult) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in result.history.items():
         ax.plot(range(1, len(values) + 1), values, label=name)
-    ax.axvline(result.model.spec["best_iteration"], color="grey", linestyle="--", label="best iteration")
+    ax.axvline(result.model.spec["early_stopped_at"], color="grey", linestyle="--", label="early stopping")
     ax.set_xlabel("boosting iteration")
     ax.set_ylabel("validation NDCG")
     ax.legend()

@@ -88,13 +88,20 @@ def train(
     features = feature_columns(feature_set)
     booster, history = fit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, progress)
     lap("lightgbm")
-    spec = model_spec(feature_set, features, keys, booster, lineage(events, dataset.name))
-    model = RankerModel(booster, spec)
-
+    trained_on = lineage(events, dataset.name)
     catalogue = catalogue_size(dataset, events)
-    metrics, baselines = evaluate_split(model, val_split, feature_set, context, keys, catalogue)
+    metrics, baselines = evaluate_split(RankerModel(booster, model_spec(feature_set, features, keys, booster, trained_on)),
+                                        val_split, feature_set, context, keys, catalogue)
     lap("evaluation")
-    spec["metrics"] = metrics
+    stopped_at = booster.best_iteration or booster.current_iteration()
+    if feature_set.ranker["refit"]:
+        booster = refit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, stopped_at)
+        say(f"  refit on training + validation groups: {booster.current_iteration()} rounds")
+        lap("refit")
+    spec = model_spec(feature_set, features, keys, booster, trained_on)
+    spec["metrics"], spec["early_stopped_at"] = metrics, stopped_at
+    spec["metrics_measured"] = "on validation, before the refit" if feature_set.ranker["refit"] else "on validation"
+    model = RankerModel(booster, spec)
     importance = pl.DataFrame({
         "feature": features,
         "gain": booster.feature_importance("gain"),
@@ -161,8 +168,7 @@ def fit(
     train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True
 ) -> tuple[lgb.Booster, dict[str, list[float]]]:
     """LightGBM on groups that hold a positive (others teach nothing and would inflate validation NDCG)."""
-    params = {k: v for k, v in ranker.items() if k not in ("num_boost_round", "early_stopping_rounds")}
-    params.update(metric="ndcg", verbosity=-1, deterministic=True, force_row_wise=True)
+    params = lgb_params(ranker)
     train_set, val_set = (_lgb_dataset(rows, features, keys) for rows in (train_rows, val_rows))
     if train_set is None or val_set is None:
         raise DataError("no training or no validation request has a positive among its candidates; "
@@ -178,6 +184,21 @@ def fit(
     )
     bar.close()
     return booster, {f"validation_{name}": values for name, values in history.get("validation", {}).items()}
+
+
+def lgb_params(ranker: dict[str, Any]) -> dict[str, Any]:
+    params = {k: v for k, v in ranker.items() if k not in ("num_boost_round", "early_stopping_rounds", "refit")}
+    return {**params, "metric": "ndcg", "verbosity": -1, "deterministic": True, "force_row_wise": True}
+
+
+def refit(
+    train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], best: int
+) -> lgb.Booster:
+    """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows."""
+    both = pl.concat([train_rows, val_rows], how="diagonal_relaxed")
+    dataset, alone = _lgb_dataset(both, features, keys), _lgb_dataset(train_rows, features, keys)
+    rounds = max(1, round(best * len(dataset.get_label()) / len(alone.get_label())))
+    return lgb.train(lgb_params(ranker), dataset, num_boost_round=rounds)
 
 
 def _lgb_dataset(rows: pl.DataFrame, features: list[str], keys: list[str]) -> lgb.Dataset | None:

@@ -43,7 +43,8 @@ def context(events, **kwargs):
 def extractors(tiny_bert):
     return [
         ItemPopularity(windows_days=(1, 7, 30), half_lives_days=(7,)), ItemTrend(3, 30), ItemAge(), ItemValue(),
-        ItemCTR(), UserActivity(), CategoryAffinity(), Covisitation(window=2, recent=3), ItemAttribute(["year"], recent=2),
+        ItemCTR(), UserActivity(), CategoryAffinity(), Covisitation(window=2, recent=3),
+        Covisitation(window=2, recent=3, directed=True), ItemAttribute(["year"], recent=2),
         InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title", "genres"], recent=2),
     ]
 
@@ -109,6 +110,22 @@ def test_covisitation_counts_pairs_seen_before_t():
     features = compute_features(REQUESTS, [Covisitation(window=1, recent=3)], context(BASE))
     # user 2 at t has recent items 3, 4, 1; item 1 was next to 3 in user 2's log (1 then 3): once.
     assert features.row(2, named=True)["covis_w1_r3_sum"] == 1
+
+
+def test_covisitation_weights_by_seed_recency_and_popularity_and_can_follow_time():
+    both = compute_features(REQUESTS, [Covisitation(window=1, recent=3)], context(BASE))
+    ahead = compute_features(REQUESTS, [Covisitation(window=1, recent=3, directed=True)], context(BASE))
+    # User 1 (recent: 3, 2, 1) and item 4: 4 sat next to 3, the latest seed; 3 has 2 events, 4 has 1.
+    row = both.row(1, named=True)
+    assert (row["covis_w1_r3_sum"], row["covis_w1_r3_wsum"]) == (1, 1)
+    assert row["covis_w1_r3_cos"] == pytest.approx(1 / np.sqrt(2 * 1))
+    assert ahead.row(1, named=True)["covis_next_w1_r3_sum"] == 1  # 4 came after 3
+    # User 2 (recent: 4, 3, 1) and item 1: next to 3, the second seed, so weighed 1/2; but 1 came
+    # before 3, never after it, so the directed count is 0.
+    row = both.row(2, named=True)
+    assert row["covis_w1_r3_wsum"] == pytest.approx(0.5) and row["covis_w1_r3_cos"] == pytest.approx(1 / np.sqrt(2 * 2))
+    assert ahead.row(2, named=True)["covis_next_w1_r3_sum"] == 0
+    assert both.row(3, named=True)["covis_w1_r3_cos"] is None  # unknown user: no seeds
 
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):

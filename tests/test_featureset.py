@@ -59,4 +59,4 @@ def test_two_extractors_writing_one_column_are_refused():
         FeatureSet.from_dict(raw)
     raw["features"]["again"]["window"] = 50
     columns = [c for e in FeatureSet.from_dict(raw).build_extractors() for c in e.columns]
-    assert columns == ["covis_w5_r10_sum", "covis_w5_r10_max", "covis_w50_r10_sum", "covis_w50_r10_max"]
+    assert columns == [f"covis_w{w}_r10_{kind}" for w in (5, 50) for kind in ("sum", "max", "wsum", "cos")]

@@ -36,6 +36,7 @@ def full_feature_set(tiny_bert) -> FeatureSet:
             "item_trend": {}, "item_age": {}, "item_value": {}, "item_ctr": {}, "user_activity": {},
             "category_affinity": {"field": "genres"},
             "covisitation": {"window": 3, "recent": 5},
+            "covis_next": {"extractor": "covisitation", "window": 2, "recent": 4, "directed": True},
             "item_attribute": {"fields": ["year"], "recent": 4},
             "interest": {"fields": ["title", "genres"], "recent": 3, "history": 10, "half_life_days": 30, **encoder},
         },

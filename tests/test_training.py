@@ -108,3 +108,18 @@ def test_too_little_history_says_what_to_change():
     events = interactions(n_users=3, per_user=4)
     with pytest.raises(DataError, match="min_history"):
         train(Dataset(events.lazy(), catalogue().lazy()), feature_set(), progress=False, say=quiet)
+
+
+def test_refit_trains_on_both_splits_for_proportionally_more_rounds(trained):
+    spec = trained.model.spec
+    rows = [s.rows.filter((pl.col("label") > 0).any().over("user_id", "timestamp")).height for s in (trained.train, trained.validation)]
+    assert spec["best_iteration"] == round(spec["early_stopped_at"] * (rows[0] + rows[1]) / rows[0])
+    assert trained.model.booster.current_iteration() == spec["best_iteration"]
+    assert spec["metrics_measured"] == "on validation, before the refit"
+
+    fs = feature_set()
+    fs.ranker["refit"] = False
+    alone = train(Dataset(interactions().lazy(), catalogue().lazy()), fs, progress=False, say=quiet)
+    assert alone.model.spec["best_iteration"] == alone.model.spec["early_stopped_at"] == spec["early_stopped_at"]
+    # The validation metrics describe the early-stopped model in both cases.
+    assert alone.metrics == pytest.approx(trained.metrics, rel=1e-12)
