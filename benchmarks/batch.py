@@ -2,9 +2,11 @@
 
 Each size runs in its own process (so its peak RSS is its own): the end-to-end job (features +
 predict, chunked, written to parquet) against LightGBM's bare `predict` on a feature matrix of the
-same size (the floor: one chunk's real features, tiled), timed in the same run.
+same size (the floor: one chunk's real features, tiled), timed in the same run. The rows are ranked
+as of just after the last event (the nightly job), or with `--point-in-time` an hour later, which
+sends them through the point-in-time pipeline.
 
-    .venv/bin/python benchmarks/batch.py --model models:/recengine-movielens@champion [--sizes 1000000 10000000]
+    .venv/bin/python benchmarks/batch.py --model models:/recengine-movielens@champion [--sizes 1000000 10000000] [--point-in-time]
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import numpy as np
 import polars as pl
 
 
-def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0) -> None:
-    """`rows` candidates: requests of `per_request` random catalogue items for random users, just after the data."""
+def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0, later: timedelta = timedelta(0)) -> None:
+    """`rows` candidates: requests of `per_request` random catalogue items for random users, just after
+    the data (the serving-state path), or `later` than that (the point-in-time path)."""
     from recengine.datasets import movielens
 
     data = movielens()
@@ -32,7 +35,7 @@ def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0) ->
     catalogue = data.items.select("item_id").collect()["item_id"].to_numpy()
     rng = np.random.default_rng(seed)
     requests = rows // per_request
-    at = events["timestamp"].max() + timedelta(seconds=1)
+    at = events["timestamp"].max() + timedelta(seconds=1) + later
     pl.DataFrame({
         "request_id": np.repeat(np.arange(requests), per_request),
         "user_id": np.repeat(rng.choice(events["user_id"].unique().to_numpy(), requests), per_request),
@@ -73,6 +76,9 @@ def main() -> None:
     parser.add_argument("--model", default="models:/recengine-movielens@champion")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--chunk-rows", type=int, default=500_000)
+    parser.add_argument("--point-in-time", action="store_true",
+                        help="Stamp the rows an hour after the last event, so they take the point-in-time pipeline "
+                             "instead of the serving state that rows ranked 'now' get.")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -83,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             source = Path(tmp) / f"candidates-{size}.parquet"
-            make_input(source, size)
+            make_input(source, size, later=timedelta(hours=1) if args.point_in_time else timedelta(0))
             out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", str(source),
                                   str(Path(tmp) / f"ranked-{size}.parquet"), str(args.chunk_rows)],
                                  capture_output=True, text=True, check=True)

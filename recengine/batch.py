@@ -62,7 +62,9 @@ def rank_file(
     total = rows.select(pl.len()).collect().item()
     feature_set = model.feature_set()
     # A dry run on one row: a feature set the data cannot serve fails here, before any file is made.
-    _score_chunk(model, feature_set, rows.head(1).collect(), keys, context, generate, k)
+    # (On the path the job's first row takes: for rows ranked now, that builds the serving state.)
+    scorer = _ChunkScorer(model, feature_set, keys, context, generate, k)
+    scorer(rows.head(1).collect())
     chunks = max(1, math.ceil(total / chunk_rows))
     work = output.with_name(f".{output.name}.parts")
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunks, generate, columns, context))
@@ -76,7 +78,7 @@ def rank_file(
             bar.update(manifest.rows[str(chunk)])
             continue
         batch = rows.filter(bucket == chunk).collect()
-        write_parquet_atomic(_score_chunk(model, feature_set, batch, keys, context, generate, k), part)
+        write_parquet_atomic(scorer(batch), part)
         manifest.finish(chunk, batch.height)
         bar.update(batch.height)
     bar.close()
@@ -88,18 +90,57 @@ def rank_file(
     return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output)
 
 
-def _score_chunk(model, feature_set, batch: pl.DataFrame, keys: list[str], context, generate: bool, k: int) -> pl.DataFrame:
-    scored = feature_set.candidate_rows(batch, context) if generate else feature_set.given_rows(batch, keys, context)
-    scored = scored.with_columns(pl.Series("score", model.score(scored)))
-    columns = list(dict.fromkeys([*keys, "user_id", "timestamp"]))
-    return top_k(scored, keys, k).sort([*keys, "rank"]).select(*columns, "item_id", "rank", "score")
+class _ChunkScorer:
+    """Scores a chunk and keeps its top k per request.
+
+    Candidate rows at the job's "now" (just after the last event: the time rows without a timestamp
+    get) are all ranked as of one moment, so their features come from a `ServingState` built once
+    per job, a user at a time; a test holds those equal to the point-in-time pipeline, which ranks
+    every other row.
+    """
+
+    def __init__(self, model: RankerModel, feature_set, keys: list[str], context: FeatureContext, generate: bool, k: int):
+        self.model, self.feature_set, self.keys, self.context, self.generate, self.k = model, feature_set, keys, context, generate, k
+        self.now = _now(context)
+        self._state = None
+
+    def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
+        if self.generate:
+            scored = self.feature_set.candidate_rows(batch, self.context)
+            scored = scored.with_columns(pl.Series("score", self.model.score(scored)))
+        else:
+            at_now = pl.col("timestamp") == self.now
+            scored = pl.concat([self._at_now(batch.filter(at_now)), self._in_time(batch.filter(~at_now))], how="diagonal_relaxed")
+        columns = list(dict.fromkeys([*self.keys, "user_id", "timestamp"]))
+        return top_k(scored, self.keys, self.k).sort([*self.keys, "rank"]).select(*columns, "item_id", "rank", "score")
+
+    def _in_time(self, rows: pl.DataFrame) -> pl.DataFrame:
+        if not rows.height:
+            return rows.with_columns(pl.lit(None, pl.Float64).alias("score"))
+        features = self.feature_set.given_rows(rows, self.keys, self.context)
+        return rows.with_columns(pl.Series("score", self.model.score(features)))
+
+    def _at_now(self, rows: pl.DataFrame) -> pl.DataFrame:
+        if not rows.height:
+            return rows.with_columns(pl.lit(None, pl.Float64).alias("score"))
+        if self._state is None:
+            from recengine.serving import ServingState
+
+            self._state = ServingState(self.feature_set, self.model.features, self.context)
+        rows = rows.sort("user_id")  # the state reads a user's rows together: sorted, they need no reordering
+        matrix = self._state.feature_rows(rows["user_id"], rows["item_id"])
+        return rows.with_columns(pl.Series("score", self.model.predict(matrix)))
+
+
+def _now(context: FeatureContext) -> datetime:
+    """Just after the last event: the time of rows without a timestamp, and a serving state's time."""
+    return context.events.select(pl.col("timestamp").max()).collect().item() + timedelta(seconds=1)
 
 
 def _validated_input(path, generate: bool, columns: dict[str, str], context: FeatureContext) -> tuple[pl.LazyFrame, list[str]]:
     """The input, checked before anything is written: required columns, no nulls, parseable times.
     Without a timestamp column, requests are ranked as of just after the last known event."""
-    now = context.events.select(pl.col("timestamp").max()).collect().item() + timedelta(seconds=1)
-    rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=now)
+    rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=_now(context))
     keys = ["request_id"] if "request_id" in rows.collect_schema() else ["user_id", "timestamp"]
     return rows, keys
 

@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 import recengine
 from recengine.data import TIMESTAMP
@@ -68,19 +69,49 @@ class CovisitationSource:
         seeds = requests.join(history, on=["user_id", "timestamp"]).select(
             "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")
         )
-        # Requests after the last pair (ranking "now") read the pair totals: far fewer rows than the
-        # pairs themselves, whose dates matter only to requests in the past.
-        last, totals = context.memo(("covis_totals", self.window), lambda: (
-            pairs.select(pl.col("timestamp").max()).collect().item(),
-            pairs.group_by("a", "b").agg(pl.len().alias("n")).collect().lazy(),
-        ))
+        last = context.memo(("covis_last", self.window), lambda: pairs.select(pl.col("timestamp").max()).collect().item())
         now = pl.col("timestamp") > last if last is not None else pl.lit(True)
-        recent_hits = seeds.filter(now).join(totals, on="a").select("_request", "b", (pl.col("w") * pl.col("n")).alias("w"))
         past_hits = seeds.filter(~now).join(pairs.rename({"timestamp": "_pair_at"}), on="a").filter(
             pl.col("_pair_at") < pl.col("timestamp")).select("_request", "b", "w")
-        hits = pl.concat([recent_hits, past_hits])
-        scored = hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score"))
-        return _top_k(scored, self.k)
+        past = past_hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score"))
+        return _top_k(pl.concat([past, self._after_all_pairs(seeds.filter(now), context)]), self.k)
+
+    def _after_all_pairs(self, seeds: pl.LazyFrame, context: FeatureContext) -> pl.LazyFrame:
+        """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
+        product, seed weights x pair totals, instead of a join as long as seeds x neighbours."""
+        seeds = seeds.collect()
+        schema = {"_request": pl.UInt32, "item_id": context.events.collect_schema()["item_id"], "score": pl.Float64}
+        if not seeds.height:
+            return pl.LazyFrame(schema=schema)
+        ids, totals = context.memo(("covis_totals", self.window), lambda: _pair_matrix(context.covisitation_pairs(self.window)))
+        # A seed in no pair (a user's only item) adds nothing.
+        col = seeds["a"].replace_strict(ids, np.arange(len(ids)), default=-1, return_dtype=pl.Int64).to_numpy()
+        requests, row = np.unique(seeds["_request"].to_numpy()[col >= 0], return_inverse=True)
+        weights = sp.csr_matrix((seeds["w"].to_numpy()[col >= 0], (row, col[col >= 0])), shape=(len(requests), totals.shape[0]))
+        scores = (weights @ totals).tocsr()
+        keep = _at_least_top_k(scores, self.k)
+        hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]
+        return pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
+                             "score": scores.data[keep]}, schema=schema).lazy()
+
+
+def _pair_matrix(pairs: pl.LazyFrame) -> tuple[pl.Series, sp.csr_matrix]:
+    """All pair totals as a sparse item x item matrix, and the item ids of its rows and columns."""
+    totals = pairs.group_by("a", "b").agg(pl.len().alias("n")).collect()
+    ids = pl.concat([totals["a"], totals["b"]]).unique().sort()
+    a, b = (totals[c].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy() for c in ("a", "b"))
+    return ids, sp.csr_matrix((totals["n"].to_numpy().astype(np.float64), (a, b)), shape=(len(ids), len(ids)))
+
+
+def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
+    """A mask over the stored scores keeping each row's k best and every score tied with the k-th
+    (after the same rounding as `_top_k`), so the exact tie-break by item_id happens there."""
+    keep = np.ones(scores.nnz, dtype=bool)
+    for r in np.flatnonzero(np.diff(scores.indptr) > k):
+        lo, hi = scores.indptr[r], scores.indptr[r + 1]
+        row = np.round(scores.data[lo:hi], 9)
+        keep[lo:hi] = row >= np.partition(row, len(row) - k)[len(row) - k]
+    return keep
 
 
 class EmbeddingSource:

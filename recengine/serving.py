@@ -58,7 +58,7 @@ class ServingState:
         self._tables: dict[tuple, Any] = {}  # embeddings, profiles, item attributes: built once, then read
         self._categories: dict[tuple, tuple[sp.csr_matrix, dict]] = {}
         self._proposals, self._proposal_columns = self._propose(events)
-        self._fast: list[tuple[Any, Callable]] = [(e, self._fast_path(e)) for e in self.extractors]
+        self._fast = [(e, self._fast_path(e)) for e in self.extractors if not isinstance(e, ITEM_ONLY)]
         self._warm()
 
     # -- building -------------------------------------------------------------------------------
@@ -192,8 +192,6 @@ class ServingState:
                     self._profiles(part, f)
 
     def _fast_path(self, extractor) -> Callable:
-        if isinstance(extractor, ITEM_ONLY):
-            return lambda user, idx, ids: {c: _take(self._columns[c], idx, self._unknown_item[c]) for c in extractor.columns}
         if isinstance(extractor, USER_ONLY):
             return lambda user, idx, ids: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}
         paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, InterestScores: self._interest,
@@ -207,13 +205,46 @@ class ServingState:
     def feature_matrix(self, user_id: Any, item_ids: list) -> np.ndarray:
         """(len(item_ids), len(features)) in the model's order; unknown users and items give what they can."""
         idx = np.fromiter((self.item_index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        values = {**self._item_values(idx), **self._user_values(user_id, idx, item_ids)}
+        out = np.empty((len(idx), len(self.features)))
+        for j, column in enumerate(self.features):
+            out[:, j] = values[column]
+        return out
+
+    def feature_rows(self, user_ids: pl.Series, item_ids: pl.Series) -> np.ndarray:
+        """The feature matrix of many (user, item) rows at T, in their order: what a batch job at T
+        needs. Item-only columns are read for all rows at once, the rest a user at a time (all the
+        user's rows, from however many requests, together); rows sorted by user need no reordering."""
+        items = item_ids.cast(self.item_ids.dtype, strict=False)
+        idx = items.replace_strict(self.item_ids, np.arange(len(self.item_ids)), default=-1, return_dtype=pl.Int64).to_numpy()
+        out = np.empty((len(idx), len(self.features)))
+        position = {c: j for j, c in enumerate(self.features)}
+        for column, values in self._item_values(idx).items():
+            if column in position:
+                out[:, position[column]] = values
+        by_user = pl.DataFrame({"user_id": user_ids, "_row": np.arange(len(idx))}).sort("user_id", maintain_order=True)
+        order = by_user["_row"].to_numpy()
+        ordered = np.array_equal(order, np.arange(len(idx)))
+        runs = by_user["user_id"].rle()
+        ends = np.cumsum(runs.struct.field("len").to_numpy())
+        sorted_idx, sorted_items = (idx, items) if ordered else (idx[order], items.gather(order))
+        for user, lo, hi in zip(runs.struct.field("value").to_list(), ends - runs.struct.field("len").to_numpy(), ends):
+            rows = slice(lo, hi) if ordered else order[lo:hi]
+            for column, values in self._user_values(user, sorted_idx[lo:hi], sorted_items[lo:hi]).items():
+                if column in position:
+                    out[rows, position[column]] = values
+        return out
+
+    def _item_values(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Columns that depend on the item alone: item-only extractors and the popular source."""
+        return {c: _take(self._columns[c], idx, self._unknown_item.get(c, np.nan)) for c in self._columns}
+
+    def _user_values(self, user_id: Any, idx: np.ndarray, item_ids) -> dict[str, np.ndarray]:
+        """Columns that depend on the user: user-only extractors, sources' proposals, user-item features."""
         values = self._source_values(user_id, idx)
-        for source in self.sources:
-            if isinstance(source, PopularSource):
-                values.update({f"cand_{source.name}_{k}": _take(self._columns[f"cand_{source.name}_{k}"], idx) for k in ("score", "rank")})
         for extractor, path in self._fast:
             values.update(path(user_id, idx, item_ids))
-        return np.column_stack([np.asarray(values[c], dtype=np.float64) for c in self.features])
+        return values
 
     def _user_value(self, column: str, user: Any) -> float:
         return self._user_columns.get(column, {}).get(user, self._unknown_user.get(column, np.nan))
@@ -283,17 +314,16 @@ class ServingState:
             matrix, has = self._embedding(ext, field)
             safe = np.where(idx >= 0, idx, 0)
             known = (idx >= 0) & has[safe]
-            vectors = matrix[safe]
             profile = self._profiles(ext, field).get(user)
-            mean = np.full(len(idx), np.nan)
-            if profile is not None:
-                mean = np.where(known, vectors @ profile, np.nan)
-            best = np.full(len(idx), np.nan)
-            if history is not None:
-                recent = history["item"][: ext.recent]
-                recent = recent[has[recent]]
-                if len(recent):
-                    best = np.where(known, (vectors @ matrix[recent].T).max(axis=1), np.nan)
+            recent = history["item"][: ext.recent] if history is not None else np.empty(0, dtype=np.int64)
+            recent = recent[has[recent]]
+            # One product against the profile and the recent items together: the gathered candidate
+            # vectors are the costly part, so they are read once.
+            targets = matrix[recent] if profile is None else np.vstack([profile, matrix[recent]])
+            sims = matrix[safe] @ targets.T if len(targets) else np.empty((len(idx), 0), dtype=np.float32)
+            mean = np.where(known, sims[:, 0], np.nan) if profile is not None else np.full(len(idx), np.nan)
+            tail = sims[:, 0 if profile is None else 1:]
+            best = np.where(known, tail.max(axis=1), np.nan) if tail.shape[1] else np.full(len(idx), np.nan)
             out[f"interest_{field}_mean"], out[f"interest_{field}_max"] = mean, best
         return out
 

@@ -54,6 +54,23 @@ def test_chunked_output_equals_ranking_everything_at_once(setup, tmp_path):
     assert not (tmp_path / ".many.parquet.parts").exists()
 
 
+def test_rows_ranked_now_take_the_serving_path_and_score_as_the_point_in_time_pipeline(setup, tmp_path):
+    # Rows without a timestamp are ranked just after the last event, from a serving state built once;
+    # rows with one go through the point-in-time pipeline. Both must give the same scores.
+    folder, model, events = setup
+    candidates = pl.read_parquet(folder / "candidates.parquet")
+    later = candidates.filter(pl.col("user_id") < 20).with_columns(pl.col("user_id") + 1000)  # unknown users
+    pl.concat([candidates, later]).drop("timestamp").write_parquet(tmp_path / "now.parquet")
+    context = context_of(events)
+    fast = pl.read_parquet(rank_file(model, tmp_path / "now.parquet", tmp_path / "a.parquet", context, k=40, progress=False).output)
+    now = events["timestamp"].max() + timedelta(seconds=1)
+    rows = pl.concat([candidates, later]).with_columns(pl.lit(now).alias("timestamp"))
+    exact = rows.with_columns(pl.Series("score", model.score(model.feature_set().given_rows(rows, ["user_id", "timestamp"], context))))
+    joined = fast.join(exact, on=["user_id", "item_id"], suffix="_exact")
+    assert joined.height == fast.height == exact.group_by("user_id").head(40).height
+    np.testing.assert_allclose(joined["score"], joined["score_exact"], rtol=1e-9, atol=1e-9)
+
+
 def test_generate_mode_ranks_the_sources_candidates(setup, tmp_path):
     folder, model, events = setup
     pl.DataFrame({"request_id": ["a", "b"], "user_id": [3, 999]}).write_csv(tmp_path / "requests.csv")
