@@ -195,14 +195,18 @@ def refit(
     train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], best: int
 ) -> lgb.Booster:
     """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows."""
-    both = pl.concat([train_rows, val_rows], how="diagonal_relaxed")
-    dataset, alone = _lgb_dataset(both, features, keys), _lgb_dataset(train_rows, features, keys)
-    rounds = max(1, round(best * len(dataset.get_label()) / len(alone.get_label())))
+    dataset = _lgb_dataset(pl.concat([train_rows, val_rows], how="diagonal_relaxed"), features, keys)
+    rounds = max(1, round(best * len(dataset.get_label()) / _useful(train_rows, keys).height))
     return lgb.train(lgb_params(ranker), dataset, num_boost_round=rounds)
 
 
+def _useful(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The rows of groups that hold a positive: the only ones LightGBM learns from."""
+    return rows.filter((pl.col("label") > 0).any().over(keys))
+
+
 def _lgb_dataset(rows: pl.DataFrame, features: list[str], keys: list[str]) -> lgb.Dataset | None:
-    useful = rows.filter((pl.col("label") > 0).any().over(keys))
+    useful = _useful(rows, keys)
     if useful.height == 0:
         return None
     sizes = useful.group_by(keys, maintain_order=True).len()["len"].to_numpy()
