@@ -1,7 +1,9 @@
 """The offline batch job: rank a candidates (or requests) table in chunks, resumably.
 
-Input rows are split into chunks by a hash of their request key, so every request lands whole in one
-chunk whatever the file's order, and memory follows the chunk size, not the input size. Each chunk's
+Input rows are split into chunks by a hash of their user, so every request (and all of a user's
+requests) lands whole in one chunk whatever the file's order, and memory follows the chunk size, not
+the input size: a user's rows are scored together, which lets the serving state compute a user with
+many candidates once per catalogue item instead of once per row. Each chunk's
 top-k is written atomically as a part file and recorded in a manifest; a job killed at any point and
 started again with the same arguments skips the finished chunks. The parts are merged into the output
 at the end, so the output is the same, byte for byte, however often the job was interrupted.
@@ -68,7 +70,7 @@ def rank_file(
     chunks = max(1, math.ceil(total / chunk_rows))
     work = output.with_name(f".{output.name}.parts")
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunks, generate, columns, context))
-    bucket = pl.struct(keys).hash(seed=0) % chunks
+    bucket = pl.col("user_id").hash(seed=0) % chunks
     bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
     skipped = 0
     for chunk in range(chunks):
@@ -150,7 +152,7 @@ def _fingerprint(model, input_path, k, chunks, generate, columns, context) -> st
     stat = Path(input_path).stat()
     events = context.events.select(pl.len(), pl.col("timestamp").max()).collect().row(0)
     parts = [str(Path(input_path).resolve()), stat.st_size, stat.st_mtime_ns, model.booster.model_to_string(),
-             json.dumps(model.spec, sort_keys=True, default=str), k, chunks, generate, sorted((columns or {}).items()), str(events)]
+             json.dumps(model.spec, sort_keys=True, default=str), k, chunks, "by-user", generate, sorted((columns or {}).items()), str(events)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 

@@ -83,7 +83,7 @@ class CovisitationSource:
         schema = {"_request": pl.UInt32, "item_id": context.events.collect_schema()["item_id"], "score": pl.Float64}
         if not seeds.height:
             return pl.LazyFrame(schema=schema)
-        ids, totals = context.memo(("covis_totals", self.window), lambda: _pair_matrix(context.covisitation_pairs(self.window)))
+        ids, totals = context.covisitation_totals(self.window)
         # A seed in no pair (a user's only item) adds nothing.
         col = seeds["a"].replace_strict(ids, np.arange(len(ids)), default=-1, return_dtype=pl.Int64).to_numpy()
         requests, row = np.unique(seeds["_request"].to_numpy()[col >= 0], return_inverse=True)
@@ -93,14 +93,6 @@ class CovisitationSource:
         hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]
         return pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
                              "score": scores.data[keep]}, schema=schema).lazy()
-
-
-def _pair_matrix(pairs: pl.LazyFrame) -> tuple[pl.Series, sp.csr_matrix]:
-    """All pair totals as a sparse item x item matrix, and the item ids of its rows and columns."""
-    totals = pairs.group_by("a", "b").agg(pl.len().alias("n")).collect()
-    ids = pl.concat([totals["a"], totals["b"]]).unique().sort()
-    a, b = (totals[c].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy() for c in ("a", "b"))
-    return ids, sp.csr_matrix((totals["n"].to_numpy().astype(np.float64), (a, b)), shape=(len(ids), len(ids)))
 
 
 def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:

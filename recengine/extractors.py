@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 import recengine
 from recengine.data import TIMESTAMP
@@ -76,6 +78,11 @@ class FeatureContext:
     def covisitation_pairs(self, window: int, directed: bool = False) -> pl.LazyFrame:
         """The co-visitation pair table, built once per context, window and direction."""
         return self.memo(("covis_pairs", window, directed), lambda: covisitation_pairs(self.events, window, directed).collect().lazy())
+
+    def covisitation_totals(self, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
+        """Every pair's count over all events, as a sparse item x item matrix, and the item ids of its
+        rows and columns: what a request after the last pair sees. Built once per context."""
+        return self.memo(("covis_totals", window, directed), lambda: _pair_matrix(self.covisitation_pairs(window, directed)))
 
 
 def compute_features(
@@ -302,6 +309,13 @@ class ItemAttribute:
             e for f in self.fields
             for e in (pl.col(f).alias(f"item_{f}"), (pl.col(f) - pl.col(f"_mean_{f}")).abs().alias(f"user_gap_{f}"))
         ))
+
+
+def _pair_matrix(pairs: pl.LazyFrame) -> tuple[pl.Series, sp.csr_matrix]:
+    totals = pairs.group_by("a", "b").agg(pl.len().alias("n")).collect()
+    ids = pl.concat([totals["a"], totals["b"]]).unique().sort()
+    a, b = (totals[c].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy() for c in ("a", "b"))
+    return ids, sp.csr_matrix((totals["n"].to_numpy().astype(np.float64), (a, b)), shape=(len(ids), len(ids)))
 
 
 def covisitation_pairs(events: pl.LazyFrame, window: int, directed: bool = False) -> pl.LazyFrame:

@@ -54,11 +54,11 @@ class ServingState:
         self._pairs: dict[tuple[int, bool], sp.csr_matrix] = {}
         # Events per item index: every event is before T, so these are the counts "before t".
         self._item_events = np.bincount(events["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy(),
-                                        minlength=len(ids)).astype(np.float64)
+                                        minlength=len(ids) + 1).astype(np.float64)
         self._tables: dict[tuple, Any] = {}  # embeddings, profiles, item attributes: built once, then read
         self._categories: dict[tuple, tuple[sp.csr_matrix, dict]] = {}
         self._proposals, self._proposal_columns = self._propose(events)
-        self._fast = [(e, self._fast_path(e)) for e in self.extractors if not isinstance(e, ITEM_ONLY)]
+        self._fast = [(e, *self._fast_path(e)) for e in self.extractors if not isinstance(e, ITEM_ONLY)]
         self._warm()
 
     # -- building -------------------------------------------------------------------------------
@@ -68,14 +68,13 @@ class ServingState:
         per_item = pl.DataFrame({"user_id": pl.Series([any_user] * len(self.item_ids), dtype=events["user_id"].dtype),
                                  "item_id": self.item_ids, "timestamp": [self.at] * len(self.item_ids)})
         item_only = [e for e in self.extractors if isinstance(e, ITEM_ONLY)]
-        self._unknown_item: dict[str, float] = {}
         if item_only:
             # The last row is an item no event or catalogue row has: what an unknown item gets.
             probe = per_item.head(1).with_columns(pl.lit(_absent(self.item_ids)).cast(per_item["item_id"].dtype).alias("item_id"))
             table = compute_features(pl.concat([per_item, probe]), item_only, self.context)
             for column in (c for e in item_only for c in e.columns):
                 values = table[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
-                self._columns[column], self._unknown_item[column] = values[:-1], values[-1]
+                self._columns[column] = values  # the probe's value, last: what index -1 reads
         popular = [s for s in self.sources if isinstance(s, PopularSource)]
         if popular:
             one = per_item.head(1).select("user_id", "timestamp")
@@ -85,7 +84,7 @@ class ServingState:
             for s in popular:
                 for kind in ("score", "rank"):
                     column = f"cand_{s.name}_{kind}"
-                    self._columns[column] = joined[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                    self._columns[column] = np.append(joined[column].cast(pl.Float64).fill_null(np.nan).to_numpy(), np.nan)
         user_only = [e for e in self.extractors if isinstance(e, USER_ONLY)]
         users = events.select("user_id").unique()
         if user_only and users.height:
@@ -129,23 +128,25 @@ class ServingState:
         return out
 
     def _pair_counts(self, window: int, directed: bool = False) -> sp.csr_matrix:
+        """The context's pair totals (shared with the co-visitation source) in this state's item index."""
         if (window, directed) not in self._pairs:
-            pairs = self.context.covisitation_pairs(window, directed).collect()
-            a = pairs["a"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
-            b = pairs["b"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
-            n = len(self.item_ids)
-            self._pairs[window, directed] = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+            ids, totals = self.context.covisitation_totals(window, directed)
+            at = ids.replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
+            pairs = totals.tocoo()
+            n = len(self.item_ids) + 1  # the last row and column: unknown items, which no pair has
+            self._pairs[window, directed] = sp.csr_matrix((pairs.data, (at[pairs.row], at[pairs.col])), shape=(n, n))
         return self._pairs[window, directed]
 
     def _embedding(self, scorer: InterestScores, field: str) -> tuple[np.ndarray, np.ndarray]:
-        """Item embeddings in item-index order (zero rows where an item has no text), and which have one."""
+        """Item embeddings in item-index order (zero rows where an item has no text), and which have one;
+        one more zero row at the end, so index -1 (an unknown item) reads "no text" without a mask."""
         key = (scorer.encoder_name, repr(sorted(scorer.encoder_params.items())), field)
         if key not in self._tables:
             emb = scorer.embeddings(self.context, field)
             rows = emb.item_ids.replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
-            aligned = np.zeros((len(self.item_ids), emb.matrix.shape[1]), dtype=np.float32)
+            aligned = np.zeros((len(self.item_ids) + 1, emb.matrix.shape[1]), dtype=np.float32)
             aligned[rows] = emb.matrix
-            has = np.zeros(len(self.item_ids), dtype=bool)
+            has = np.zeros(len(self.item_ids) + 1, dtype=bool)
             has[rows] = True
             self._tables[key] = (aligned, has, emb)
         return self._tables[key][:2]
@@ -174,7 +175,8 @@ class ServingState:
             names = {c: j for j, c in enumerate(items["_cat"].unique().sort().to_list())}
             rows = items["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             cols = items["_cat"].replace_strict(names, return_dtype=pl.Int64).to_numpy()
-            matrix = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(self.item_ids), len(names)))
+            # The last row, empty, is what unknown items (index -1) read.
+            matrix = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(self.item_ids) + 1, len(names)))
             self._categories[key] = (matrix, names)
         return self._categories[key]
 
@@ -191,14 +193,17 @@ class ServingState:
                 for f in part.fields:
                     self._profiles(part, f)
 
-    def _fast_path(self, extractor) -> Callable:
+    def _fast_path(self, extractor) -> tuple[Callable, bool]:
+        """How the extractor's columns are read, and whether that path takes item indices alone (so a
+        user's values can be computed once per catalogue item) or the rows' item ids too."""
         if isinstance(extractor, USER_ONLY):
-            return lambda user, idx, ids: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}
-        paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, InterestScores: self._interest,
-                 ItemAttribute: self._attribute}
+            return (lambda user, idx, ids: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}), False
+        paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, ItemAttribute: self._attribute}
+        if isinstance(extractor, InterestScores):
+            return (lambda user, idx, ids, sims=None: self._interest(extractor, user, idx, sims)), True
         if type(extractor) in paths:
-            return lambda user, idx, ids: paths[type(extractor)](extractor, user, idx)
-        return lambda user, idx, ids: self._batch(extractor, user, ids)
+            return (lambda user, idx, ids: paths[type(extractor)](extractor, user, idx)), True
+        return (lambda user, idx, ids: self._batch(extractor, user, ids)), False
 
     # -- per request ------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class ServingState:
         user's rows, from however many requests, together); rows sorted by user need no reordering."""
         items = item_ids.cast(self.item_ids.dtype, strict=False)
         idx = items.replace_strict(self.item_ids, np.arange(len(self.item_ids)), default=-1, return_dtype=pl.Int64).to_numpy()
-        out = np.empty((len(idx), len(self.features)))
+        out = np.empty((len(idx), len(self.features)), order="F")  # a user's rows of a column are contiguous
         position = {c: j for j, c in enumerate(self.features)}
         for column, values in self._item_values(idx).items():
             if column in position:
@@ -228,22 +233,41 @@ class ServingState:
         runs = by_user["user_id"].rle()
         ends = np.cumsum(runs.struct.field("len").to_numpy())
         sorted_idx, sorted_items = (idx, items) if ordered else (idx[order], items.gather(order))
-        for user, lo, hi in zip(runs.struct.field("value").to_list(), ends - runs.struct.field("len").to_numpy(), ends):
+        users, sizes = runs.struct.field("value").to_list(), runs.struct.field("len").to_numpy()
+        whole = [u for u, size in zip(users, sizes) if size > len(self.item_ids)]
+        # Users computed whole get their interest similarities 64 at a time, in one product each.
+        groups = {group[0]: group for group in (whole[i:i + 64] for i in range(0, len(whole), 64))}
+        blocks: dict = {}
+        for user, lo, hi in zip(users, ends - sizes, ends):
+            if user in groups:
+                blocks = {id(e): self._interest_blocks(e, groups[user]) for e in self.extractors if isinstance(e, InterestScores)}
             rows = slice(lo, hi) if ordered else order[lo:hi]
-            for column, values in self._user_values(user, sorted_idx[lo:hi], sorted_items[lo:hi]).items():
+            for column, values in self._user_values(user, sorted_idx[lo:hi], sorted_items[lo:hi], blocks).items():
                 if column in position:
                     out[rows, position[column]] = values
         return out
 
     def _item_values(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Columns that depend on the item alone: item-only extractors and the popular source."""
-        return {c: _take(self._columns[c], idx, self._unknown_item.get(c, np.nan)) for c in self._columns}
+        return {c: self._columns[c][idx] for c in self._columns}
 
-    def _user_values(self, user_id: Any, idx: np.ndarray, item_ids) -> dict[str, np.ndarray]:
-        """Columns that depend on the user: user-only extractors, sources' proposals, user-item features."""
+    def _user_values(self, user_id: Any, idx: np.ndarray, item_ids, blocks: dict | None = None) -> dict[str, np.ndarray]:
+        """Columns that depend on the user: user-only extractors, sources' proposals, user-item features.
+        A user with more rows than the catalogue has items (many requests in one batch) gets the
+        per-item columns computed once per catalogue item (plus one unknown item), then read per row;
+        `blocks` may hold that user's interest similarities, computed with other users'."""
         values = self._source_values(user_id, idx)
-        for extractor, path in self._fast:
-            values.update(path(user_id, idx, item_ids))
+        n = len(self.item_ids)
+        whole = len(idx) > n
+        targets = np.append(np.arange(n), -1) if whole else idx
+        back = np.where(idx >= 0, idx, n) if whole else None
+        for extractor, path, per_item in self._fast:
+            if per_item and whole:
+                sims = (blocks or {}).get(id(extractor), {}).get(user_id)
+                found = path(user_id, targets, None, sims) if sims is not None else path(user_id, targets, None)
+                values.update((c, v[back]) for c, v in found.items())
+            else:
+                values.update(path(user_id, idx, item_ids))
         return values
 
     def _user_value(self, column: str, user: Any) -> float:
@@ -267,29 +291,28 @@ class ServingState:
             return {c: np.full(len(idx), np.nan) for c in ext.columns}
         seeds = history["item"][: ext.recent]
         # A few dense rows then a gather: much cheaper than sparse column indexing per request.
-        counts = self._pair_counts(ext.window, ext.directed)[seeds].toarray()[:, np.where(idx >= 0, idx, 0)]
-        counts[:, idx < 0] = 0
-        weighted = counts / (1.0 + np.arange(len(seeds)))[:, None]
-        cosine = (counts / np.sqrt(np.maximum(self._item_events[seeds], 1))[:, None]).sum(axis=0)
-        cosine /= np.sqrt(np.maximum(_take(self._item_events, idx, 0.0), 1))
-        return dict(zip(ext.columns, (counts.sum(axis=0), counts.max(axis=0), weighted.sum(axis=0), cosine)))
+        counts = self._pair_counts(ext.window, ext.directed)[seeds].toarray()[:, idx]
+        by_recency = 1.0 / (1.0 + np.arange(len(seeds)))
+        by_popularity = 1.0 / np.sqrt(np.maximum(self._item_events[seeds], 1))
+        cosine = (by_popularity @ counts) / np.sqrt(np.maximum(self._item_events[idx], 1))
+        return dict(zip(ext.columns, (counts.sum(axis=0), counts.max(axis=0), by_recency @ counts, cosine)))
 
     def _affinity(self, ext: CategoryAffinity, user, idx) -> dict[str, np.ndarray]:
-        matrix, _ = self._category_matrix(ext.field, ext.separator)
         total = self.user_events.get(user, 0)
-        out = {c: np.full(len(idx), np.nan) for c in ext.columns}
         if not total:
-            return out
+            return {c: np.full(len(idx), np.nan) for c in ext.columns}
+        matrix, _ = self._category_matrix(ext.field, ext.separator)
         # Category counts over all the user's events: the history kept may be shorter than that.
         per_category = self._user_category_counts(ext, user, matrix)
-        known = idx >= 0
-        members = matrix[idx[known]].toarray()  # candidates x categories: small and dense
-        counts = members.sum(axis=1)
-        hits = members * per_category
+        rows = matrix[idx]  # candidates x categories, sparse: a catalogue may have many categories
+        counts = np.diff(rows.indptr)
         has = counts > 0
-        out[ext.columns[0]][known] = np.where(has, hits.sum(axis=1) / np.maximum(counts, 1), np.nan) / total
-        out[ext.columns[1]][known] = np.where(has, np.where(members > 0, hits, -np.inf).max(axis=1), np.nan) / total
-        return out
+        best = np.full(len(idx), np.nan)
+        if has.any():
+            # Each non-empty row's entries run from its start to the next non-empty row's start.
+            best[has] = np.maximum.reduceat(per_category[rows.indices], rows.indptr[:-1][has])
+        mean = np.where(has, (rows @ per_category) / np.maximum(counts, 1), np.nan)
+        return {ext.columns[0]: mean / total, ext.columns[1]: best / total}
 
     def _user_category_counts(self, ext, user, matrix) -> np.ndarray:
         per_user, users = self._user_category_table(ext, matrix)
@@ -303,35 +326,60 @@ class ServingState:
             users = {u: j for j, u in enumerate(dict.fromkeys(rows))}
             u = np.fromiter((users[r] for r in rows), dtype=np.int64, count=len(rows))
             i = events["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
-            per_user = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(len(users), len(self.item_ids))) @ matrix
+            per_user = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(len(users), len(self.item_ids) + 1)) @ matrix
             self._categories[key] = (sp.csr_matrix(per_user), users)
         return self._categories[key]
 
-    def _interest(self, ext: InterestScores, user, idx) -> dict[str, np.ndarray]:
+    def _interest(self, ext: InterestScores, user, idx, sims: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Cosine to the user's profile and the best cosine to a recent item. `sims`, when given, holds
+        each field's similarities of `idx` to the user's targets (`_interest_blocks` computes them for
+        many users in one product)."""
         out = {}
-        history = self.history.get(user)
         for field in ext.fields:
             matrix, has = self._embedding(ext, field)
-            safe = np.where(idx >= 0, idx, 0)
-            known = (idx >= 0) & has[safe]
-            profile = self._profiles(ext, field).get(user)
-            recent = history["item"][: ext.recent] if history is not None else np.empty(0, dtype=np.int64)
-            recent = recent[has[recent]]
-            # One product against the profile and the recent items together: the gathered candidate
-            # vectors are the costly part, so they are read once.
-            targets = matrix[recent] if profile is None else np.vstack([profile, matrix[recent]])
-            sims = matrix[safe] @ targets.T if len(targets) else np.empty((len(idx), 0), dtype=np.float32)
-            mean = np.where(known, sims[:, 0], np.nan) if profile is not None else np.full(len(idx), np.nan)
-            tail = sims[:, 0 if profile is None else 1:]
+            known = has[idx]
+            targets, with_profile = self._interest_targets(ext, field, user)
+            if sims is not None:
+                found = sims[field]
+            elif len(targets):
+                # One product against the profile and the recent items together: the gathered
+                # candidate vectors are the costly part, so they are read once.
+                found = matrix[idx] @ targets.T
+            else:
+                found = np.empty((len(idx), 0), dtype=np.float32)
+            mean = np.where(known, found[:, 0], np.nan) if with_profile else np.full(len(idx), np.nan)
+            tail = found[:, int(with_profile):]
             best = np.where(known, tail.max(axis=1), np.nan) if tail.shape[1] else np.full(len(idx), np.nan)
             out[f"interest_{field}_mean"], out[f"interest_{field}_max"] = mean, best
         return out
+
+    def _interest_targets(self, ext: InterestScores, field: str, user) -> tuple[np.ndarray, bool]:
+        """The vectors a candidate is compared with: the user's profile (if any) then recent items."""
+        matrix, has = self._embedding(ext, field)
+        history = self.history.get(user)
+        recent = history["item"][: ext.recent] if history is not None else np.empty(0, dtype=np.int64)
+        recent = recent[has[recent]]
+        profile = self._profiles(ext, field).get(user)
+        return (matrix[recent] if profile is None else np.vstack([profile, matrix[recent]])), profile is not None
+
+    def _interest_blocks(self, ext: InterestScores, users: list) -> dict[Any, dict[str, np.ndarray]]:
+        """For users computed whole: every item's (and the unknown item's) similarities to each user's
+        targets, in one matrix product per field for all of them (a product per user is 4x slower)."""
+        blocks: dict[Any, dict[str, np.ndarray]] = {u: {} for u in users}
+        for field in ext.fields:
+            matrix, _ = self._embedding(ext, field)
+            targets = [self._interest_targets(ext, field, u)[0] for u in users]
+            sizes = np.array([len(t) for t in targets])
+            product = np.vstack(targets) @ matrix.T if sizes.sum() else np.empty((0, len(matrix)), dtype=np.float32)
+            for u, hi, size in zip(users, np.cumsum(sizes), sizes):
+                blocks[u][field] = product[hi - size:hi].T
+        return blocks
 
     def _attribute_table(self, ext: ItemAttribute) -> np.ndarray:
         key = ("attributes", tuple(ext.fields))
         if key not in self._tables:
             values = self.context.items.select("item_id", *(pl.col(f).cast(pl.Float64) for f in ext.fields)).collect()
-            table = np.full((len(self.item_ids), len(ext.fields)), np.nan)
+            table = np.full((len(self.item_ids) + 1, len(ext.fields)), np.nan)  # the last row: unknown items
             rows = values["item_id"].replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
             table[rows] = values.select(ext.fields).fill_null(np.nan).to_numpy()
             self._tables[key] = table
@@ -342,7 +390,7 @@ class ServingState:
         history = self.history.get(user)
         out = {}
         for j, f in enumerate(ext.fields):
-            item = _take(table[:, j], idx)
+            item = table[idx, j]
             mean = np.nan
             if history is not None:
                 recent = table[history["item"][: ext.recent], j]
@@ -354,10 +402,6 @@ class ServingState:
         requests = pl.DataFrame({"user_id": [user] * len(item_ids), "item_id": item_ids, "timestamp": [self.at] * len(item_ids)})
         table = compute_features(requests, [extractor], self.context)
         return {c: table[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in extractor.columns}
-
-
-def _take(column: np.ndarray, idx: np.ndarray, missing: float = np.nan) -> np.ndarray:
-    return np.where(idx >= 0, column[np.where(idx >= 0, idx, 0)], missing)
 
 
 def _absent(ids: pl.Series) -> Any:
