@@ -20,11 +20,13 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
@@ -73,16 +75,30 @@ def rank_file(
     bucket = pl.col("user_id").hash(seed=0) % chunks
     bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
     skipped = 0
-    for chunk in range(chunks):
-        part = work / f"part-{chunk:05d}.parquet"
-        if manifest.done(chunk, part):
-            skipped += 1
-            bar.update(manifest.rows[str(chunk)])
-            continue
-        batch = rows.filter(bucket == chunk).collect()
-        write_parquet_atomic(scorer(batch), part)
-        manifest.finish(chunk, batch.height)
-        bar.update(batch.height)
+
+    def finish(chunk: int, part: Path, features: list, height: int) -> None:
+        write_parquet_atomic(scorer.top(features), part)
+        manifest.finish(chunk, height)
+        bar.update(height)
+
+    # A chunk's predict, top k and write run in a worker while the next chunk's features are built:
+    # LightGBM releases the GIL and the features mostly use one core. One chunk in flight at a time
+    # keeps memory flat and the manifest written in chunk order.
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending: Future | None = None
+        for chunk in range(chunks):
+            part = work / f"part-{chunk:05d}.parquet"
+            if manifest.done(chunk, part):
+                skipped += 1
+                bar.update(manifest.rows[str(chunk)])
+                continue
+            batch = rows.filter(bucket == chunk).collect()
+            features = scorer.features(batch)
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(finish, chunk, part, features, batch.height)
+        if pending is not None:
+            pending.result()
     bar.close()
     # The output (top k per request) is far smaller than the input, so the merge fits in memory.
     merged = pl.concat([pl.read_parquet(work / f"part-{c:05d}.parquet") for c in range(chunks)])
@@ -93,7 +109,8 @@ def rank_file(
 
 
 class _ChunkScorer:
-    """Scores a chunk and keeps its top k per request.
+    """Scores a chunk and keeps its top k per request, in two steps a job can overlap: `features`
+    (numpy and polars, mostly one core) then `top` (LightGBM's predict on all cores, and the top k).
 
     Candidate rows at the job's "now" (just after the last event: the time rows without a timestamp
     get) are all ranked as of one moment, so their features come from a `ServingState` built once
@@ -107,31 +124,33 @@ class _ChunkScorer:
         self._state = None
 
     def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
+        return self.top(self.features(batch))
+
+    def features(self, batch: pl.DataFrame) -> list[tuple[pl.DataFrame, np.ndarray]]:
+        """The chunk's rows, in parts, each with its feature matrix in the model's column order."""
         if self.generate:
-            scored = self.feature_set.candidate_rows(batch, self.context)
-            scored = scored.with_columns(pl.Series("score", self.model.score(scored)))
-        else:
-            at_now = pl.col("timestamp") == self.now
-            scored = pl.concat([self._at_now(batch.filter(at_now)), self._in_time(batch.filter(~at_now))], how="diagonal_relaxed")
+            rows = self.feature_set.candidate_rows(batch, self.context)
+            return [(rows, self.model.matrix(rows))]
+        at_now = pl.col("timestamp") == self.now
+        now, other = batch.filter(at_now), batch.filter(~at_now)
+        parts = []
+        if now.height:
+            if self._state is None:
+                from recengine.serving import ServingState
+
+                self._state = ServingState(self.feature_set, self.model.features, self.context)
+            now = now.sort("user_id")  # the state reads a user's rows together: sorted, they need no reordering
+            parts.append((now, self._state.feature_rows(now["user_id"], now["item_id"])))
+        if other.height:
+            parts.append((other, self.model.matrix(self.feature_set.given_rows(other, self.keys, self.context))))
+        return parts or [(batch, np.empty((0, len(self.model.features))))]  # an empty chunk: an empty part
+
+    def top(self, parts: list[tuple[pl.DataFrame, np.ndarray]]) -> pl.DataFrame:
+        scored = [rows.with_columns(pl.Series("score", self.model.predict(matrix) if len(matrix) else [], dtype=pl.Float64))
+                  for rows, matrix in parts]
         columns = list(dict.fromkeys([*self.keys, "user_id", "timestamp"]))
-        return top_k(scored, self.keys, self.k).sort([*self.keys, "rank"]).select(*columns, "item_id", "rank", "score")
-
-    def _in_time(self, rows: pl.DataFrame) -> pl.DataFrame:
-        if not rows.height:
-            return rows.with_columns(pl.lit(None, pl.Float64).alias("score"))
-        features = self.feature_set.given_rows(rows, self.keys, self.context)
-        return rows.with_columns(pl.Series("score", self.model.score(features)))
-
-    def _at_now(self, rows: pl.DataFrame) -> pl.DataFrame:
-        if not rows.height:
-            return rows.with_columns(pl.lit(None, pl.Float64).alias("score"))
-        if self._state is None:
-            from recengine.serving import ServingState
-
-            self._state = ServingState(self.feature_set, self.model.features, self.context)
-        rows = rows.sort("user_id")  # the state reads a user's rows together: sorted, they need no reordering
-        matrix = self._state.feature_rows(rows["user_id"], rows["item_id"])
-        return rows.with_columns(pl.Series("score", self.model.predict(matrix)))
+        ranked = top_k(pl.concat(scored, how="diagonal_relaxed"), self.keys, self.k)
+        return ranked.sort([*self.keys, "rank"]).select(*columns, "item_id", "rank", "score")
 
 
 def _now(context: FeatureContext) -> datetime:

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.data import TIMESTAMP
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext
+from recengine.extractors import FeatureContext, check_window
 from recengine.interest import InterestScores
 from recengine.pit import DAY, cumulative, recent_history, totals_before
 
@@ -61,6 +61,7 @@ class CovisitationSource:
     """Items most often seen within `window` events of the user's last `recent` items, before t."""
 
     def __init__(self, k: int = 100, window: int = 5, recent: int = 10):
+        check_window(window, "covisitation source")
         self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
 
     def generate(self, requests, context):

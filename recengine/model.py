@@ -64,10 +64,14 @@ class RankerModel:
 
     def score(self, rows: pl.DataFrame) -> np.ndarray:
         """One score per row of `rows`, which must hold every feature column (nulls are missing values)."""
+        return self.predict(self.matrix(rows))
+
+    def matrix(self, rows: pl.DataFrame) -> np.ndarray:
+        """The feature columns of `rows` as a float matrix in the spec's order (nulls become NaN)."""
         missing = [name for name in self.features if name not in rows.columns]
         if missing:
             raise DataError(f"rows to score lack the model's feature columns {missing}; compute them with its feature set.")
-        return self.predict(rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy())
+        return rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy()
 
     def predict(self, matrix: np.ndarray, num_threads: int = 0) -> np.ndarray:
         """Scores for a feature matrix in the spec's column order, using the best iteration."""

@@ -194,16 +194,16 @@ class ServingState:
                     self._profiles(part, f)
 
     def _fast_path(self, extractor) -> tuple[Callable, bool]:
-        """How the extractor's columns are read, and whether that path takes item indices alone (so a
-        user's values can be computed once per catalogue item) or the rows' item ids too."""
+        """How the extractor's columns are read, as `path(user, idx, ids, sims)`, and whether that path
+        takes item indices alone (so a user's values can be computed once per catalogue item)."""
         if isinstance(extractor, USER_ONLY):
-            return (lambda user, idx, ids: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}), False
-        paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, ItemAttribute: self._attribute}
+            return (lambda user, idx, ids, sims: {c: np.full(len(idx), self._user_value(c, user)) for c in extractor.columns}), False
         if isinstance(extractor, InterestScores):
-            return (lambda user, idx, ids, sims=None: self._interest(extractor, user, idx, sims)), True
+            return (lambda user, idx, ids, sims: self._interest(extractor, user, idx, sims)), True
+        paths = {Covisitation: self._covisitation, CategoryAffinity: self._affinity, ItemAttribute: self._attribute}
         if type(extractor) in paths:
-            return (lambda user, idx, ids: paths[type(extractor)](extractor, user, idx)), True
-        return (lambda user, idx, ids: self._batch(extractor, user, ids)), False
+            return (lambda user, idx, ids, sims: paths[type(extractor)](extractor, user, idx)), True
+        return (lambda user, idx, ids, sims: self._batch(extractor, user, ids)), False
 
     # -- per request ------------------------------------------------------------------------------
 
@@ -257,17 +257,15 @@ class ServingState:
         per-item columns computed once per catalogue item (plus one unknown item), then read per row;
         `blocks` may hold that user's interest similarities, computed with other users'."""
         values = self._source_values(user_id, idx)
-        n = len(self.item_ids)
-        whole = len(idx) > n
-        targets = np.append(np.arange(n), -1) if whole else idx
-        back = np.where(idx >= 0, idx, n) if whole else None
+        whole = len(idx) > len(self.item_ids)
+        catalogue = np.append(np.arange(len(self.item_ids)), -1) if whole else None
         for extractor, path, per_item in self._fast:
             if per_item and whole:
                 sims = (blocks or {}).get(id(extractor), {}).get(user_id)
-                found = path(user_id, targets, None, sims) if sims is not None else path(user_id, targets, None)
-                values.update((c, v[back]) for c, v in found.items())
+                # Values for every item index, then the unknown item's last, where index -1 reads it.
+                values.update((c, v[idx]) for c, v in path(user_id, catalogue, None, sims).items())
             else:
-                values.update(path(user_id, idx, item_ids))
+                values.update(path(user_id, idx, item_ids, None))
         return values
 
     def _user_value(self, column: str, user: Any) -> float:

@@ -128,6 +128,23 @@ def test_covisitation_weights_by_seed_recency_and_popularity_and_can_follow_time
     assert both.row(3, named=True)["covis_w1_r3_cos"] is None  # unknown user: no seeds
 
 
+
+@pytest.mark.parametrize("directed", [False, True])
+def test_covisitation_totals_count_the_pair_table(directed):
+    # The totals are built from shifted arrays for speed; they must count exactly the pair table's pairs,
+    # with string user ids and users whose events share a timestamp.
+    rng = np.random.default_rng(2)
+    events = pl.DataFrame({"user_id": rng.choice(["ann", "bob", "cy"], 300), "item_id": rng.integers(0, 25, 300),
+                           "timestamp": [T0 + DAY * int(d) for d in rng.integers(0, 40, 300)]}).lazy()
+    ctx = FeatureContext.from_frames(events)
+    ids, totals = ctx.covisitation_totals(3, directed)
+    counted = ctx.covisitation_pairs(3, directed).group_by("a", "b").len().collect()
+    at = {item: j for j, item in enumerate(ids.to_list())}
+    expected = np.zeros(totals.shape)
+    for a, b, n in counted.iter_rows():
+        expected[at[a], at[b]] = n
+    np.testing.assert_array_equal(totals.toarray(), expected)
+
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)
     scorer = InterestScores(encoder_params={"model": str(tiny_bert), "device": "cpu"}, fields=["title"], recent=2)
