@@ -65,22 +65,23 @@ class CovisitationSource:
         self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
 
     def generate(self, requests, context):
-        pairs = context.covisitation_pairs(self.window)
         history = recent_history(requests.select("user_id", "timestamp"), context.events, self.recent)
         seeds = requests.join(history, on=["user_id", "timestamp"]).select(
             "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")
-        )
-        last = context.memo(("covis_last", self.window), lambda: pairs.select(pl.col("timestamp").max()).collect().item())
-        now = pl.col("timestamp") > last if last is not None else pl.lit(True)
-        past_hits = seeds.filter(~now).join(pairs.rename({"timestamp": "_pair_at"}), on="a").filter(
-            pl.col("_pair_at") < pl.col("timestamp")).select("_request", "b", "w")
-        past = past_hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score"))
-        return _top_k(pl.concat([past, self._after_all_pairs(seeds.filter(now), context)]), self.k)
+        ).collect()
+        last = context.covisitation_last(self.window)
+        now = (pl.col("timestamp") > last) if last is not None else pl.lit(True)
+        found = [self._after_all_pairs(seeds.filter(now), context)]
+        before = seeds.filter(~now)
+        if before.height:  # the pair table (millions of rows for a wide window) only when a request needs it
+            pairs = context.covisitation_pairs(self.window).rename({"timestamp": "_pair_at"})
+            hits = before.lazy().join(pairs, on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
+            found.append(hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score")))
+        return _top_k(pl.concat(found), self.k)
 
-    def _after_all_pairs(self, seeds: pl.LazyFrame, context: FeatureContext) -> pl.LazyFrame:
+    def _after_all_pairs(self, seeds: pl.DataFrame, context: FeatureContext) -> pl.LazyFrame:
         """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
         product, seed weights x pair totals, instead of a join as long as seeds x neighbours."""
-        seeds = seeds.collect()
         schema = {"_request": pl.UInt32, "item_id": context.events.collect_schema()["item_id"], "score": pl.Float64}
         if not seeds.height:
             return pl.LazyFrame(schema=schema)

@@ -84,6 +84,10 @@ class FeatureContext:
         rows and columns: what a request after the last pair sees. Built once per context."""
         return self.memo(("covis_totals", window, directed), lambda: covisitation_totals(self.events, window, directed))
 
+    def covisitation_last(self, window: int) -> Any:
+        """When the latest co-visitation pair formed (either direction): requests after it see all pairs."""
+        return self.memo(("covis_last", window), lambda: covisitation_last(self.events, window))
+
 
 def compute_features(
     requests: pl.DataFrame, extractors: Sequence[FeatureExtractor], context: FeatureContext
@@ -333,20 +337,40 @@ def covisitation_totals(events: pl.LazyFrame, window: int, directed: bool = Fals
     """The pairs of `covisitation_pairs` counted over all time, as a sparse item x item matrix, and the
     item ids of its rows and columns. Built from shifted index arrays, not the pair table: for a wide
     window that table has millions of rows, and grouping them costs 2.5x more."""
-    ordered = events.sort("user_id", "timestamp", "item_id").select(pl.col("user_id").rle_id(), "item_id").collect()
-    ids = ordered["item_id"].unique().sort()
-    item = ordered["item_id"].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy()
-    user = ordered["user_id"].to_numpy()
+    ids, user, item, _ = _sequences(events)
     earlier, later = [], []
     for lag in range(1, window + 1):
-        same = (user[:-lag] == user[lag:]) & (item[:-lag] != item[lag:])
-        earlier.append(item[:-lag][same])
-        later.append(item[lag:][same])
+        paired = _paired(user, item, lag)
+        earlier.append(item[:-lag][paired])
+        later.append(item[lag:][paired])
     a, b = np.concatenate(earlier), np.concatenate(later)
     following = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids)))  # duplicates summed
     totals = following if directed else (following + following.T).tocsr()
     totals.sum_duplicates()
     return ids, totals
+
+
+def covisitation_last(events: pl.LazyFrame, window: int) -> Any:
+    """The time of the latest pair of `covisitation_pairs` (None without pairs), without the table."""
+    _, user, item, times = _sequences(events)
+    later = np.zeros(len(item), dtype=bool)
+    for lag in range(1, window + 1):
+        later[lag:] |= _paired(user, item, lag)
+    return times.filter(pl.Series(later)).max() if later.any() else None
+
+
+def _sequences(events: pl.LazyFrame) -> tuple[pl.Series, np.ndarray, np.ndarray, pl.Series]:
+    """Events in the pair tables' order as arrays: the sorted item ids, then per event a user run
+    number, the item's index in those ids, and the time."""
+    ordered = events.sort("user_id", "timestamp", "item_id").select(
+        pl.col("user_id").rle_id(), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("_i"), "timestamp",
+    ).collect()
+    return ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"]
+
+
+def _paired(user: np.ndarray, item: np.ndarray, lag: int) -> np.ndarray:
+    """Which events `lag` places apart (by the later one) are one user's two different items."""
+    return (user[:-lag] == user[lag:]) & (item[:-lag] != item[lag:])
 
 
 class Covisitation:

@@ -130,7 +130,7 @@ def test_covisitation_weights_by_seed_recency_and_popularity_and_can_follow_time
 
 
 @pytest.mark.parametrize("directed", [False, True])
-def test_covisitation_totals_count_the_pair_table(directed):
+def test_covisitation_totals_and_last_time_match_the_pair_table(directed):
     # The totals are built from shifted arrays for speed; they must count exactly the pair table's pairs,
     # with string user ids and users whose events share a timestamp.
     rng = np.random.default_rng(2)
@@ -144,6 +144,7 @@ def test_covisitation_totals_count_the_pair_table(directed):
     for a, b, n in counted.iter_rows():
         expected[at[a], at[b]] = n
     np.testing.assert_array_equal(totals.toarray(), expected)
+    assert ctx.covisitation_last(3) == ctx.covisitation_pairs(3, directed).select(pl.col("timestamp").max()).collect().item()
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)
