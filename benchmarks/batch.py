@@ -4,10 +4,12 @@ Each size runs in its own process (so its peak RSS is its own): the end-to-end j
 predict, chunked, written to parquet) against LightGBM's bare `predict` on a feature matrix of the
 same size (the floor: one chunk's real features, tiled), timed in the same run. The rows are ranked
 as of just after the last event (the nightly job), or with `--point-in-time` an hour later, which
-sends them through the point-in-time pipeline. The input holds requests of 1,000 random catalogue items
-for random users: at 10M rows that is ~16 requests per user (more rows per user than the catalogue has
-items, so the job computes such a user once per item), at 1M ~1.6. Each size runs `--repeats` times and
-the run with the median job/floor ratio is shown: the machines are shared and noisy.
+sends them through the point-in-time pipeline.
+
+The input holds requests of 1,000 random catalogue items for random users: ~16 requests per user at
+10M rows, ~1.6 at 1M (users with rows for an eighth of the catalogue are computed once per item).
+Each size runs `--repeats` times and the run with the median job/floor ratio is shown: the machines
+are shared and noisy.
 
     .venv/bin/python benchmarks/batch.py --model models:/recengine-movielens@champion [--sizes 1000000 10000000] [--repeats 3] [--point-in-time]
 """
