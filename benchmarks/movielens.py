@@ -10,7 +10,7 @@ itself, which flatters the peers): ItemKNN cosine, ALS, BPR, and popularity (tra
 SASRec (RecBole) needs numpy<2 and is quoted from its measurement on this protocol: 0.133.
 
     .venv/bin/pip install -e ".[bench]"
-    .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml]
+    .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--seeds 3] [--no-peers]
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--feature-set", default=str(Path(__file__).resolve().parents[1] / "features" / "movielens.toml"))
     parser.add_argument("--no-peers", action="store_true", help="Only recengine (quicker, for tuning).")
+    parser.add_argument("--seeds", type=int, default=3, help="Training runs with [labels] seed 0..N-1; the median is shown.")
     parser.add_argument("--as-of-training-end", action="store_true",
                         help="Diagnostic, not the protocol: rank every user as of the end of the training data, so "
                              "recengine sees what the peers see (other users' training events after the user's request).")
@@ -141,11 +142,19 @@ def main() -> None:
     score = lambda ranked: evaluate(ranked, truth, ["user_id"], (10,), catalogue)  # noqa: E731
     if args.as_of_training_end:
         requests = requests.with_columns(pl.lit(train_events["timestamp"].max() + timedelta(seconds=1)).alias("timestamp"))
-    ranked, info = run_recengine(train_events, items, requests, seen, FeatureSet.load(args.feature_set))
+    # Which requests the training groups sample moves test NDCG@10 by about +-0.007, so the table shows
+    # the run with the median NDCG@10 over `--seeds` sampling seeds ([labels] seed 0, 1, ...).
+    runs = []
+    for seed in range(args.seeds):
+        feature_set = FeatureSet.load(args.feature_set)
+        feature_set.labels["seed"] = seed
+        ranked, info = run_recengine(train_events, items, requests, seen, feature_set)
+        runs.append((score(ranked), info))
+        print(f"recengine, labels seed {seed}: NDCG@10 {runs[-1][0]['ndcg@10']:.4f}; trained in {info['train_s']:.1f} s, "
+              f"trained + ranked in {info['total_s']:.1f} s (validation NDCG@10 {info['validation_ndcg@10']:.4f})", flush=True)
+    metrics, info = sorted(runs, key=lambda r: r[0]["ndcg@10"])[len(runs) // 2]
     setting = Path(args.feature_set).name + (" (as of training end)" if args.as_of_training_end else "")
-    rows.append(("recengine", setting, score(ranked)))
-    print(f"recengine: trained in {info['train_s']:.1f} s, trained + ranked in {info['total_s']:.1f} s "
-          f"(validation NDCG@10 {info['validation_ndcg@10']:.4f})")
+    rows.append(("recengine", setting + (f", median of {args.seeds} seeds" if args.seeds > 1 else ""), metrics))
     rows.append(("popularity", "training counts", score(popularity(train_events, requests, seen))))
     if not args.no_peers:
         best: dict[str, tuple[str, dict]] = {}

@@ -1,6 +1,6 @@
 """Training end to end on logs with a known truth: real LightGBM, real features, no mocks."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -9,6 +9,7 @@ import pytest
 from recengine.data import Dataset
 from recengine.extractors import FeatureContext
 from recengine.model import load_model
+from recengine.samples import sample_requests
 from recengine.training import train
 
 from synthetic import catalogue, feature_set, impressions, interactions
@@ -52,6 +53,17 @@ def test_training_labels_stop_at_the_validation_boundary():
     assert leaked.height == 0
     assert result.validation.truth.filter(pl.col("item_id") == 999).height > 0
 
+
+
+def test_requests_are_drawn_per_user_after_min_history_one_per_burst_second():
+    # User 1 has 20 distinct times; user 2 has 7, one of them a burst of two events in one second.
+    t0 = datetime(2024, 1, 1)
+    rows = [(1, i, t0 + timedelta(hours=i)) for i in range(20)] + [(2, i, t0 + timedelta(hours=i)) for i in range(7)]
+    events = pl.DataFrame(rows + [(2, 99, t0 + timedelta(hours=6))], schema=["user_id", "item_id", "timestamp"], orient="row")
+    drawn = sample_requests(events.lazy(), per_user=3, min_history=5, seed=3)
+    assert drawn.group_by("user_id").len().sort("user_id")["len"].to_list() == [3, 2]  # user 2: hours 5 and 6 only
+    assert (drawn["timestamp"] >= t0 + timedelta(hours=5)).all() and drawn.n_unique() == drawn.height
+    assert drawn.equals(sample_requests(events.lazy(), per_user=3, min_history=5, seed=3))
 
 def test_saved_model_is_text_and_json_and_scores_the_same(trained, tmp_path):
     folder = trained.model.save(tmp_path / "model")
