@@ -1,9 +1,10 @@
 """recengine against the collaborative-filtering peers on MovieLens ml-latest-small.
 
 Protocol: each user's events in time order; the last 20% are the test, the request time is the
-user's first test event (1 ms into its second when training events share that second), and everything (recengine's features and training, the peers' fits) sees
-only the earlier 80%. Every method ranks the full catalogue, top 10, without the user's training
-items; metrics are per user, then averaged.
+user's first test event (1 ms into its second when training events share that second), and
+everything (recengine's features and training, the peers' fits) sees only the earlier 80%. Every
+method ranks the full catalogue, top 10, without the user's training items; metrics are per user,
+then averaged.
 
 Peers (from `implicit`, each over a small grid; the best setting is picked on the test split
 itself, which flatters the peers): ItemKNN cosine, ALS, BPR, and popularity (training counts).
