@@ -86,10 +86,10 @@ class CovisitationSource:
         if not seeds.height:
             return pl.LazyFrame(schema=schema)
         ids, totals = context.covisitation_totals(self.window)
-        # A seed in no pair (a user's only item) adds nothing.
-        col = seeds["a"].replace_strict(ids, np.arange(len(ids)), default=-1, return_dtype=pl.Int64).to_numpy()
-        requests, row = np.unique(seeds["_request"].to_numpy()[col >= 0], return_inverse=True)
-        weights = sp.csr_matrix((seeds["w"].to_numpy()[col >= 0], (row, col[col >= 0])), shape=(len(requests), totals.shape[0]))
+        # Seeds are events, so every one has a row (empty for an item in no pair: it adds nothing).
+        col = seeds["a"].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy()
+        requests, row = np.unique(seeds["_request"].to_numpy(), return_inverse=True)
+        weights = sp.csr_matrix((seeds["w"].to_numpy(), (row, col)), shape=(len(requests), totals.shape[0]))
         scores = (weights @ totals).tocsr()
         keep = _at_least_top_k(scores, self.k)
         hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -82,11 +82,14 @@ class FeatureContext:
     def covisitation_totals(self, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
         """Every pair's count over all events, as a sparse item x item matrix, and the item ids of its
         rows and columns: what a request after the last pair sees. Built once per context."""
-        return self.memo(("covis_totals", window, directed), lambda: covisitation_totals(self.events, window, directed))
+        return self.memo(("covis_totals", window, directed), lambda: covisitation_totals(self._sequences(), window, directed))
 
     def covisitation_last(self, window: int) -> Any:
         """When the latest co-visitation pair formed (either direction): requests after it see all pairs."""
-        return self.memo(("covis_last", window), lambda: covisitation_last(self.events, window))
+        return self.memo(("covis_last", window), lambda: covisitation_last(self._sequences(), window))
+
+    def _sequences(self) -> Sequences:
+        return self.memo("covis_sequences", lambda: Sequences.of(self.events))
 
 
 def compute_features(
@@ -333,11 +336,11 @@ def covisitation_pairs(events: pl.LazyFrame, window: int, directed: bool = False
     return pl.concat(pairs).drop_nulls().filter(pl.col("a") != pl.col("b"))
 
 
-def covisitation_totals(events: pl.LazyFrame, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
+def covisitation_totals(sequences: Sequences, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
     """The pairs of `covisitation_pairs` counted over all time, as a sparse item x item matrix, and the
     item ids of its rows and columns. Built from shifted index arrays, not the pair table: for a wide
     window that table has millions of rows, and grouping them costs 2.5x more."""
-    ids, user, item, _ = _sequences(events)
+    ids, user, item, _ = sequences
     earlier, later = [], []
     for lag in range(1, window + 1):
         paired = _paired(user, item, lag)
@@ -350,22 +353,30 @@ def covisitation_totals(events: pl.LazyFrame, window: int, directed: bool = Fals
     return ids, totals
 
 
-def covisitation_last(events: pl.LazyFrame, window: int) -> Any:
+def covisitation_last(sequences: Sequences, window: int) -> Any:
     """The time of the latest pair of `covisitation_pairs` (None without pairs), without the table."""
-    _, user, item, times = _sequences(events)
+    _, user, item, times = sequences
     later = np.zeros(len(item), dtype=bool)
     for lag in range(1, window + 1):
         later[lag:] |= _paired(user, item, lag)
     return times.filter(pl.Series(later)).max() if later.any() else None
 
 
-def _sequences(events: pl.LazyFrame) -> tuple[pl.Series, np.ndarray, np.ndarray, pl.Series]:
+class Sequences(NamedTuple):
     """Events in the pair tables' order as arrays: the sorted item ids, then per event a user run
-    number, the item's index in those ids, and the time."""
-    ordered = events.sort("user_id", "timestamp", "item_id").select(
-        pl.col("user_id").rle_id(), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("_i"), "timestamp",
-    ).collect()
-    return ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"]
+    number, the item's index in those ids, and the time. Read by both the totals and the last time."""
+
+    ids: pl.Series
+    user: np.ndarray
+    item: np.ndarray
+    times: pl.Series
+
+    @classmethod
+    def of(cls, events: pl.LazyFrame) -> Sequences:
+        ordered = events.sort("user_id", "timestamp", "item_id").select(
+            pl.col("user_id").rle_id(), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("_i"), "timestamp",
+        ).collect()
+        return cls(ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"])
 
 
 def _paired(user: np.ndarray, item: np.ndarray, lag: int) -> np.ndarray:

@@ -337,23 +337,21 @@ class ServingState:
             self._categories[key] = (sp.csr_matrix(per_user), users)
         return self._categories[key]
 
-    def _interest(self, ext: InterestScores, user, idx, sims: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def _interest(self, ext: InterestScores, user, idx, sims: dict[str, tuple[np.ndarray, bool]] | None = None) -> dict[str, np.ndarray]:
         """Cosine to the user's profile and the best cosine to a recent item. `sims`, when given, holds
-        each field's similarities of `idx` to the user's targets (`_interest_blocks` computes them for
-        many users in one product)."""
+        each field's similarities of `idx` to the user's targets and whether the first is the profile
+        (`_interest_blocks` computes them for many users in one product)."""
         out = {}
         for field in ext.fields:
             matrix, has = self._embedding(ext, field)
             known = has[idx]
-            targets, with_profile = self._interest_targets(ext, field, user)
             if sims is not None:
-                found = sims[field]
-            elif len(targets):
+                found, with_profile = sims[field]
+            else:
+                targets, with_profile = self._interest_targets(ext, field, user)
                 # One product against the profile and the recent items together: the gathered
                 # candidate vectors are the costly part, so they are read once.
-                found = matrix[idx] @ targets.T
-            else:
-                found = np.empty((len(idx), 0), dtype=np.float32)
+                found = matrix[idx] @ targets.T if len(targets) else np.empty((len(idx), 0), dtype=np.float32)
             mean = np.where(known, found[:, 0], np.nan) if with_profile else np.full(len(idx), np.nan)
             tail = found[:, int(with_profile):]
             best = np.where(known, tail.max(axis=1), np.nan) if tail.shape[1] else np.full(len(idx), np.nan)
@@ -369,17 +367,18 @@ class ServingState:
         profile = self._profiles(ext, field).get(user)
         return (matrix[recent] if profile is None else np.vstack([profile, matrix[recent]])), profile is not None
 
-    def _interest_blocks(self, ext: InterestScores, users: list) -> dict[Any, dict[str, np.ndarray]]:
+    def _interest_blocks(self, ext: InterestScores, users: list) -> dict[Any, dict[str, tuple[np.ndarray, bool]]]:
         """For users computed whole: every item's (and the unknown item's) similarities to each user's
-        targets, in one matrix product per field for all of them (a product per user is 4x slower)."""
-        blocks: dict[Any, dict[str, np.ndarray]] = {u: {} for u in users}
+        targets, and whether the first is the profile, in one matrix product per field for all of
+        them (a product per user is 4x slower)."""
+        blocks: dict[Any, dict[str, tuple[np.ndarray, bool]]] = {u: {} for u in users}
         for field in ext.fields:
             matrix, _ = self._embedding(ext, field)
-            targets = [self._interest_targets(ext, field, u)[0] for u in users]
-            sizes = np.array([len(t) for t in targets])
-            product = np.vstack(targets) @ matrix.T if sizes.sum() else np.empty((0, len(matrix)), dtype=np.float32)
-            for u, hi, size in zip(users, np.cumsum(sizes), sizes):
-                blocks[u][field] = product[hi - size:hi].T
+            targets = [self._interest_targets(ext, field, u) for u in users]
+            sizes = np.array([len(t) for t, _ in targets])
+            product = np.vstack([t for t, _ in targets]) @ matrix.T if sizes.sum() else np.empty((0, len(matrix)), dtype=np.float32)
+            for u, hi, size, (_, with_profile) in zip(users, np.cumsum(sizes), sizes, targets):
+                blocks[u][field] = (product[hi - size:hi].T, with_profile)
         return blocks
 
     def _attribute_table(self, ext: ItemAttribute) -> np.ndarray:
