@@ -21,10 +21,6 @@ that user's request (about a minute per K): the peer held to recengine's informa
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit's advice: BLAS threads fight its own
-
 import argparse
 import itertools
 import time
@@ -35,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from recengine.data import Dataset
 from recengine.datasets import movielens
@@ -133,8 +130,6 @@ def point_in_time_peers(train_events: pl.DataFrame, requests: pl.DataFrame):
     """
     from implicit.nearest_neighbours import CosineRecommender
 
-    # implicit's cosine fit converts its own normalised matrix and warns about it, once per fit.
-    warnings.filterwarnings("ignore", message="Method expects CSR input")
     users = np.sort(train_events["user_id"].unique().to_numpy())
     items = np.sort(train_events["item_id"].unique().to_numpy())
     pairs = train_events.group_by("user_id", "item_id").agg(pl.col("timestamp").min())
@@ -199,11 +194,14 @@ def main() -> None:
     rows.append(("popularity", "training counts", score(popularity(train_events, requests, seen))))
     if not args.no_peers:
         best: dict[str, tuple[str, dict]] = {}
+        # implicit's cosine fit converts its own normalised matrix and warns about it, once per fit.
+        warnings.filterwarnings("ignore", message="Method expects CSR input")
         settings = itertools.chain(peers(train_events, requests["user_id"].to_numpy()), point_in_time_peers(train_events, requests))
-        for name, params, top in settings:
-            metrics = score(top)
-            if name not in best or metrics["ndcg@10"] > best[name][1]["ndcg@10"]:
-                best[name] = (params, metrics)
+        with threadpool_limits(1, user_api="blas"):  # implicit's advice: BLAS threads fight its own
+            for name, params, top in settings:
+                metrics = score(top)
+                if name not in best or metrics["ndcg@10"] > best[name][1]["ndcg@10"]:
+                    best[name] = (params, metrics)
         rows += [(name, f"best of grid: {params}", metrics) for name, (params, metrics) in best.items()]
 
     peer_best = max(m["ndcg@10"] for name, _, m in rows if name != "recengine")
