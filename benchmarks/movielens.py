@@ -81,10 +81,13 @@ def run_recengine(train_events, items, requests, seen, feature_set: FeatureSet) 
                                                          "validation_ndcg@10": result.metrics["ndcg@10"]}
 
 
-def user_item_matrix(train_events: pl.DataFrame) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+def user_item_matrix(train_events: pl.DataFrame, before=None) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The binary user x item matrix of the training events (only those before `before`, if given),
+    and the user and item ids of its rows and columns: every training user and item either way."""
     users = np.sort(train_events["user_id"].unique().to_numpy())
     items = np.sort(train_events["item_id"].unique().to_numpy())
-    pairs = train_events.select("user_id", "item_id").unique()
+    known = train_events if before is None else train_events.filter(pl.col("timestamp") < before)
+    pairs = known.select("user_id", "item_id").unique()
     rows = np.searchsorted(users, pairs["user_id"].to_numpy())
     cols = np.searchsorted(items, pairs["item_id"].to_numpy())
     return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(users), len(items))), users, items
@@ -130,18 +133,11 @@ def point_in_time_peers(train_events: pl.DataFrame, requests: pl.DataFrame):
     """
     from implicit.nearest_neighbours import CosineRecommender
 
-    users = np.sort(train_events["user_id"].unique().to_numpy())
-    items = np.sort(train_events["item_id"].unique().to_numpy())
-    pairs = train_events.group_by("user_id", "item_id").agg(pl.col("timestamp").min())
-    rows = np.searchsorted(users, pairs["user_id"].to_numpy())
-    cols = np.searchsorted(items, pairs["item_id"].to_numpy())
-    first = pairs["timestamp"].to_numpy()
     grid = (20, 50, 100, 200)
     tops: dict[int, list[pl.DataFrame]] = {k: [] for k in grid}
     started = time.perf_counter()
-    for n, (user, at) in enumerate(zip(requests["user_id"].to_numpy(), requests["timestamp"].to_numpy()), 1):
-        before = first < at
-        matrix = sp.csr_matrix((np.ones(before.sum(), np.float32), (rows[before], cols[before])), shape=(len(users), len(items)))
+    for n, (user, at) in enumerate(requests.select("user_id", "timestamp").iter_rows(), 1):
+        matrix, users, items = user_item_matrix(train_events, before=at)
         for k in grid:
             tops[k].append(implicit_top10(CosineRecommender(K=k), matrix, users, items, np.array([user])))
         if n % 100 == 0 or n == requests.height:
@@ -217,6 +213,7 @@ def main() -> None:
     if same_information:
         print(f"recengine NDCG@10 {ours:.4f}: {ours / max(same_information):.2f}x the best peer held to the same "
               f"information (events before each request)")
+
 
 if __name__ == "__main__":
     main()
