@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from recengine.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
 from recengine.errors import DataError
 from recengine.extractors import FeatureContext
-from recengine.model import RankerModel, top_k
+from recengine.model import RankerModel
+from recengine.topk import top_k
 
 
 @dataclass

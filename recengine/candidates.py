@@ -21,6 +21,7 @@ from recengine.errors import ConfigError
 from recengine.extractors import FeatureContext, check_window
 from recengine.interest import InterestScores
 from recengine.pit import DAY, cumulative, recent_history, totals_before
+from recengine.topk import DECIMALS, rounded, top_k, top_k_dense
 
 
 class CandidateSource(Protocol):
@@ -32,10 +33,8 @@ class CandidateSource(Protocol):
 
 
 def _top_k(scored: pl.LazyFrame, k: int, by: str = "_request") -> pl.LazyFrame:
-    # Same data, same candidates: sums are rounded below float noise from summation order (which
-    # varies with threading), and ties are broken by item_id.
-    ordered = scored.with_columns(pl.col("score").round(9)).sort(by, "score", "item_id", descending=[False, True, False])
-    return ordered.group_by(by, maintain_order=True).head(k)
+    # The score kept is the one compared: rounded below the float noise of summation order.
+    return top_k(scored.with_columns(rounded()), [by], k).drop("rank")
 
 
 class PopularSource:
@@ -103,7 +102,7 @@ def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
     keep = np.ones(scores.nnz, dtype=bool)
     for r in np.flatnonzero(np.diff(scores.indptr) > k):
         lo, hi = scores.indptr[r], scores.indptr[r + 1]
-        row = np.round(scores.data[lo:hi], 9)
+        row = np.round(scores.data[lo:hi], DECIMALS)
         keep[lo:hi] = row >= np.partition(row, len(row) - k)[len(row) - k]
     return keep
 
@@ -122,19 +121,19 @@ class EmbeddingSource:
         emb = self.scorer.embeddings(context, self.field)
         profile, _ = self.scorer.profiles(history, keyed.height, emb)
         known = ~np.isnan(profile).any(axis=1)
+        item_rank = emb.item_ids.rank("ordinal").to_numpy()
         rows, items, scores = [], [], []
-        k = min(self.k, len(emb.item_ids))
         for start in range(0, keyed.height, 1024):
             block = np.flatnonzero(known[start : start + 1024]) + start
             if not len(block):
                 continue
-            sims = profile[block] @ emb.matrix.T
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            rows.append(np.repeat(block, k))
-            items.append(top.ravel())
-            scores.append(np.take_along_axis(sims, top, axis=1).ravel())
+            sims = profile[block] @ emb.matrix.T  # exact (embeddings on the grid): no BLAS noise to tie-break
+            at, top = top_k_dense(sims, self.k, item_rank)
+            rows.append(block[at])
+            items.append(top)
+            scores.append(sims[at, top])
         if not rows:
-            return pl.LazyFrame(schema={"_request": pl.UInt32, "item_id": emb.item_ids.dtype, "score": pl.Float32})
+            return pl.LazyFrame(schema={"_request": pl.UInt32, "item_id": emb.item_ids.dtype, "score": pl.Float64})
         found = pl.DataFrame({"_p": np.concatenate(rows), "item_id": emb.item_ids.gather(np.concatenate(items)), "score": np.concatenate(scores)})
         return found.join(keyed.with_row_index("_p").select(pl.col("_p").cast(pl.Int64), "_request"), on="_p").drop("_p").lazy()
 
@@ -152,8 +151,7 @@ def generate(
     found = None
     for source in sources:
         top = source.generate(keyed.select("_request", "user_id", "timestamp"), context)
-        top = top.sort("_request", "score", "item_id", descending=[False, True, False])
-        top = top.with_columns(pl.int_range(1, pl.len() + 1).over("_request").alias("rank"))
+        top = top_k(top, ["_request"], source.k)
         top = top.select("_request", "item_id", pl.col("score").cast(pl.Float64).alias(f"cand_{source.name}_score"),
                          pl.col("rank").cast(pl.Float64).alias(f"cand_{source.name}_rank"))
         found = top if found is None else found.join(top, on=["_request", "item_id"], how="full", coalesce=True)

@@ -23,9 +23,21 @@ from recengine.errors import ConfigError
 from recengine.pit import DAY, recent_history
 
 
+# Embeddings and profiles sit on a grid of 2^-16 (far finer than any ranking needs) and are held in
+# float64. A product of two grid values is a multiple of 2^-32, and float64 holds any sum of up to 2^21
+# such products exactly. So every cosine is exact: the same bits whatever BLAS kernel, block size or row
+# placement computes it, and batch, serving and two processes agree to the last bit.
+GRID = 2.0**16
+
+
+def on_grid(matrix: np.ndarray) -> np.ndarray:
+    """`matrix` (rows of norm <= 1) rounded to the grid, as float64: what every cosine multiplies."""
+    return np.round(np.asarray(matrix, dtype=np.float64) * GRID) / GRID
+
+
 @dataclass
 class ItemEmbeddings:
-    """Row i of `matrix` embeds item `item_ids[i]`; items without text are left out."""
+    """Row i of `matrix` embeds item `item_ids[i]` (on the grid); items without text are left out."""
 
     item_ids: pl.Series
     matrix: np.ndarray
@@ -46,7 +58,7 @@ def item_embeddings(items: pl.LazyFrame, field: str, encoder: Any, cache=None, p
         .collect()
     )
     matrix, _ = embed(texts["_text"].to_list(), encoder, cache, progress=progress)
-    return ItemEmbeddings(texts["item_id"], matrix, encoder.id)
+    return ItemEmbeddings(texts["item_id"], on_grid(matrix), encoder.id)
 
 
 class InterestScores:
@@ -91,14 +103,15 @@ class InterestScores:
         return out.lazy()
 
     def profiles(self, history: pl.DataFrame, n_profiles: int, emb: ItemEmbeddings) -> tuple[np.ndarray, pl.DataFrame]:
-        """Unit-norm weighted mean of each profile's history embeddings (NaN rows: no history), and
-        the history rows that have an embedding (with `_idx`)."""
-        seen = history.join(emb.index(), left_on="h_item", right_on="item_id", how="inner")
+        """Unit-norm weighted mean of each profile's history embeddings, on the grid (NaN rows: no
+        history), and the history rows that have an embedding (with `_idx`)."""
+        # Sorted, so each profile's weighted sum adds its items in one order, however the join came out.
+        seen = history.join(emb.index(), left_on="h_item", right_on="item_id", how="inner").sort("_profile", "h_back")
         shape = (n_profiles, len(emb.item_ids))
         weights = sp.csr_matrix((self._weights(seen), (seen["_profile"].to_numpy(), seen["_idx"].to_numpy())), shape=shape)
         profile = weights @ emb.matrix
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (profile / np.linalg.norm(profile, axis=1, keepdims=True)).astype(np.float32), seen
+            return on_grid(profile / np.linalg.norm(profile, axis=1, keepdims=True)), seen
 
     def _scores(self, keys: pl.DataFrame, history: pl.DataFrame, n_profiles: int, emb: ItemEmbeddings) -> dict[str, np.ndarray]:
         matrix = emb.matrix

@@ -2,15 +2,23 @@
 
     model_dir/
       model.txt    LightGBM's own text format
-      spec.json    feature set, feature columns, encoder ids, plugin versions, training lineage
+      spec.json    feature set, feature columns, encoder ids, plugin versions, training lineage,
+                   and the sha256 of model.txt (`files`), checked at load
 
 `RankerModel` scores feature rows and, given a `FeatureContext`, turns requests into ranked items.
+A damaged model folder is refused with a message, never handed to LightGBM's parser, which crashes
+the process on a truncated file. Saving never deletes anything but an older model in the same folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from recengine.errors import ConfigError, DataError, PluginError
+from recengine.topk import top_k
 
 SPEC_FORMAT = 1
 MODEL_FILE, SPEC_FILE = "model.txt", "spec.json"
@@ -115,15 +124,6 @@ class RankerModel:
         if spec.get("format") != SPEC_FORMAT:
             raise ConfigError(f"{path / SPEC_FILE}: spec format {spec.get('format')!r}; this recengine reads format {SPEC_FORMAT}.")
         return cls(lgb.Booster(model_file=str(path / MODEL_FILE)), spec)
-
-
-def top_k(rows: pl.DataFrame, keys: list[str], k: int) -> pl.DataFrame:
-    """The best `k` rows per `keys` by `score` (ties by item_id, for stable output), with `rank` from 1."""
-    # Rows below the k-th score of their group go first (ties kept): sorting what is left is 3x cheaper.
-    rows = rows.filter((pl.col("score").rank("min", descending=True).over(keys) <= k) | pl.col("score").is_null())
-    ordered = rows.sort([*keys, "score", "item_id"], descending=[False] * len(keys) + [True, False])
-    ranked = ordered.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).over(keys).alias("rank"))
-    return ranked.filter(pl.col("rank") <= k)
 
 
 def load_model(uri: str | Path) -> RankerModel:
