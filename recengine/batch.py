@@ -31,9 +31,9 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recengine.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
-from recengine.errors import DataError
+from recengine.errors import ConfigError, DataError
 from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
+from recengine.model import RankerModel, check_writable
 from recengine.topk import top_k
 
 
@@ -62,6 +62,7 @@ def rank_file(
     requests: user_id[, timestamp][, request_id]) and write the top `k` per request to `output`."""
     started = time.perf_counter()
     output = Path(output)
+    check_output_file(output)
     model.check_plugins()
     rows, keys = _validated_input(input_path, generate, columns or {}, context)
     total = rows.select(pl.len()).collect().item()
@@ -72,7 +73,7 @@ def rank_file(
     scorer(rows.head(1).collect())
     chunks = max(1, math.ceil(total / chunk_rows))
     work = output.with_name(f".{output.name}.parts")
-    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunks, generate, columns, context))
+    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
     bucket = pl.col("user_id").hash(seed=0) % chunks
     bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
     skipped = 0
@@ -163,33 +164,91 @@ def _validated_input(path, generate: bool, columns: dict[str, str], context: Fea
     """The input, checked before anything is written: required columns, no nulls, parseable times.
     Without a timestamp column, requests are ranked as of just after the last known event."""
     rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=_now(context))
+    rows = align_ids(rows, context.events.collect_schema(), str(path))
     keys = ["request_id"] if "request_id" in rows.collect_schema() else ["user_id", "timestamp"]
     return rows, keys
 
 
-def _fingerprint(model, input_path, k, chunks, generate, columns, context) -> str:
-    """What makes two runs the same job: input file, model, events, k, chunking, mode."""
-    stat = Path(input_path).stat()
-    events = context.events.select(pl.len(), pl.col("timestamp").max()).collect().row(0)
-    parts = [str(Path(input_path).resolve()), stat.st_size, stat.st_mtime_ns, model.booster.model_to_string(),
-             json.dumps(model.spec, sort_keys=True, default=str), k, chunks, "by-user", generate, sorted((columns or {}).items()), str(events)]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+def check_output_file(output: str | Path, option: str = "--output") -> None:
+    """Refuse, before any work, an output file that cannot be written: a path that is an existing
+    folder, or one in a folder where files cannot be created."""
+    output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"{output} is an existing folder, but {option} names the parquet file to write; "
+                          f"give a file path such as {output / 'ranked.parquet'}.")
+    check_writable(output.parent, option)
+
+
+def align_ids(rows: pl.LazyFrame, events: pl.Schema, source: str) -> pl.LazyFrame:
+    """`rows`' user_id and item_id as the events' types, so they join: integers become strings, and
+    strings become integers when every one is an integer written plainly (else a DataError)."""
+    schema = rows.collect_schema()
+    for column in ("user_id", "item_id"):
+        if column not in schema or column not in events or schema[column] == events[column]:
+            continue
+        want = events[column]
+        if want == pl.String:
+            rows = rows.with_columns(pl.col(column).cast(pl.String))
+            continue
+        cast = pl.col(column).cast(want, strict=False)
+        # Lossless only: "007" or "1e3" would become another id than the one written.
+        lossy = cast.is_null() | (cast.cast(pl.String) != pl.col(column).cast(pl.String))
+        bad = rows.with_row_index("_row").filter(lossy).select("_row", column).head(5).collect()
+        if bad.height:
+            shown = "; ".join(f"row {row}: {value!r}" for row, value in bad.iter_rows())
+            raise DataError(f"{source}: column '{column}' holds ids that are not integers ({shown}), but the events' "
+                            f"{column} are integers ({want}), so they would match no event; use the events' ids.")
+        rows = rows.with_columns(cast)
+    return rows
+
+
+def _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context) -> dict[str, str]:
+    """What makes two runs the same job, part by part, each a digest of content (not of sizes or
+    times, which an edited file can keep), so a mismatch can say what changed."""
+    arguments = {"k": k, "chunk_rows": chunk_rows, "chunks": chunks, "split": "by-user", "generate": generate,
+                 "columns": sorted((columns or {}).items())}
+    return {
+        "model": model.digest(),
+        "input": _file_digest(Path(input_path)),
+        "events": _frame_digest(context.events),
+        "impressions": _frame_digest(context.impressions),
+        "items": _frame_digest(context.items),
+        "arguments": hashlib.sha256(json.dumps(arguments, default=str).encode()).hexdigest(),
+    }
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _frame_digest(frame: pl.LazyFrame | None) -> str:
+    """A digest of a table's schema and rows in order: one pass of polars row hashes, far cheaper
+    than the features the job computes from the same table."""
+    if frame is None:
+        return "none"
+    rows = pl.struct(pl.all()).hash(seed=0)
+    positioned = pl.struct(rows.alias("row"), pl.int_range(pl.len(), dtype=pl.UInt64).alias("at")).hash(seed=1)
+    # u64 sums wrap around: the result is still a deterministic function of every row and its position.
+    summary = frame.select(pl.len().alias("rows"), rows.sum().alias("sum"), positioned.sum().alias("positioned")).collect()
+    schema = [(name, str(dtype)) for name, dtype in frame.collect_schema().items()]
+    return hashlib.sha256(json.dumps([schema, summary.row(0)]).encode()).hexdigest()
 
 
 class _Manifest:
     """Which chunks are finished (and their input rows), kept as JSON and replaced atomically."""
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: dict[str, str]):
         self.path = folder / "manifest.json"
         folder.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {}
         if self.path.exists():
             state = json.loads(self.path.read_text())
             if state.get("fingerprint") != fingerprint:
-                raise DataError(
-                    f"{folder} holds an unfinished job with other arguments (input, model, events, k or chunk size); "
-                    "run it again with those, or delete that folder to start over."
-                )
+                raise DataError(_mismatch(folder, state.get("fingerprint"), fingerprint))
         self.fingerprint = fingerprint
         self.rows: dict[str, int] = state.get("rows", {})
         self._write()
@@ -206,3 +265,13 @@ class _Manifest:
         temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows,
                                     "updated": datetime.now().isoformat(timespec="seconds")}))
         os.replace(temp, self.path)
+
+
+def _mismatch(folder: Path, old: Any, new: dict[str, str]) -> str:
+    """Why an unfinished job's parts cannot be reused: which of its parts differ from this run's."""
+    old = old if isinstance(old, dict) else {}
+    changed = ", ".join(name for name in new if old.get(name) != new[name])
+    why = f"whose {changed} differ from this run's" if old else "started by an older recengine"
+    return (f"{folder} holds the finished chunks of an unfinished job {why}, so they cannot be merged with this "
+            "run's; run the earlier command again with the same model, input, events, items and arguments to "
+            f"finish it, or delete {folder} to start this job over.")

@@ -92,8 +92,9 @@ def validate(events, items, users, columns, timestamp_unit) -> None:
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     summary = dataset.summary()
     click.echo(f"OK: {dataset.name} satisfies the data contract.")
+    width = max(map(len, summary))
     for key, value in summary.items():
-        click.echo(f"  {key:16} {value}")
+        click.echo(f"  {key:{width}} {value}")
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -179,8 +180,9 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
 
 @cli.command()
 @data_options
-@click.option("--feature-set", type=click.Path(path_type=Path), default=Path("features/movielens.toml"), show_default=True,
-              help="Feature set TOML: candidate sources, extractors, labels, ranker parameters.")
+@click.option("--feature-set", default="movielens", show_default=True,
+              help="Feature set: a TOML file (candidate sources, extractors, labels, ranker parameters) or the "
+                   "name of a bundled one: movielens, impressions.")
 @click.option("--experiment", default="recengine", show_default=True, help="MLflow experiment to log the run in.")
 @click.option("--model-name", help="Registered model name [default: recengine-<feature set name>].")
 @click.option("--no-register", is_flag=True, help="Log the run and model but do not register it.")
@@ -191,9 +193,12 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
 def train(events, items, users, columns, timestamp_unit, feature_set, experiment, model_name, no_register, promote, output, cache_dir) -> None:
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
     from recengine.featureset import FeatureSet
+    from recengine.model import check_model_destination
     from recengine.tracking import log_training, tracking_uri
     from recengine.training import train as fit_ranker
 
+    if output:
+        check_model_destination(output)  # training takes minutes: a bad --output must fail now, not after it
     spec = FeatureSet.load(feature_set)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
@@ -250,14 +255,19 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     """Top-k items per request: candidates, features as of the request time, seen items excluded."""
     import polars as pl
 
+    from recengine.batch import align_ids, check_output_file
     from recengine.data import load_requests, parse_mapping, write_parquet_atomic
     from recengine.extractors import FeatureContext
     from recengine.model import load_model
 
+    check_output_file(output)  # before any work: an unwritable --output must not fail only at the end
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    first = dataset.events.select(pl.col("timestamp").min()).collect().item()
     if requests_path:
-        requests = load_requests(requests_path, parse_mapping(columns), timestamp_unit).collect()
+        requests = load_requests(requests_path, parse_mapping(columns), timestamp_unit)
+        requests = align_ids(requests, dataset.events.collect_schema(), str(requests_path)).collect()
+        _refuse_requests_before_every_event(requests, first, requests_path)
     else:
         last = dataset.events.select(pl.col("timestamp").max()).collect().item()
         requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
@@ -266,6 +276,32 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     ranked = model.recommend(requests.select("user_id", "timestamp"), context, k)
     write_parquet_atomic(ranked, output)
     click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
+    _warn_unserved(requests, ranked, first)
+
+
+def _refuse_requests_before_every_event(requests: "pl.DataFrame", first: datetime, source: Path) -> None:
+    """Features come only from events before a request: requests all at or before the first event
+    would give an empty output, which must not pass for a result."""
+    import polars as pl
+
+    from recengine.errors import DataError
+
+    if requests.filter(pl.col("timestamp") > first).height == 0:
+        raise DataError(
+            f"{source}: all {requests.height:,} requests are at or before the first event ({first}); recommendations "
+            "use only events before a request, so none of them can get any. Give request times after the first "
+            "event, or leave out --requests to recommend for every user as of just after the last event.")
+
+
+def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: datetime) -> None:
+    """Say how many requests got no recommendation at all, and how many of those came too early."""
+    import polars as pl
+
+    unserved = requests.join(ranked.select("user_id", "timestamp").unique(), on=["user_id", "timestamp"], how="anti")
+    if unserved.height:
+        early = unserved.filter(pl.col("timestamp") <= first).height
+        click.echo(f"warning: {unserved.height:,} of {requests.height:,} requests got no recommendations "
+                   f"({early:,} of them at or before the first event, {first}, when nothing is known yet).", err=True)
 
 
 @cli.command()
@@ -281,11 +317,12 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
 @_friendly_errors
 def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir) -> None:
     """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
-    from recengine.batch import rank_file
+    from recengine.batch import check_output_file, rank_file
     from recengine.data import parse_mapping
     from recengine.extractors import FeatureContext
     from recengine.model import load_model
 
+    check_output_file(output)  # before loading anything (rank_file checks again, for callers in Python)
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir))
@@ -296,11 +333,10 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
 
 
 def bundled_feature_set(name: str = "movielens") -> Path:
-    """features/NAME.toml under the working directory, else in the source checkout recengine runs from."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "features" / f"{name}.toml").is_file():
-            return root / "features" / f"{name}.toml"
-    raise RecengineError(f"features/{name}.toml not found; run from the recengine checkout or pass --feature-set.")
+    """The bundled feature set NAME's file, shipped inside the package (the repository's features/NAME.toml)."""
+    from recengine.featureset import bundled
+
+    return bundled(name)
 
 
 @cli.command()

@@ -94,36 +94,170 @@ class RankerModel:
         best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
         return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")
 
+    def digest(self) -> str:
+        """sha256 of the model's content (its trees and spec): equal for the same model however loaded."""
+        content = hashlib.sha256(self.booster.model_to_string().encode())
+        content.update(json.dumps({k: v for k, v in self.spec.items() if k != "files"}, sort_keys=True, default=str).encode())
+        return content.hexdigest()
+
     def save(self, path: str | Path) -> Path:
-        """Write model.txt and spec.json into `path`, replacing it whole only once both are written."""
+        """Write model.txt and spec.json (with model.txt's sha256) into `path`, atomically: they are
+        written into a new sibling folder that then takes the place of `path`. Only an older model
+        folder is ever replaced; any other existing file or folder is refused (`check_model_destination`)."""
         path = Path(path)
+        check_model_destination(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        # Not tempfile.mkdtemp: that makes the folder 0700; a model folder follows the umask like any other.
+        staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        staging.mkdir()
         try:
-            self.booster.save_model(staging / MODEL_FILE)
-            (staging / SPEC_FILE).write_text(json.dumps(self.spec, indent=2, default=str))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, path)
+            text = self.booster.model_to_string().encode()
+            _write_synced(staging / MODEL_FILE, text)
+            spec = {**self.spec, "files": {MODEL_FILE: _sha256(text)}}
+            _write_synced(staging / SPEC_FILE, json.dumps(spec, indent=2, default=str).encode())
+            _move_into_place(staging, path)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the replaced model
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "RankerModel":
+        """The model in folder `path`, its files checked against the digests spec.json records (models
+        saved before digests were recorded get a structural check of model.txt instead)."""
         path = Path(path)
         if not (path / MODEL_FILE).is_file() or not (path / SPEC_FILE).is_file():
             raise ConfigError(f"{path}: not a recengine model folder (expected {MODEL_FILE} and {SPEC_FILE}); "
                               "give the folder `recengine train --output` wrote, or an MLflow model URI.")
-        spec = json.loads((path / SPEC_FILE).read_text())
-        if spec.get("format") != SPEC_FORMAT:
-            raise ConfigError(f"{path / SPEC_FILE}: spec format {spec.get('format')!r}; this recengine reads format {SPEC_FORMAT}.")
-        return cls(lgb.Booster(model_file=str(path / MODEL_FILE)), spec)
+        spec = _read_spec(path / SPEC_FILE)
+        text = _read_model_text(path / MODEL_FILE, spec)
+        try:
+            booster = lgb.Booster(model_str=text)
+        except lgb.basic.LightGBMError as exc:
+            raise ConfigError(f"{path / MODEL_FILE}: LightGBM cannot read it ({str(exc).strip()}); {_DAMAGED}") from None
+        if booster.num_feature() != len(spec["features"]):
+            raise ConfigError(f"{path / MODEL_FILE} reads {booster.num_feature()} features but {path / SPEC_FILE} lists "
+                              f"{len(spec['features'])}: the two files are from different models; {_DAMAGED}")
+        return cls(booster, spec)
+
+
+_DAMAGED = "the model folder is damaged: train the model again (recengine train --output) or download it again."
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_spec(file: Path) -> dict[str, Any]:
+    """spec.json, parsed and checked for the keys loading needs."""
+    try:
+        spec = json.loads(file.read_bytes())
+    except ValueError as exc:  # bad JSON or bad UTF-8: a truncated or overwritten file
+        raise ConfigError(f"{file}: not valid JSON ({exc}); {_DAMAGED}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{file}: expected a JSON object, found {type(spec).__name__}; {_DAMAGED}")
+    if spec.get("format") != SPEC_FORMAT:
+        raise ConfigError(f"{file}: spec format {spec.get('format')!r}; this recengine reads format {SPEC_FORMAT}.")
+    # `files` is optional: models saved before digests were recorded lack it.
+    problems = [f"'{key}' (a JSON {kind.__name__})" for key, kind in (("features", list), ("feature_set", dict), ("files", dict))
+                if (key in spec or key != "files") and not isinstance(spec.get(key), kind)]
+    if problems:
+        raise ConfigError(f"{file}: missing or malformed {', '.join(problems)}; {_DAMAGED}")
+    return spec
+
+
+def _read_model_text(file: Path, spec: dict[str, Any]) -> str:
+    """model.txt's text, only once it is known to be whole: LightGBM's parser aborts or segfaults the
+    process on a truncated file instead of raising."""
+    data = file.read_bytes()
+    expected = spec.get("files", {}).get(MODEL_FILE)
+    if expected is not None and _sha256(data) != expected:
+        raise ConfigError(f"{file}: its content does not match the sha256 recorded in {file.parent / SPEC_FILE} "
+                          f"(the file was truncated or changed after the model was saved); {_DAMAGED}")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a LightGBM text model (not UTF-8 text); {_DAMAGED}") from None
+    if expected is None:
+        _check_whole(text, file)  # a model saved before digests were recorded
+    return text
+
+
+def _check_whole(text: str, file: Path) -> None:
+    """A LightGBM text model declares its trees' sizes (`tree_sizes=`): they must add up to the text
+    from the first tree to `end of trees`, which a truncated file lacks."""
+    end = text.find("\nend of trees")
+    sizes = re.search(r"^tree_sizes=(.*)$", text, re.MULTILINE)
+    first = text.find("Tree=0\n")
+    declared = sum(int(n) for n in sizes.group(1).split() if n.isdigit()) if sizes else None
+    if end < 0 or (declared is not None and (first < 0 or declared != end + 1 - first)):
+        raise ConfigError(f"{file}: an incomplete LightGBM model (its trees do not end where it says they do: "
+                          f"the file is truncated or changed); {_DAMAGED}")
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    with open(file, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename folder `staging` to `path`. An existing (model) folder at `path` is swapped with it in
+    one step where the OS allows (Linux renameat2), so `path` always holds a whole model; elsewhere
+    the old folder is moved aside first. Either way the old model ends up in `staging`."""
+    if not path.exists():
+        os.replace(staging, path)
+    elif not _exchange(staging, path):
+        aside = path.with_name(f"{staging.name}.old")
+        os.replace(path, aside)
+        os.replace(staging, path)
+        os.replace(aside, staging)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the OS cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # an old kernel, or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def check_model_destination(path: str | Path) -> None:
+    """Refuse, before any training, a model destination that saving would damage or cannot write:
+    an existing file, or a folder holding anything but a recengine model (model.txt, spec.json)."""
+    path = Path(path)
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in (MODEL_FILE, SPEC_FILE))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise ConfigError(f"{path}: the folder exists and is not a recengine model (it holds {shown}); saving the "
+                              "model there would delete that. Choose a new folder for --output.")
+    elif path.exists() or path.is_symlink():
+        raise ConfigError(f"{path}: exists and is a file, not a model folder; choose a new folder for --output.")
+    check_writable(path.parent, "--output")
+
+
+def check_writable(folder: str | Path, option: str) -> None:
+    """Fail now, not after the work, when files cannot be created in `folder` (or, if it does not
+    exist yet, in the nearest existing folder above it, where it would be created)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), Path.cwd())
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, not a folder, so nothing can be written under it; "
+                          f"choose another location for {option}.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".recengine-write-check.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write in folder {existing.resolve()} ({exc.strerror}); choose a writable location "
+                          f"for {option}, or change that folder's permissions.") from None
 
 
 def load_model(uri: str | Path) -> RankerModel:

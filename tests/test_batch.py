@@ -155,3 +155,77 @@ def test_a_model_needing_a_missing_plugin_names_it(setup, tmp_path):
     changed = {**model.spec, "parts": [{**model.spec["parts"][0], "version": "0.0.1"}]}
     with pytest.raises(ConfigError, match="0.0.1"):
         RankerModel(model.booster, changed).check_plugins()
+
+
+PARTIAL = """
+import sys
+from recengine.batch import rank_file
+from recengine.extractors import FeatureContext
+from recengine.model import RankerModel
+import polars as pl
+folder, events, items, out = sys.argv[1:]
+context = FeatureContext.from_frames(pl.read_parquet(events), pl.read_parquet(items))
+rank_file(RankerModel.load(f"{folder}/model"), f"{folder}/candidates.parquet", out, context, k=5, chunk_rows=400, progress=False)
+"""
+
+
+def test_a_resume_with_other_items_or_events_is_refused_and_never_mixes_old_parts_in(setup, tmp_path):
+    folder, model, events = setup
+    # Same row counts, same last event: only a digest of the content tells these apart.
+    other_items = catalogue().with_columns(pl.col("genres").reverse())
+    first = events["timestamp"].arg_min()
+    other_events = events.with_columns(pl.when(pl.int_range(pl.len()) == first).then(pl.col("item_id") + 1)
+                                       .otherwise(pl.col("item_id")).alias("item_id"))
+    assert other_events["timestamp"].max() == events["timestamp"].max() and other_events.height == events.height
+    script = tmp_path / "run.py"
+    script.write_text(PARTIAL)
+    target = tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.parts" / "manifest.json"
+    job = subprocess.Popen([sys.executable, str(script), str(folder), str(folder / "events.parquet"),
+                            str(folder / "items.parquet"), str(target)])
+    while job.poll() is None and _chunks_done(manifest) < 1:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL and not target.exists()
+    done = _chunks_done(manifest)
+    assert done >= 1
+
+    def run(out, events_, items_):
+        return rank_file(model, folder / "candidates.parquet", out, FeatureContext.from_frames(events_, items_),
+                         k=5, chunk_rows=400, progress=False)
+
+    with pytest.raises(DataError, match="unfinished job whose items differ.*delete"):
+        run(target, events, other_items)
+    with pytest.raises(DataError, match="unfinished job whose events differ"):
+        run(target, other_events, catalogue())
+    assert not target.exists() and _chunks_done(manifest) == done  # the earlier job's parts are kept
+    # The same command as before finishes the earlier job, as if it had never stopped.
+    assert run(target, events, catalogue()).skipped == done
+    assert target.read_bytes() == run(tmp_path / "fresh.parquet", events, catalogue()).output.read_bytes()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_anything_is_written(setup, tmp_path):
+    folder, model, events = setup
+    (tmp_path / "ranked").mkdir()
+    with pytest.raises(ConfigError, match="ranked is an existing folder.*file path"):
+        rank_file(model, folder / "candidates.parquet", tmp_path / "ranked", context_of(events), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked"] and not list((tmp_path / "ranked").iterdir())
+
+
+def test_string_ids_in_the_input_are_aligned_with_integer_events(setup, tmp_path):
+    folder, model, events = setup
+    candidates = pl.read_parquet(folder / "candidates.parquet").filter(pl.col("user_id") < 10)
+    candidates.write_parquet(tmp_path / "ints.parquet")
+    candidates.with_columns(pl.col("user_id", "item_id").cast(pl.String)).write_csv(tmp_path / "strings.csv")
+    previous = os.umask(0o022)
+    try:
+        ints = rank_file(model, tmp_path / "ints.parquet", tmp_path / "a.parquet", context_of(events), k=5, progress=False)
+        strings = rank_file(model, tmp_path / "strings.csv", tmp_path / "b.parquet", context_of(events), k=5, progress=False)
+    finally:
+        os.umask(previous)
+    assert pl.read_parquet(strings.output).equals(pl.read_parquet(ints.output))
+    assert oct(strings.output.stat().st_mode & 0o777) == oct(0o644)
+    candidates.with_columns(pl.format("u{}", "user_id").alias("user_id")).write_csv(tmp_path / "named.csv")
+    with pytest.raises(DataError, match=r"named\.csv: column 'user_id' holds ids that are not integers \(row 0: 'u"):
+        rank_file(model, tmp_path / "named.csv", tmp_path / "c.parquet", context_of(events), progress=False)
+    assert not (tmp_path / "c.parquet").exists()

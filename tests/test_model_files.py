@@ -1,0 +1,133 @@
+"""Model folders on disk: saving never deletes anything but an older model, loading refuses a damaged
+folder with a message (never a crash inside LightGBM), and files follow the umask."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recengine.data import Dataset
+from recengine.errors import ConfigError
+from recengine.model import MODEL_FILE, SPEC_FILE, RankerModel, check_model_destination, check_writable
+from recengine.training import train
+
+from synthetic import catalogue, feature_set, interactions
+
+
+@pytest.fixture(scope="module")
+def model() -> RankerModel:
+    events = interactions(n_users=40, per_user=15)
+    return train(Dataset(events.lazy(), catalogue().lazy()), feature_set(num_boost_round=10, early_stopping_rounds=5),
+                 progress=False, say=lambda _: None).model
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_saving_into_a_folder_that_holds_other_files_refuses_and_keeps_them(model, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a recengine model.*todo.txt.*new folder"):
+        model.save(notes)
+    assert files(notes) == {"todo.txt": b"keep me"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        model.save(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]  # no staging folder left
+
+
+def test_saving_over_an_older_model_replaces_it_whole(model, tmp_path):
+    folder = tmp_path / "model"
+    model.save(folder)
+    (folder / MODEL_FILE).write_text("stale")
+    model.save(folder)
+    assert RankerModel.load(folder).booster.num_trees() == model.booster.num_trees()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sorted(p.name for p in model.save(empty).iterdir()) == [MODEL_FILE, SPEC_FILE]
+
+
+def test_model_folder_and_files_follow_the_umask(model, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        folder = model.save(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+def test_the_spec_records_the_model_files_digest_and_a_changed_file_is_refused(model, tmp_path):
+    folder = model.save(tmp_path / "model")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    assert set(spec["files"]) == {MODEL_FILE} and len(spec["files"][MODEL_FILE]) == 64
+    text = (folder / MODEL_FILE).read_text()
+    # Same length, still parseable by LightGBM (an edit in its parameters section): only the digest can tell.
+    assert "[boosting: gbdt]" in text
+    (folder / MODEL_FILE).write_text(text.replace("[boosting: gbdt]", "[boosting: dart]"))
+    with pytest.raises(ConfigError, match=r"model\.txt.*does not match the sha256.*train the model again"):
+        RankerModel.load(folder)
+
+
+def test_a_model_saved_without_digests_still_loads(model, tmp_path):
+    folder = model.save(tmp_path / "model")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    del spec["files"]
+    (folder / SPEC_FILE).write_text(json.dumps(spec))
+    loaded = RankerModel.load(folder)
+    matrix = np.random.default_rng(0).random((5, len(model.features)))
+    assert np.array_equal(loaded.predict(matrix), model.predict(matrix))
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("{\"format\": 1, \"features\": [", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ("{\"format\": 1, \"feature_set\": {}}", "'features'"),
+    ("{\"format\": 1, \"features\": [\"a\"], \"feature_set\": {}, \"files\": \"x\"}", "'files'"),
+])
+def test_an_invalid_spec_is_a_clear_error(model, tmp_path, content, expect):
+    folder = model.save(tmp_path / "model")
+    (folder / SPEC_FILE).write_text(content)
+    with pytest.raises(ConfigError, match=expect):
+        RankerModel.load(folder)
+
+
+def test_a_model_text_lightgbm_rejects_is_a_clear_error(model, tmp_path):
+    folder = model.save(tmp_path / "model")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    del spec["files"]
+    (folder / SPEC_FILE).write_text(json.dumps(spec))
+    (folder / MODEL_FILE).write_text("tree\nversion=v4\n\nend of trees\n")
+    with pytest.raises(ConfigError, match="LightGBM cannot read it"):
+        RankerModel.load(folder)
+
+
+def test_the_digest_names_the_content(model, tmp_path):
+    folder = model.save(tmp_path / "model")
+    assert RankerModel.load(folder).digest() == RankerModel.load(model.save(tmp_path / "again")).digest()
+    other = RankerModel(model.booster, {**model.spec, "best_iteration": 1})
+    assert other.digest() != model.digest()
+
+
+def test_unwritable_destinations_are_refused_before_any_work(tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(ConfigError, match="blocker is a file, not a folder"):
+        check_model_destination(tmp_path / "blocker" / "model")
+    if Path("/proc/self").is_dir():  # a folder no one can create files in, root included
+        with pytest.raises(ConfigError, match="cannot write in folder /proc"):
+            check_writable(Path("/proc/recengine"), "--output")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="cannot write in folder"):
+        check_model_destination(locked / "model")
