@@ -14,8 +14,8 @@ or strings. Every violation raises a `DataError` naming the file, the column and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Mapping
 
@@ -59,26 +59,86 @@ def parse_mapping(text: str | None) -> dict[str, str]:
     return mapping
 
 
+FILE_TYPES = ".parquet, .csv, .tsv or .ndjson"
+# A CSV header read as one column that contains one of these was written with another separator.
+_SEPARATORS = {",": "commas", ";": "semicolons", "|": "pipes", "\t": "tabs"}
+
+
 def scan(path: str | Path) -> pl.LazyFrame:
-    """Lazily scan a parquet, CSV/TSV or NDJSON file, chosen by its suffix."""
+    """Lazily scan a parquet, CSV/TSV or NDJSON file, chosen by its suffix.
+
+    CSV and NDJSON column types are inferred from every row, once: a text value at row 50,000 of a
+    number column must make the column text here, not crash a later step. The inferred schema is
+    then fixed, so later collects do not infer it again."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path}: is a folder; a file is expected ({FILE_TYPES}). Pass the path of the data file itself."
+        )
     if not path.exists():
         raise DataError(f"{path}: no such file. Check the path.")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return pl.scan_parquet(path)
     if suffix in (".csv", ".tsv", ".txt"):
-        return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10_000)
+        separator = "\t" if suffix == ".tsv" else ","
+        schema = _schema(pl.scan_csv(path, separator=separator, infer_schema_length=None), str(path))
+        _check_separator(schema, separator, str(path))
+        return pl.scan_csv(path, separator=separator, schema=schema)
     if suffix in (".ndjson", ".jsonl", ".json"):
-        return pl.scan_ndjson(path, infer_schema_length=10_000)
-    raise DataError(f"{path}: unsupported file type '{suffix}'; expected .parquet, .csv, .tsv or .ndjson.")
+        schema = _schema(pl.scan_ndjson(path, infer_schema_length=None), str(path))
+        return pl.scan_ndjson(path, schema=schema)
+    raise DataError(
+        f"{path}: unsupported file type '{suffix}'; expected {FILE_TYPES}. Convert the file to one of "
+        "these (or rename it if it already is one)."
+    )
+
+
+def _check_separator(schema: pl.Schema, separator: str, source: str) -> None:
+    # A semicolon-separated file read with commas has one column named 'user_id;item_id;timestamp',
+    # which would otherwise surface as a puzzling "missing required columns".
+    if len(schema) != 1:
+        return
+    header = schema.names()[0]
+    found = next((sep for sep in _SEPARATORS if sep != separator and sep in header), None)
+    if found is None:
+        return
+    expected = "tab-separated" if separator == "\t" else "comma-separated"
+    advice = (
+        "Rename it to .tsv (or convert it to comma-separated)." if found == "\t"
+        else f"Convert it to {expected} (for example with a spreadsheet's export)."
+    )
+    raise DataError(
+        f"{source}: the header reads as one column {header!r}; the file looks separated by {_SEPARATORS[found]} "
+        f"({found!r}), but a {Path(source).suffix} file is read as {expected}. {advice}"
+    )
+
+
+def _read_error(source: str, exc: Exception) -> DataError:
+    """A polars read or parse failure as the contract's one paragraph: file, polars' own account
+    (which names the column, and the value where it has one), and what to do."""
+    # polars' first paragraph says what failed; the rest suggests Python arguments (ignore_errors,
+    # infer_schema_length...) that mean nothing on the command line.
+    account = " ".join(str(exc).strip().split("\n\n")[0].split()) or type(exc).__name__
+    return DataError(
+        f"{source}: cannot be read: {account}. Check that the file is complete and well formed (every line "
+        "has the header's number of fields, values holding the separator are quoted), or export it again."
+    )
 
 
 def _schema(lf: pl.LazyFrame, source: str) -> pl.Schema:
     try:
         return lf.collect_schema()
-    except Exception as exc:  # polars raises several types for unreadable files
-        raise DataError(f"{source}: cannot be read ({type(exc).__name__}: {exc}).") from exc
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _read_error(source, exc) from exc
+
+
+def _collect(lf: pl.LazyFrame, source: str) -> pl.DataFrame:
+    """Collect, turning any read or parse error of the file behind `lf` into a DataError."""
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _read_error(source, exc) from exc
 
 
 def _rename(lf: pl.LazyFrame, mapping: Mapping[str, str], source: str) -> pl.LazyFrame:
@@ -104,21 +164,42 @@ def _require_columns(schema: pl.Schema, spec: TableSpec, source: str) -> None:
         )
 
 
-def _check_id_type(schema: pl.Schema, column: str, source: str) -> None:
+def _check_id_type(lf: pl.LazyFrame, schema: pl.Schema, column: str, source: str) -> None:
     dtype = schema[column]
-    if not (dtype.is_integer() or dtype in (pl.String, pl.Categorical)):
-        raise DataError(
-            f"{source}: column '{column}' has type {dtype}; ids must be integers or strings. "
-            "Cast the column in the file (floats such as 1.0 are not accepted as ids)."
-        )
+    if dtype.is_integer() or dtype in (pl.String, pl.Categorical):
+        return
+    shown = ""
+    if dtype.is_float():  # often one stray 1.5 far down a column of whole numbers
+        odd = _examples(lf, pl.col(column) != pl.col(column).round(0), column, source)
+        shown = f" (not whole numbers: {'; '.join(odd)})" if odd else ""
+    raise DataError(
+        f"{source}: column '{column}' has type {dtype}; ids must be integers or strings{shown}. "
+        "Cast the column in the file (floats such as 1.0 are not accepted as ids) or fix those rows."
+    )
+
+
+def _is_string_id(dtype: pl.DataType) -> bool:
+    return not dtype.is_integer()
 
 
 def _normalize_ids(lf: pl.LazyFrame, schema: pl.Schema, columns: tuple[str, ...]) -> pl.LazyFrame:
+    # "12" and " 12" are one id to whoever typed them: string ids lose surrounding whitespace.
     casts = []
     for column in columns:
-        dtype = schema[column]
-        casts.append(pl.col(column).cast(pl.Int64 if dtype.is_integer() else pl.String))
+        if _is_string_id(schema[column]):
+            casts.append(pl.col(column).cast(pl.String).str.strip_chars())
+        else:
+            casts.append(pl.col(column).cast(pl.Int64))
     return lf.with_columns(casts)
+
+
+def _padded_ids(schema: pl.Schema, columns: tuple[str, ...]) -> pl.Expr:
+    """How many id values (over `columns`) `_normalize_ids` strips surrounding whitespace from."""
+    counts = [
+        (pl.col(c).cast(pl.String) != pl.col(c).cast(pl.String).str.strip_chars()).sum()
+        for c in columns if c in schema and _is_string_id(schema[c])
+    ]
+    return pl.sum_horizontal(counts) if counts else pl.lit(0)
 
 
 def _timestamp_expr(dtype: pl.DataType, unit: str, source: str) -> pl.Expr:
@@ -151,47 +232,83 @@ def _parse_iso(raw: pl.Expr) -> pl.Expr:
     return pl.coalesce(parsed).dt.replace_time_zone(None).cast(TIMESTAMP)
 
 
-def _epoch_unit(lf: pl.LazyFrame, dtype: pl.DataType, unit: str) -> str:
+def _epoch_unit(lf: pl.LazyFrame, dtype: pl.DataType, unit: str, source: str) -> str:
+    """The unit of integer timestamps: as given, or told apart by magnitude when every value agrees."""
     if unit != "auto" or not dtype.is_integer():
         return unit
-    largest = lf.select(pl.col("timestamp").abs().max()).collect().item()
-    return "ms" if largest is not None and largest > _EPOCH_MS_THRESHOLD else "s"
+    millis = pl.col("timestamp").abs() > _EPOCH_MS_THRESHOLD
+    any_ms, any_s = _collect(lf.select(millis.any().alias("ms"), (~millis).any().alias("s")), source).row(0)
+    if any_ms and any_s:
+        # One unit for the column would put the other rows decades off (a millisecond row read as
+        # seconds lands in the year 50000; seconds read as milliseconds, in 1970).
+        seconds = "; ".join(_examples(lf, ~millis, "timestamp", source))
+        milliseconds = "; ".join(_examples(lf, millis, "timestamp", source))
+        raise DataError(
+            f"{source}: column 'timestamp' mixes epoch seconds ({seconds}) and epoch milliseconds "
+            f"({milliseconds}), so no one unit reads every row right. If the column really has one unit, "
+            "pass it with --timestamp-unit s or --timestamp-unit ms; otherwise fix those rows to one unit."
+        )
+    return "ms" if any_ms else "s"
 
 
-def _examples(lf: pl.LazyFrame, condition: pl.Expr, column: str) -> list:
-    values = lf.with_row_index("_row").filter(condition).select("_row", column).head(_EXAMPLES).collect()
-    return [f"row {row}: {value!r}" for row, value in values.iter_rows()]
+def _examples(lf: pl.LazyFrame, condition: pl.Expr, column: str, source: str, shown: pl.Expr | None = None) -> list[str]:
+    """`row N: value` for the first rows (counted from 0, header excluded) that meet `condition`;
+    `shown`, if given, is appended in parentheses (say, how a raw value was read)."""
+    extra = [shown.alias("_shown")] if shown is not None else []
+    query = lf.with_row_index("_row").filter(condition).select("_row", column, *extra).head(_EXAMPLES)
+    return [
+        f"row {row}: {value!r}" + (f" ({rest[0]})" if rest else "")
+        for row, value, *rest in _collect(query, source).iter_rows()
+    ]
 
 
 def _check_not_empty(lf: pl.LazyFrame, spec: TableSpec, source: str) -> int:
-    rows = lf.select(pl.len()).collect().item()
+    rows = _collect(lf.select(pl.len()), source).item()
     if rows == 0:
-        raise DataError(f"{source}: the {spec.name} table is empty; it needs at least one row.")
+        raise DataError(
+            f"{source}: the {spec.name} table is empty; it needs at least one row. Check that this is the "
+            "right file and that its export finished."
+        )
     return rows
 
 
 def _check_nulls(lf: pl.LazyFrame, columns: tuple[str, ...], source: str) -> None:
-    counts = lf.select(pl.col(c).null_count() for c in columns).collect().row(0, named=True)
-    for column, count in counts.items():
-        if count:
+    # Counting the nulls of every column parses every value of the file: a bad line anywhere stops
+    # loading here, with the file named, not a later step with a traceback.
+    counts = _collect(lf.select(pl.all().null_count()), source).row(0, named=True)
+    for column in columns:
+        if counts[column]:
             rows = lf.with_row_index("_row").filter(pl.col(column).is_null()).select("_row").head(_EXAMPLES)
-            where = ", ".join(str(r) for r in rows.collect().to_series())
+            where = ", ".join(str(r) for r in _collect(rows, source).to_series())
             raise DataError(
-                f"{source}: column '{column}' has {count} null value(s) (first at rows {where}); "
+                f"{source}: column '{column}' has {counts[column]} null value(s) (first at rows {where}); "
                 f"every row needs a {column}. Drop or fill those rows."
             )
 
 
-def _check_unique(lf: pl.LazyFrame, key: str, source: str) -> None:
-    dupes = lf.group_by(key).len().filter(pl.col("len") > 1).sort(key).head(_EXAMPLES).collect()
+def _check_unique(lf: pl.LazyFrame, key: str, source: str, stripped: bool = False) -> None:
+    dupes = _collect(lf.group_by(key).len().filter(pl.col("len") > 1).sort(key).head(_EXAMPLES), source)
     if dupes.height:
         shown = ", ".join(f"{k!r} ({n} rows)" for k, n in dupes.iter_rows())
-        raise DataError(f"{source}: duplicate {key} values: {shown}; each {key} must appear once.")
+        compared = " (compared with surrounding spaces stripped)" if stripped else ""
+        raise DataError(
+            f"{source}: duplicate {key} values{compared}: {shown}; each {key} must appear once. "
+            "Merge or remove the duplicate rows."
+        )
 
 
-def _check_numeric(schema: pl.Schema, column: str, source: str) -> None:
-    if column in schema and not (schema[column].is_numeric() or schema[column] == pl.Boolean):
-        raise DataError(f"{source}: column '{column}' has type {schema[column]}; expected numbers.")
+def _check_numeric(lf: pl.LazyFrame, schema: pl.Schema, column: str, source: str) -> None:
+    if column not in schema or schema[column].is_numeric() or schema[column] == pl.Boolean:
+        return
+    shown = ""
+    if schema[column] == pl.String:  # often one stray word far down a column of numbers
+        words = pl.col(column).is_not_null() & pl.col(column).cast(pl.Float64, strict=False).is_null()
+        examples = _examples(lf, words, column, source)
+        shown = f" (not numbers: {'; '.join(examples)})" if examples else ""
+    raise DataError(
+        f"{source}: column '{column}' has type {schema[column]}; expected numbers{shown}. "
+        "Fix or drop those rows, or drop the column."
+    )
 
 
 def load_events(
@@ -208,7 +325,7 @@ def events_from(
     lf = _rename(lf, columns or {}, source)
     schema = _schema(lf, source)
     for column in ("value", "label"):
-        _check_numeric(schema, column, source)
+        _check_numeric(lf, schema, column, source)
     lf = _timed_table(lf, schema, source, EVENTS, timestamp_unit)
     optional = [pl.col(c).cast(pl.Float64) for c in ("value", "label") if c in schema]
     if "event" in schema:
@@ -228,7 +345,8 @@ def load_timed(
     """A table of `spec`'s required columns with a `timestamp`, checked and normalized. Without a
     `timestamp` column, `default_time` (if given) fills it; a `request_id` column must have no nulls."""
     source = str(path)
-    lf = _rename(scan(path), mapping_for(path, columns), source)
+    lf = scan(path)
+    lf = _rename(lf, _mapping_for(_schema(lf, source).names(), columns), source)
     schema = _schema(lf, source)
     if "timestamp" not in schema and default_time is not None:
         lf = lf.with_columns(pl.lit(default_time).cast(TIMESTAMP).alias("timestamp"))
@@ -243,18 +361,50 @@ def _timed_table(lf: pl.LazyFrame, schema: pl.Schema, source: str, spec: TableSp
     _require_columns(schema, spec, source)
     ids = tuple(c for c in ("user_id", "item_id") if c in spec.required)
     for column in ids:
-        _check_id_type(schema, column, source)
+        _check_id_type(lf, schema, column, source)
     _check_not_empty(lf, spec, source)
     _check_nulls(lf, spec.required, source)
     dtype = schema["timestamp"]
-    parsed = _timestamp_expr(dtype, _epoch_unit(lf, dtype, timestamp_unit), source)
-    bad = _examples(lf, parsed.is_null(), "timestamp")
+    parsed = _timestamp_expr(dtype, _epoch_unit(lf, dtype, timestamp_unit, source), source)
+    _check_parsed(lf, parsed, dtype, source)
+    if spec.name == EVENTS.name:
+        _check_not_future(lf, parsed, source)
+    return _normalize_ids(lf, schema, ids).with_columns(parsed.alias("timestamp"))
+
+
+def _check_parsed(lf: pl.LazyFrame, parsed: pl.Expr, dtype: pl.DataType, source: str) -> None:
+    failed = parsed.is_null()
+    numbers: list[str] = []
+    if dtype == pl.String:
+        # One word far down a column of epoch numbers makes the whole column text: name the word
+        # first, and say why the numbers fail too.
+        digits = pl.col("timestamp").str.strip_chars().str.contains(r"^-?\d+$")
+        numbers = _examples(lf, failed & digits, "timestamp", source)
+        failed = failed & ~digits
+    bad, also = _examples(lf, failed, "timestamp", source), ""
+    if bad and numbers:
+        also = f" Because of them the column is text, so its epoch numbers ({'; '.join(numbers)}) fail too."
+    elif numbers:
+        bad, also = numbers, " These are epoch numbers stored as text: store the column as integers."
     if bad:
         raise DataError(
             f"{source}: column 'timestamp' has values that are not timestamps ({'; '.join(bad)}); "
-            "expected epoch seconds, epoch milliseconds or ISO-8601 strings such as 2024-05-01T12:00:00Z."
+            "expected epoch seconds, epoch milliseconds or ISO-8601 strings such as 2024-05-01T12:00:00Z, "
+            f"one form per column.{also} Fix or drop those rows."
         )
-    return _normalize_ids(lf, schema, ids).with_columns(parsed.alias("timestamp"))
+
+
+def _check_not_future(lf: pl.LazyFrame, parsed: pl.Expr, source: str) -> None:
+    # An event after now would be "already seen" by every request; a day of slack covers clocks
+    # and time zones that are a little off.
+    limit = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0) + timedelta(days=1)
+    late = _examples(lf, parsed > limit, "timestamp", source, shown=parsed.dt.to_string("%Y-%m-%d %H:%M:%S"))
+    if late:
+        raise DataError(
+            f"{source}: column 'timestamp' has events later than now plus one day ({limit} UTC): "
+            f"{'; '.join(late)}. Fix the clock of the system that logged them or the timestamp unit "
+            "(--timestamp-unit s|ms), or drop those rows."
+        )
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
@@ -287,11 +437,13 @@ def _keyed_table(
     schema = _schema(lf, source)
     _require_columns(schema, spec, source)
     key = spec.required[0]
-    _check_id_type(schema, key, source)
+    _check_id_type(lf, schema, key, source)
     _check_not_empty(lf, spec, source)
     _check_nulls(lf, (key,), source)
-    _check_unique(lf, key, source)
-    return _normalize_ids(lf, schema, (key,))
+    # Duplicates are judged on normalized ids: "12" and " 12" are the same item.
+    normalized = _normalize_ids(lf, schema, (key,))
+    _check_unique(normalized, key, source, stripped=_is_string_id(schema[key]))
+    return normalized
 
 
 @dataclass
@@ -302,6 +454,8 @@ class Dataset:
     items: pl.LazyFrame | None = None
     users: pl.LazyFrame | None = None
     name: str = "dataset"
+    # Lazy one-row counts of id values loaded with surrounding whitespace (stripped), for summary().
+    padded_ids: list[pl.LazyFrame] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         # Frames built in code may carry other datetime units; as-of joins need one.
@@ -318,38 +472,74 @@ class Dataset:
         columns: Mapping[str, str] | None = None,
         timestamp_unit: str = "auto",
     ) -> "Dataset":
-        """Load the three tables; one mapping serves all (names absent from a file are ignored)."""
+        """Load the three tables; one mapping serves all (an entry applies to the files that have its
+        source column, and must match at least one)."""
+        paths = {name: str(path) for name, path in (("events", events), ("items", items), ("users", users)) if path}
+        frames = {name: scan(path) for name, path in paths.items()}
+        present = {name: _schema(lf, paths[name]).names() for name, lf in frames.items()}
+        _check_mapping_used(columns or {}, {paths[name]: names for name, names in present.items()})
+        frames = {
+            name: _rename(lf, _mapping_for(present[name], columns), paths[name]) for name, lf in frames.items()
+        }
+        padded = [
+            lf.select(_padded_ids(_schema(lf, paths[name]), _ID_COLUMNS[name])) for name, lf in frames.items()
+        ]
         return cls(
-            events=load_events(events, mapping_for(events, columns), timestamp_unit),
-            items=load_items(items, mapping_for(items, columns)) if items else None,
-            users=load_users(users, mapping_for(users, columns)) if users else None,
+            events=events_from(frames["events"], paths["events"], None, timestamp_unit),
+            items=_keyed_table(frames["items"], paths["items"], ITEMS, None) if items else None,
+            users=_keyed_table(frames["users"], paths["users"], USERS, None) if users else None,
             name=Path(events).stem,
+            padded_ids=padded,
         )
 
     def summary(self) -> dict:
-        """Rows, users, items and time span of the events, plus catalogue and user-table sizes."""
-        stats = self.events.select(
+        """Rows, users, items and time span of the events; catalogue and user-table sizes; how many
+        events (and distinct items) have no catalogue row; how many id values had surrounding
+        whitespace stripped. Each figure is one lazy query."""
+        stats = _collect(self.events.select(
             pl.len().alias("events"),
             pl.col("user_id").n_unique().alias("users"),
             pl.col("item_id").n_unique().alias("items"),
             pl.col("timestamp").min().alias("first_event"),
             pl.col("timestamp").max().alias("last_event"),
-        ).collect().row(0, named=True)
+        ), self.name).row(0, named=True)
         stats["first_event"] = str(stats["first_event"])
         stats["last_event"] = str(stats["last_event"])
         if self.items is not None:
-            stats["catalogue_items"] = self.items.select(pl.len()).collect().item()
+            stats["catalogue_items"] = _collect(self.items.select(pl.len()), self.name).item()
+            uncatalogued = self.events.join(self.items.select("item_id"), on="item_id", how="anti")
+            counts = uncatalogued.select(pl.len().alias("events"), pl.col("item_id").n_unique().alias("items"))
+            stats["events_not_in_catalogue"], stats["items_not_in_catalogue"] = _collect(counts, self.name).row(0)
         if self.users is not None:
-            stats["user_rows"] = self.users.select(pl.len()).collect().item()
+            stats["user_rows"] = _collect(self.users.select(pl.len()), self.name).item()
+        stats["ids_stripped"] = sum(_collect(lf, self.name).item() for lf in self.padded_ids)
         return stats
+
+
+_ID_COLUMNS = {"events": ("user_id", "item_id"), "items": ("item_id",), "users": ("user_id",)}
 
 
 def mapping_for(path: str | Path, columns: Mapping[str, str] | None) -> dict[str, str]:
     """The entries of a shared column mapping whose source column this file has."""
     if not columns:
         return {}
-    present = _schema(scan(path), str(path)).names()
-    return {src: dst for src, dst in columns.items() if src in present}
+    return _mapping_for(_schema(scan(path), str(path)).names(), columns)
+
+
+def _mapping_for(present: list[str], columns: Mapping[str, str] | None) -> dict[str, str]:
+    return {src: dst for src, dst in (columns or {}).items() if src in present}
+
+
+def _check_mapping_used(columns: Mapping[str, str], present: Mapping[str, list[str]]) -> None:
+    # A misspelt source name would otherwise be skipped for every file without a word.
+    unused = [f"{src}={dst}" for src, dst in columns.items() if not any(src in names for names in present.values())]
+    if unused:
+        files = "; ".join(f"{path} has {names}" for path, names in present.items())
+        entries = "entry" if len(unused) == 1 else "entries"
+        raise DataError(
+            f"the column mapping {entries} {', '.join(unused)}: no given file has a column of that source name "
+            f"({files}). Correct the name before '=' (it is case-sensitive) or drop the {entries} from --columns."
+        )
 
 
 def _align_ids(
