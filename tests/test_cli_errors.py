@@ -39,7 +39,67 @@ def write_valid(folder: Path, events: pl.DataFrame | None = None, items: pl.Data
 
 
 # -- data contract: reading and validating events, items, users, requests --------------------------
-DATA_CASES: list[Case] = []
+DATA_CASES: list[Case] = [
+    Case("epoch-seconds-and-milliseconds-mixed", ["validate", "--events", "events.csv", "--items", "items.csv"],
+         lambda f: _epoch_events(f, millis_rows=[5]),
+         ["events.csv", "'timestamp' mixes epoch seconds (row 0:", "epoch milliseconds (row 5:", "--timestamp-unit"]),
+    Case("text-in-value-after-row-10000", ["validate", "--events", "events.csv"],
+         lambda f: _long_events(f, "value", "good"), ["events.csv", "'value'", "row 10050: 'good'", "fix or drop"]),
+    Case("text-in-timestamp-after-row-10000", ["validate", "--events", "events.csv"],
+         lambda f: _long_events(f, "timestamp", "yesterday"), ["events.csv", "row 10050: 'yesterday'", "fix or drop"]),
+    Case("text-in-value-after-row-10000-train", ["train", "--events", "events.csv", "--output", "model"],
+         lambda f: _long_events(f, "value", "good"), ["events.csv", "row 10050: 'good'"]),
+    Case("line-with-an-extra-field", ["validate", "--events", "events.csv"],
+         lambda f: _long_events(f, "value", "1.0,7"), ["events.csv", "cannot be read", "more fields", "well formed"]),
+    Case("event-in-the-year-2100", ["validate", "--events", "events.csv", "--items", "items.csv"],
+         lambda f: _epoch_events(f, future_rows=[3]),
+         ["events.csv", "later than now plus one day", "row 3: 4102444800 (2100-01-01 00:00:00)", "drop those rows"]),
+    Case("mapping-entry-no-file-has", ["validate", "--events", "events.csv", "--items", "items.csv", "--columns",
+                                       "userId=user_id"], write_valid,
+         ["mapping entry userId=user_id", "events.csv has ['user_id', 'item_id', 'timestamp', 'value']",
+          "items.csv has ['item_id', 'title', 'genres', 'year']", "drop the entry"]),
+    Case("semicolon-separated-csv", ["validate", "--events", "events.csv"],
+         lambda f: _separated(f, ";"), ["events.csv", "separated by semicolons", "convert it to comma-separated"]),
+    Case("tab-separated-csv", ["validate", "--events", "events.csv"],
+         lambda f: _separated(f, "\t"), ["events.csv", "separated by tabs", "rename it to .tsv"]),
+    Case("items-is-a-folder", ["validate", "--events", "events.csv", "--items", "catalogue"],
+         lambda f: (write_valid(f), (f / "catalogue").mkdir(), catalogue().write_csv(f / "catalogue" / "items.csv")),
+         ["catalogue: is a folder", "a file is expected (.parquet, .csv, .tsv or .ndjson)"]),
+    Case("catalogue-ids-equal-but-for-spaces", ["validate", "--events", "events.csv", "--items", "items.csv"],
+         lambda f: write_valid(f, items=pl.DataFrame({"item_id": ["1", " 1 ", "2"], "title": ["a", "b", "c"]})),
+         ["items.csv", "duplicate item_id values (compared with surrounding spaces stripped): '1' (2 rows)"]),
+]
+
+
+def _epoch_events(folder: Path, millis_rows: list[int] = (), future_rows: list[int] = ()) -> None:
+    """The valid data set with integer epoch-second timestamps; `millis_rows` in milliseconds,
+    `future_rows` at 2100-01-01."""
+    events = interactions(n_users=30, per_user=12).with_columns(pl.col("timestamp").dt.epoch("s"))
+    row = pl.int_range(pl.len())
+    events = events.with_columns(
+        pl.when(row.is_in(list(millis_rows))).then(pl.col("timestamp") * 1000)
+        .when(row.is_in(list(future_rows))).then(pl.lit(4_102_444_800))
+        .otherwise(pl.col("timestamp")).alias("timestamp")
+    )
+    write_valid(folder, events=events)
+
+
+def _long_events(folder: Path, column: str, value: str, row: int = 10_050, rows: int = 10_100) -> None:
+    """events.csv of `rows` valid events (more than the 10,000 rows polars once inferred types
+    from) whose `column` holds the raw text `value` at data row `row`."""
+    events = pl.DataFrame({"user_id": pl.int_range(rows, eager=True) % 50, "item_id": pl.int_range(rows, eager=True) % 70,
+                           "timestamp": 1_600_000_000 + pl.int_range(rows, eager=True), "value": [1.0] * rows})
+    lines = events.write_csv().splitlines()
+    fields = lines[row + 1].split(",")
+    fields[events.columns.index(column)] = value
+    lines[row + 1] = ",".join(fields)
+    (folder / "events.csv").write_text("\n".join(lines) + "\n")
+
+
+def _separated(folder: Path, separator: str) -> None:
+    """The valid events written with another separator, under a .csv name."""
+    interactions(n_users=30, per_user=12).write_csv(folder / "events.csv", separator=separator)
+
 
 # -- models and outputs: train --output, model loading, rank/recommend outputs -------------------------
 MODEL_CASES: list[Case] = []
