@@ -120,10 +120,29 @@ def _read_error(source: str, exc: Exception) -> DataError:
     # polars' first paragraph says what failed; the rest suggests Python arguments (ignore_errors,
     # infer_schema_length...) that mean nothing on the command line.
     account = " ".join(str(exc).strip().split("\n\n")[0].split()) or type(exc).__name__
+    if "more fields" in account:  # polars does not say where
+        account += _first_long_line(source)
     return DataError(
         f"{source}: cannot be read: {account}. Check that the file is complete and well formed (every line "
         "has the header's number of fields, values holding the separator are quoted), or export it again."
     )
+
+
+def _first_long_line(source: str) -> str:
+    """Where a CSV first has more fields than its header, as ` (first at row N, line L of the file)`."""
+    path = Path(source)
+    if path.suffix.lower() not in (".csv", ".tsv", ".txt") or not path.is_file():
+        return ""
+    separator = "\t" if path.suffix.lower() == ".tsv" else ","
+    # Each line as one string (\x1f, the ASCII unit separator, is not in text files); separators
+    # inside quoted values do not count.
+    lines = pl.scan_csv(path, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String})
+    fields = pl.col("line").str.replace_all(r'"[^"]*"', "").str.count_matches(separator, literal=True)
+    try:
+        found = lines.with_row_index("n").filter(fields > fields.first()).select("n").head(1).collect()
+    except pl.exceptions.PolarsError:
+        return ""
+    return f" (first at row {found.item() - 1}, line {found.item() + 1} of the file)" if found.height else ""
 
 
 def _schema(lf: pl.LazyFrame, source: str) -> pl.Schema:

@@ -180,7 +180,8 @@ def test_a_malformed_line_is_a_data_error_naming_the_file(tmp_path):
     lines = path.read_text().splitlines()
     lines[10_051] += ",5"  # one field too many
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"events.csv: cannot be read: found more fields than defined.*well formed"):
+    with pytest.raises(DataError, match=r"events.csv: cannot be read: found more fields than defined in 'Schema' "
+                       r"\(first at row 10050, line 10052 of the file\).*well formed"):
         load_events(path).collect()
 
 
