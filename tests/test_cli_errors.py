@@ -50,7 +50,7 @@ DATA_CASES: list[Case] = [
     Case("text-in-value-after-row-10000-train", ["train", "--events", "events.csv", "--output", "model"],
          lambda f: _long_events(f, "value", "good"), ["events.csv", "row 10050: 'good'"]),
     Case("line-with-an-extra-field", ["validate", "--events", "events.csv"],
-         lambda f: _long_events(f, "value", "1.0,7"), ["events.csv", "cannot be read", "more fields", "well formed"]),
+         lambda f: _long_events(f, "value", "1.0,7"), ["events.csv", "cannot be read", "more fields", "(first at row 10050, line 10052 of the file)", "well formed"]),
     Case("event-in-the-year-2100", ["validate", "--events", "events.csv", "--items", "items.csv"],
          lambda f: _epoch_events(f, future_rows=[3]),
          ["events.csv", "later than now plus one day", "row 3: 4102444800 (2100-01-01 00:00:00)", "drop those rows"]),
