@@ -77,7 +77,10 @@ def load_dataset(
 
     if events is None:
         if items or users or columns:
-            raise RecengineError("--items, --users and --columns need --events as well.")
+            raise RecengineError(
+                "--items, --users and --columns need --events as well. Pass the events file with --events, "
+                "or leave them all out to use the bundled MovieLens."
+            )
         from recengine.datasets import movielens
 
         return movielens()

@@ -68,6 +68,8 @@ DATA_CASES: list[Case] = [
     Case("catalogue-ids-equal-but-for-spaces", ["validate", "--events", "events.csv", "--items", "items.csv"],
          lambda f: write_valid(f, items=pl.DataFrame({"item_id": ["1", " 1 ", "2"], "title": ["a", "b", "c"]})),
          ["items.csv", "duplicate item_id values (compared with surrounding spaces stripped): '1' (2 rows)"]),
+    Case("items-without-events", ["validate", "--items", "items.csv"], write_valid,
+         ["--items, --users and --columns need --events", "pass the events file with --events"]),
 ]
 
 
