@@ -19,6 +19,7 @@ import polars as pl
 
 from recengine.encoders import EmbeddingCache
 from recengine.model import RankerModel, load_model
+from recengine.topk import order
 
 
 class Ranker:
@@ -74,8 +75,7 @@ class Ranker:
         else:
             # One thread: for a few hundred rows, waking a thread pool costs more than it saves.
             scores = self.model.predict(state.feature_matrix(user_id, items), num_threads=1)
-        order = sorted(range(len(items)), key=lambda i: -scores[i])
-        return [(items[i], float(scores[i])) for i in order]
+        return [(items[i], float(scores[i])) for i in order(scores, items)]
 
     def _scores_at(self, state, user_id, items, at):
         schema = state.context.events.collect_schema()

@@ -21,7 +21,7 @@ from recengine.candidates import PopularSource, generate
 from recengine.data import TIMESTAMP
 from recengine.extractors import (
     CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
-    ItemValue, UserActivity, compute_features,
+    ItemValue, UserActivity, compute_features, exact_sum,
 )
 from recengine.interest import InterestScores
 from recengine.pit import recent_history
@@ -112,7 +112,8 @@ class ServingState:
         columns = [f"cand_{s.name}_{k}" for s in sources for k in ("score", "rank")]
         if not sources or not events.height:
             return {}, columns
-        users = events.select("user_id").unique().with_columns(pl.lit(self.at).cast(TIMESTAMP).alias("timestamp"))
+        # Sorted: the order users are generated in must not matter, and must not vary.
+        users = events.select("user_id").unique().sort("user_id").with_columns(pl.lit(self.at).cast(TIMESTAMP).alias("timestamp"))
         proposed = generate(users, sources, self.context, exclude_seen=False)
         proposed = proposed.with_columns(pl.col("item_id").replace_strict(self.item_index, return_dtype=pl.Int64).alias("_i"))
         proposed = proposed.sort("user_id", "_i")
@@ -149,7 +150,7 @@ class ServingState:
         if key not in self._tables:
             emb = scorer.embeddings(self.context, field)
             rows = emb.item_ids.replace_strict(self.item_index, return_dtype=pl.Int64).to_numpy()
-            aligned = np.zeros((len(self.item_ids) + 1, emb.matrix.shape[1]), dtype=np.float32)
+            aligned = np.zeros((len(self.item_ids) + 1, emb.matrix.shape[1]), dtype=emb.matrix.dtype)
             aligned[rows] = emb.matrix
             has = np.zeros(len(self.item_ids) + 1, dtype=bool)
             has[rows] = True
@@ -299,10 +300,11 @@ class ServingState:
         seeds = history["item"][: ext.recent]
         # A few dense rows then a gather: much cheaper than sparse column indexing per request.
         counts = self._pair_counts(ext.window, ext.directed)[seeds].toarray()[:, idx]
-        by_recency = 1.0 / (1.0 + np.arange(len(seeds)))
-        by_popularity = 1.0 / np.sqrt(np.maximum(self._item_events[seeds], 1))
-        cosine = (by_popularity @ counts) / np.sqrt(np.maximum(self._item_events[idx], 1))
-        return dict(zip(ext.columns, (counts.sum(axis=0), counts.max(axis=0), by_recency @ counts, cosine)))
+        # Weighted sums in the batch extractor's fixed point (the same divisions, then exact integer sums).
+        by_recency = exact_sum(counts / (1 + np.arange(len(seeds)))[:, None])
+        by_popularity = exact_sum(counts / np.sqrt(np.maximum(self._item_events[seeds], 1))[:, None])
+        cosine = by_popularity / np.sqrt(np.maximum(self._item_events[idx], 1))
+        return dict(zip(ext.columns, (counts.sum(axis=0), counts.max(axis=0), by_recency, cosine)))
 
     def _affinity(self, ext: CategoryAffinity, user, idx) -> dict[str, np.ndarray]:
         total = self.user_events.get(user, 0)
@@ -400,7 +402,8 @@ class ServingState:
             mean = np.nan
             if history is not None:
                 recent = table[history["item"][: ext.recent], j]
-                mean = np.nanmean(recent) if np.isfinite(recent).any() else np.nan
+                known = recent[np.isfinite(recent)]
+                mean = exact_sum(known) / len(known) if len(known) else np.nan
             out[f"item_{f}"], out[f"user_gap_{f}"] = item, np.abs(item - mean)
         return out
 

@@ -9,13 +9,23 @@ CLUSTERS = 6
 START = datetime(2024, 1, 1)
 
 
+# Words of the tiny test BERT's vocabulary (tests/conftest.py), so titles embed to distinct vectors:
+# one theme per cluster, then a second word. 6 x 19 titles: a catalogue of more than 114 items
+# repeats titles, as editions and variants do in real catalogues.
+THEMES = ["space", "love", "robot", "war", "comedy", "paris"]
+WORDS = ("dark summer night future time star heart story galaxy wedding kiss ship planet alien drama "
+         "action adventure travel romance").split()
+
+
 def catalogue(n_items: int = 120) -> pl.DataFrame:
     ids = np.arange(n_items)
     return pl.DataFrame({
         "item_id": ids,
-        "title": [f"item {i}" for i in ids],
-        "genres": [f"g{i % CLUSTERS}" for i in ids],
+        "title": [f"{THEMES[i % CLUSTERS]} {WORDS[(i // CLUSTERS) % len(WORDS)]}" for i in ids],
+        "genres": [THEMES[i % CLUSTERS] for i in ids],
         "year": 1950 + ids % 60,
+        # A decimal field (sums of it are not exact in float) with gaps.
+        "price": [None if i % 17 == 0 else round(1.99 + (i * 7 % 50) * 0.37, 2) for i in ids],
     })
 
 

@@ -11,7 +11,7 @@ from recengine.extractors import (
     CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
     ItemValue, UserActivity, compute_features, decayed_counts,
 )
-from recengine.interest import InterestScores
+from recengine.interest import InterestScores, on_grid
 from recengine.metrics import evaluate
 
 T0 = datetime(2024, 1, 10)
@@ -153,9 +153,9 @@ def test_interest_scores_equal_a_direct_computation(tiny_bert):
     emb = scorer.embeddings(ctx, "title")
     vector = dict(zip(emb.item_ids.to_list(), emb.matrix))
     profile = vector[1] + vector[2] + vector[3]
-    profile /= np.linalg.norm(profile)
+    profile = on_grid(profile / np.linalg.norm(profile))  # profiles sit on the grid, like embeddings
     row = features.row(1, named=True)  # user 1, item 4
-    assert row["interest_title_mean"] == pytest.approx(float(profile @ vector[4]), abs=1e-5)
+    assert row["interest_title_mean"] == float(profile @ vector[4])  # exact: products of grid values
     assert row["interest_title_max"] == pytest.approx(max(vector[3] @ vector[4], vector[2] @ vector[4]), abs=1e-5)
     assert features.row(3, named=True)["interest_title_mean"] is None  # no history
     assert features.row(4, named=True)["interest_title_max"] is None  # item without text
@@ -169,8 +169,8 @@ def test_recency_and_value_weights_enter_the_profile(tiny_bert):
     vector = dict(zip(*(lambda e: (e.item_ids.to_list(), e.matrix))(scorer.embeddings(ctx, "title"))))
     # user 1: items 1, 2, 3 at 5, 3, 1 days before t with values 4, 5, 2.
     profile = sum(value * 0.5 ** (age / 2.0) * vector[item] for item, age, value in [(1, 5, 4.0), (2, 3, 5.0), (3, 1, 2.0)])
-    expected = float(profile @ vector[4] / np.linalg.norm(profile))
-    assert features["interest_title_mean"][1] == pytest.approx(expected, abs=1e-5)
+    expected = float(on_grid(profile / np.linalg.norm(profile)) @ vector[4])
+    assert features["interest_title_mean"][1] == pytest.approx(expected, abs=1e-12)
 
 
 def test_candidates_exclude_seen_items_and_keep_source_scores(tiny_bert):

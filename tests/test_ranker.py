@@ -37,7 +37,7 @@ def full_feature_set(tiny_bert) -> FeatureSet:
             "category_affinity": {"field": "genres"},
             "covisitation": {"window": 3, "recent": 5},
             "covis_next": {"extractor": "covisitation", "window": 2, "recent": 4, "directed": True},
-            "item_attribute": {"fields": ["year"], "recent": 4},
+            "item_attribute": {"fields": ["year", "price"], "recent": 4},
             "interest": {"fields": ["title", "genres"], "recent": 3, "history": 10, "half_life_days": 30, **encoder},
         },
         "labels": {"samples_per_user": 2, "min_history": 5},

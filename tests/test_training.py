@@ -46,7 +46,7 @@ def test_training_labels_stop_at_the_validation_boundary():
     late = events["timestamp"].max() + timedelta(days=1)
     extra = events.select("user_id").unique().with_columns(
         pl.lit(999, pl.Int64).alias("item_id"), pl.lit(late).alias("timestamp"), pl.lit(5.0).alias("value"))
-    items = pl.concat([catalogue(), pl.DataFrame({"item_id": [999], "title": ["x"], "genres": ["g0"], "year": [2000]})])
+    items = pl.concat([catalogue(), pl.DataFrame({"item_id": [999], "title": ["x"], "genres": ["g0"], "year": [2000], "price": [9.99]})])
     events = pl.concat([events, extra.select(events.columns)])
     result = train(Dataset(events.lazy(), items.lazy()), feature_set(), progress=False, say=quiet)
     leaked = result.train.rows.filter((pl.col("item_id") == 999) & (pl.col("label") > 0))
