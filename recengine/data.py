@@ -402,7 +402,7 @@ def _check_parsed(lf: pl.LazyFrame, parsed: pl.Expr, dtype: pl.DataType, source:
         failed = failed & ~digits
     bad, also = _examples(lf, failed, "timestamp", source), ""
     if bad and numbers:
-        also = f" Because of them the column is text, so its epoch numbers ({'; '.join(numbers)}) fail too."
+        also = f" Because of them the column is text, so its epoch numbers ({'; '.join(numbers[:2])}...) fail too."
     elif numbers:
         bad, also = numbers, " These are epoch numbers stored as text: store the column as integers."
     if bad:
