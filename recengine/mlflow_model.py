@@ -24,7 +24,9 @@ class LightGBMRanker(mlflow.pyfunc.PythonModel):
         self.spec = json.loads((folder / "spec.json").read_text())
         self.booster = lgb.Booster(model_file=str(folder / "model.txt"))
 
-    def predict(self, context, model_input, params=None):
+    # The DataFrame hint tells MLflow not to infer a schema from it (the logged signature serves) and
+    # keeps it from warning "Add type hints" at every log and load.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         features = self.spec["features"]
         missing = [name for name in features if name not in model_input.columns]
         if missing:

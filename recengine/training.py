@@ -27,7 +27,7 @@ from recengine import plugins
 from recengine.candidates import drop_seen
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache, create_encoder
-from recengine.errors import DataError
+from recengine.errors import ConfigError, DataError
 from recengine.extractors import FeatureContext, ItemPopularity, compute_features
 from recengine.featureset import FeatureSet
 from recengine.metrics import evaluate
@@ -68,6 +68,7 @@ def train(
     say: Callable[[str], None] = print,
 ) -> TrainResult:
     """Fit the feature set's ranker on `dataset` and evaluate it on the later requests."""
+    check_ranker(feature_set)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -79,6 +80,8 @@ def train(
     events = dataset.events.collect()
     context = FeatureContext.from_frames(events, dataset.items, cache=cache, progress=progress)
     keys = IMPRESSION_KEYS if is_impression_log(events) else REQUEST_KEYS
+    trained_on = lineage(events, dataset.name, dataset.items)
+    lap("data")
     say(f"building {'impression' if keys == IMPRESSION_KEYS else 'interaction'} training groups from {events.height:,} events")
     train_split, val_split = (impression_splits if keys == IMPRESSION_KEYS else interaction_splits)(events, feature_set, context)
     lap("candidates_and_features")
@@ -88,7 +91,6 @@ def train(
     features = feature_columns(feature_set)
     booster, history = fit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, progress)
     lap("lightgbm")
-    trained_on = lineage(events, dataset.name)
     catalogue = catalogue_size(dataset, events)
     metrics, baselines = evaluate_split(RankerModel(booster, model_spec(feature_set, features, keys, booster, trained_on)),
                                         val_split, feature_set, context, keys, catalogue)
@@ -100,6 +102,7 @@ def train(
         lap("refit")
     spec = model_spec(feature_set, features, keys, booster, trained_on)
     spec["metrics"], spec["early_stopped_at"] = metrics, stopped_at
+    spec["early_stopping_metric"] = early_stopping_metric(feature_set.ranker)
     spec["metrics_measured"] = "on validation, before the refit" if feature_set.ranker["refit"] else "on validation"
     model = RankerModel(booster, spec)
     importance = pl.DataFrame({
@@ -177,18 +180,59 @@ def fit(
     history: dict[str, dict[str, list[float]]] = {}
     rounds = ranker["num_boost_round"]
     bar = tqdm(total=rounds, desc="lightgbm", unit="it", disable=not progress)
+    stop = StopOnMetric(early_stopping_metric(ranker), ranker["early_stopping_rounds"])
     booster = lgb.train(
         params, train_set, num_boost_round=rounds, valid_sets=[val_set], valid_names=["validation"],
-        callbacks=[lgb.record_evaluation(history), lgb.early_stopping(ranker["early_stopping_rounds"], verbose=False),
-                   lambda env: bar.update(1)],
+        callbacks=[lgb.record_evaluation(history), stop, lambda env: bar.update(1)],
     )
     bar.close()
     return booster, {f"validation_{name}": values for name, values in history.get("validation", {}).items()}
 
 
 def lgb_params(ranker: dict[str, Any]) -> dict[str, Any]:
-    params = {k: v for k, v in ranker.items() if k not in ("num_boost_round", "early_stopping_rounds", "refit")}
+    own = ("num_boost_round", "early_stopping_rounds", "refit", "early_stopping_metric")
+    params = {k: v for k, v in ranker.items() if k not in own}
+    # The early-stopping cut-off is evaluated even when eval_at leaves it out.
+    cutoff = int(early_stopping_metric(ranker).split("@")[1])
+    params["eval_at"] = sorted({*ranker.get("eval_at", [5, 10]), cutoff})
     return {**params, "metric": "ndcg", "verbosity": -1, "deterministic": True, "force_row_wise": True}
+
+
+def early_stopping_metric(ranker: dict[str, Any]) -> str:
+    """The validation metric early stopping watches: `[ranker] early_stopping_metric`, NDCG@10 by default
+    (the metric the champion is chosen on)."""
+    return str(ranker.get("early_stopping_metric", "ndcg@10"))
+
+
+def check_ranker(feature_set: FeatureSet, source: str = "feature set") -> None:
+    """Refuse an early-stopping metric LightGBM cannot evaluate, before any data is read."""
+    metric = early_stopping_metric(feature_set.ranker)
+    name, _, cutoff = metric.partition("@")
+    if name != "ndcg" or not cutoff.isdigit() or int(cutoff) < 1:
+        raise ConfigError(f"{source}: [ranker] early_stopping_metric = {metric!r} is not a validation metric "
+                          "recengine can stop on; give ndcg@K with K a cut-off such as 10 (\"ndcg@10\", the default).")
+
+
+class StopOnMetric:
+    """Early stopping on one named validation metric (LightGBM's own callback watches every metric, or
+    the first one only, which is NDCG at the smallest cut-off). Stops after `patience` rounds without
+    a strict improvement and, like LightGBM's callback, leaves the best iteration on the booster."""
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience = metric, patience
+        self.order = 30  # after record_evaluation (20), so the last round is recorded too (an instance attribute: lgb.train reads __dict__)
+        self.best_score, self.best_iteration, self.best_results = float("-inf"), 0, []
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        results = [r for r in env.evaluation_result_list if r[0] == "validation" and r[1] == self.metric]
+        if not results:
+            raise ConfigError(f"LightGBM did not report validation {self.metric}; its metrics: "
+                              f"{sorted({r[1] for r in env.evaluation_result_list})}.")
+        if results[0][2] > self.best_score:
+            self.best_score, self.best_iteration, self.best_results = results[0][2], env.iteration, env.evaluation_result_list
+        last_round = env.iteration == env.end_iteration - 1
+        if env.iteration - self.best_iteration >= self.patience or last_round:
+            raise lgb.callback.EarlyStopException(self.best_iteration, self.best_results)
 
 
 def refit(
@@ -278,9 +322,9 @@ def encoder_ids(feature_set: FeatureSet) -> list[str]:
     return sorted(ids)
 
 
-def lineage(events: pl.DataFrame, name: str) -> dict[str, Any]:
-    """What the model was trained on: counts, time span and a content digest of the events."""
-    digest = hashlib.sha256(events.hash_rows(seed=0).sort().to_numpy().tobytes()).hexdigest()[:16]
+def lineage(events: pl.DataFrame, name: str, items: pl.LazyFrame | pl.DataFrame | None = None) -> dict[str, Any]:
+    """What the model was trained on: counts, time span and a content digest of the raw events and items."""
+    digest = data_digest(events, items)
     return {
         "dataset": name,
         "events": events.height,
@@ -290,6 +334,22 @@ def lineage(events: pl.DataFrame, name: str) -> dict[str, Any]:
         "last_event": str(events["timestamp"].max()),
         "digest": digest,
     }
+
+
+def data_digest(events: pl.DataFrame, items: pl.LazyFrame | pl.DataFrame | None = None) -> str:
+    """A digest of the input data alone, equal across processes and row orders: each table's sorted
+    row hashes, its column names and types. Feature values play no part, so two trainings on the
+    same data show the same digest whatever their feature sets."""
+    digest = hashlib.sha256()
+    for table in (events, items):
+        if table is None:
+            digest.update(b"no table")
+            continue
+        frame = table.collect() if isinstance(table, pl.LazyFrame) else table
+        digest.update(str(sorted((c, str(t)) for c, t in frame.schema.items())).encode())
+        columns = sorted(frame.columns)  # column order is not content
+        digest.update(frame.select(columns).hash_rows(seed=0).sort().to_numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def evaluate_window(
