@@ -21,6 +21,7 @@ from recengine.errors import ConfigError
 from recengine.extractors import FeatureContext, check_window
 from recengine.interest import InterestScores
 from recengine.pit import DAY, cumulative, recent_history, totals_before
+from recengine.plugins import check_number
 from recengine.topk import DECIMALS, rounded, top_k, top_k_dense
 
 
@@ -41,6 +42,8 @@ class PopularSource:
     """Items with the most events in the days before the request's day, decayed by a half-life."""
 
     def __init__(self, k: int = 100, half_life_days: float = 14.0):
+        check_number("popular source", "k", k, integer=True, minimum=1)
+        check_number("popular source", "half_life_days", half_life_days, above=0)
         self.name, self.k, self.half_life = "popular", k, half_life_days
 
     def generate(self, requests, context):
@@ -61,6 +64,8 @@ class CovisitationSource:
 
     def __init__(self, k: int = 100, window: int = 5, recent: int = 10):
         check_window(window, "covisitation source")
+        check_number("covisitation source", "k", k, integer=True, minimum=1)
+        check_number("covisitation source", "recent", recent, integer=True, minimum=1)
         self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
 
     def generate(self, requests, context):
@@ -112,6 +117,7 @@ class EmbeddingSource:
 
     def __init__(self, k: int = 100, encoder: str = "transformers", encoder_params: dict | None = None,
                  field: str = "title", history: int = 50, half_life_days: float | None = None):
+        check_number("embedding source", "k", k, integer=True, minimum=1)
         self.name, self.k, self.field = "embedding", k, field
         self.scorer = InterestScores(encoder, encoder_params, [field], recent=1, history=history, half_life_days=half_life_days)
 

@@ -7,21 +7,23 @@ from plugins through the `register_encoders` hook.
 The cache stores embeddings keyed by (encoder id, hash of the text): a second run over the same
 catalogue encodes nothing, a catalogue with new items encodes only those. Each write goes to a new
 shard file, written to a temporary name and renamed, so concurrent or interrupted writers never
-leave a half-written shard behind; a shard that cannot be read is ignored and its texts re-encoded.
+leave a half-written shard behind. Damage is repaired once, with one warning: a shard that cannot be
+read is moved to `quarantine/` (its texts are encoded again), a damaged `encoder.json` is rewritten.
+Files and folders are created with the permissions the umask gives, like any other file the user makes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, BinaryIO, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -103,6 +105,8 @@ class EmbeddingCache:
             return self._memory[encoder_id]
         table: dict[bytes, np.ndarray] = {}
         folder = self.folder(encoder_id)
+        if folder.is_dir():
+            _repair_owner(folder, encoder_id)
         if _owner(folder) == encoder_id:
             for shard in sorted(folder.glob("shard-*.npz")):
                 table.update(_read_shard(shard) or {})
@@ -110,13 +114,47 @@ class EmbeddingCache:
         return table
 
 
+def _repair_owner(folder: Path, encoder_id: str) -> None:
+    """An unreadable encoder.json would switch the cache off for good (every run re-encoding everything).
+    The folder's name is a digest of the encoder id, so the id it belongs to is known: write it again."""
+    meta = folder / "encoder.json"
+    if not meta.exists() or _owner(folder) is not None:
+        return
+    try:
+        _atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
+    except OSError as exc:
+        print(f"recengine: embedding cache file {meta} is damaged and cannot be rewritten ({exc}); "
+              "the cache is not used for this encoder until it is fixed or deleted.", file=sys.stderr)
+        return
+    print(f"recengine: embedding cache file {meta} was damaged; rewrote it for encoder {encoder_id} "
+          "(the folder's name is that encoder's digest), so its cached embeddings are used again.", file=sys.stderr)
+
+
 def _read_shard(shard: Path) -> dict[bytes, np.ndarray] | None:
     try:
         with np.load(shard) as data:
             return dict(zip(data["keys"].tolist(), data["vectors"]))
-    except Exception as exc:  # a damaged shard costs a re-encode, never a crash
-        print(f"recengine: ignoring unreadable cache shard {shard}: {exc}", file=sys.stderr)
+    except FileNotFoundError:  # merged and removed by a concurrent compaction: its entries live on elsewhere
         return None
+    except Exception as exc:  # a damaged shard costs a re-encode, never a crash
+        _quarantine(shard, exc)
+        return None
+
+
+def _quarantine(shard: Path, exc: Exception) -> None:
+    """Move a damaged shard out of the loader's way, once: `quarantine/` beside it keeps it for a look."""
+    target = shard.parent / "quarantine" / shard.name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(shard, target)
+    except FileNotFoundError:  # another process moved it first and said so
+        return
+    except OSError as move_error:
+        print(f"recengine: ignoring unreadable cache shard {shard} ({exc}); it could not be moved aside "
+              f"({move_error}), so its texts are encoded again on every run until it is deleted.", file=sys.stderr)
+        return
+    print(f"recengine: ignoring unreadable cache shard {shard} ({type(exc).__name__}: {exc}); moved it to "
+          f"{target}, and its texts are encoded again.", file=sys.stderr)
 
 
 def _compact(folder: Path, shards: list[Path]) -> None:
@@ -144,17 +182,30 @@ def _owner(folder: Path) -> str | None:
 
 
 def _write_shard(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".npz", delete=False) as handle:
+    with _atomic_file(path, ".npz") as handle:
         np.savez(handle, keys=keys.astype(_KEY), vectors=vectors.astype(np.float32))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as handle:
+    with _atomic_file(path, "") as handle:
         handle.write(data)
-    os.replace(handle.name, path)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, suffix: str) -> Iterator[BinaryIO]:
+    """A new file in `path`'s folder, synced and renamed onto `path` when the block ends; removed if it fails.
+    Created with os.open's 0o666 so the umask decides its mode (mkstemp would make it 0600 whatever the umask)."""
+    temporary = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def embed(
@@ -166,8 +217,8 @@ def embed(
 ) -> tuple[np.ndarray, CacheStats]:
     """Embeddings of `texts` (duplicates encoded once), served from and added to `cache`."""
     started = time.perf_counter()
-    unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    keys = text_keys(unique.tolist())
+    unique, inverse = unique_texts(texts)
+    keys = text_keys(unique)
     stats = CacheStats()
     matrix, found = cache.lookup(encoder.id, keys) if cache else (None, np.zeros(len(unique), dtype=bool))
     missing = np.flatnonzero(~found)
@@ -176,7 +227,7 @@ def embed(
     for start in range(0, len(missing), chunk_size):
         rows = missing[start : start + chunk_size]
         begun = time.perf_counter()
-        vectors = np.asarray(encoder.encode(unique[rows].tolist()), dtype=np.float32)
+        vectors = np.asarray(encoder.encode([unique[row] for row in rows]), dtype=np.float32)
         stats.encode_seconds += time.perf_counter() - begun
         if matrix is None:
             matrix = np.zeros((len(unique), vectors.shape[1]), dtype=np.float32)
@@ -188,4 +239,14 @@ def embed(
     stats.seconds = time.perf_counter() - started
     if matrix is None:  # no texts at all
         return np.zeros((0, 0), dtype=np.float32), stats
-    return matrix[inverse.ravel()], stats
+    return matrix[inverse], stats
+
+
+def unique_texts(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct texts in order of first appearance, and each text's index among them. Python strings
+    keep their own lengths: a numpy string array would give every text the width of the longest, and one
+    megabyte-long title in a catalogue of a million would ask for terabytes."""
+    index: dict[str, int] = {}
+    positions = (index.setdefault(text if isinstance(text, str) else str(text), len(index)) for text in texts)
+    inverse = np.fromiter(positions, dtype=np.int64, count=len(texts))
+    return list(index), inverse

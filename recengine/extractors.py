@@ -19,6 +19,7 @@ import recengine
 from recengine.data import TIMESTAMP
 from recengine.encoders import EmbeddingCache
 from recengine.errors import ConfigError
+from recengine.plugins import check_number
 from recengine.pit import DAY, asof_before, cumulative, recent_history, totals_before
 
 
@@ -121,6 +122,10 @@ class ItemPopularity:
     """Events per item before t: all time, in trailing windows, and exponentially decayed."""
 
     def __init__(self, windows_days: Sequence[float] = (1, 7, 30, 365), half_lives_days: Sequence[float] = (14,)):
+        for days in windows_days:
+            check_number("item_popularity", "windows_days", days, above=0)
+        for days in half_lives_days:
+            check_number("item_popularity", "half_lives_days", days, above=0)
         self.windows = list(windows_days)
         self.half_lives = list(half_lives_days)
         self.columns = (
@@ -174,6 +179,8 @@ class ItemTrend:
     """Recent against longer-run popularity: daily rate in the short window over that in the long one."""
 
     def __init__(self, short_days: float = 7, long_days: float = 90):
+        check_number("item_trend", "short_days", short_days, above=0)
+        check_number("item_trend", "long_days", long_days, above=short_days)
         self.short, self.long = short_days, long_days
         self.columns = [f"item_trend_{short_days:g}d_{long_days:g}d"]
 
@@ -201,6 +208,7 @@ class ItemValue:
     columns = ["item_value_mean"]
 
     def __init__(self, prior_weight: float = 5.0):
+        check_number("item_value", "prior_weight", prior_weight, minimum=0)
         self.prior_weight = prior_weight
 
     def transform(self, requests, context):
@@ -221,6 +229,7 @@ class ItemCTR:
     columns = ["item_ctr", "item_impressions"]
 
     def __init__(self, prior_weight: float = 20.0):
+        check_number("item_ctr", "prior_weight", prior_weight, minimum=0)
         self.prior_weight = prior_weight
 
     def transform(self, requests, context):
@@ -263,6 +272,8 @@ class CategoryAffinity:
     """Share of the user's events before t that fell in each of the item's categories (mean, max)."""
 
     def __init__(self, field: str = "genres", separator: str = "|"):
+        if not separator:
+            raise ConfigError("category_affinity: separator = ''; give the string between categories, e.g. \"|\".")
         self.field, self.separator = field, separator
         self.columns = [f"affinity_{field}_mean", f"affinity_{field}_max"]
 
@@ -298,6 +309,9 @@ class ItemAttribute:
     the user's last `recent` items before t: how far the item sits from what the user just chose."""
 
     def __init__(self, fields: Sequence[str] = ("year",), recent: int = 10):
+        if not fields:
+            raise ConfigError("item_attribute: fields = []; name at least one numeric item field.")
+        check_number("item_attribute", "recent", recent, integer=True, minimum=1)
         self.fields, self.recent = list(fields), recent
         self.columns = [f"{kind}_{f}" for f in self.fields for kind in ("item", "user_gap")]
 
@@ -395,6 +409,7 @@ class Covisitation:
 
     def __init__(self, window: int = 5, recent: int = 10, directed: bool = False):
         check_window(window, "covisitation")
+        check_number("covisitation", "recent", recent, integer=True, minimum=1)
         self.window, self.recent, self.directed = window, recent, directed
         # Named by their parameters, so one feature set can use two neighbourhoods side by side.
         stem = f"covis{'_next' if directed else ''}_w{window}_r{recent}"

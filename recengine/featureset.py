@@ -8,11 +8,22 @@
     [labels]                    # how training requests and their positives are drawn
     [ranker]                    # LightGBM parameters, plus num_boost_round, early_stopping_rounds, refit
 
-Unknown names and parameters fail at load, listing what is available.
+Unknown names and parameters, values of the wrong type and values out of range fail at load, before
+any data is read, naming the table, the parameter and what is expected.
+
+The bundled feature sets (the repository's `features/*.toml`, installed as the package data
+`recengine.feature_sets`) can be named instead of a path: `movielens`, `impressions`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
+import importlib.resources
+import os
+import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +32,7 @@ from typing import Any
 import polars as pl
 
 from recengine import plugins
-from recengine.errors import ConfigError, PluginError
+from recengine.errors import ConfigError, RecengineError
 
 LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "validation_fraction": 0.2, "seed": 0}
 RANKER_DEFAULTS = {
@@ -43,6 +54,72 @@ RANKER_DEFAULTS = {
     "refit": True,
 }
 OBJECTIVES = ("lambdarank", "rank_xendcg")
+# [ranker] keys that are recengine's own, not LightGBM's.
+OWN_RANKER_KEYS = ("num_boost_round", "early_stopping_rounds", "refit")
+# LightGBM parameters recengine sets itself on every training, or names with its own keys: a value given
+# for one of these would be overridden or would fight recengine's, so it is refused with the reason.
+RESERVED_RANKER_KEYS = {
+    "metric": "recengine always evaluates NDCG at eval_at",
+    "num_iterations": "use num_boost_round",
+    "early_stopping_round": "use early_stopping_rounds",
+    "verbosity": "recengine keeps LightGBM quiet and reports progress itself",
+    "deterministic": "recengine always trains deterministically",
+    "force_row_wise": "recengine sets it",
+    "force_col_wise": "recengine sets force_row_wise, and LightGBM refuses both",
+}
+FRACTION = {"above": 0, "maximum": 1}
+RANKER_RANGES: dict[str, dict[str, Any]] = {
+    "learning_rate": {"above": 0},
+    "num_leaves": {"integer": True, "minimum": 2},
+    "max_depth": {"integer": True},
+    "min_data_in_leaf": {"integer": True, "minimum": 0},
+    "min_sum_hessian_in_leaf": {"minimum": 0},
+    "feature_fraction": FRACTION,
+    "feature_fraction_bynode": FRACTION,
+    "bagging_fraction": FRACTION,
+    "bagging_freq": {"integer": True, "minimum": 0},
+    "lambda_l1": {"minimum": 0},
+    "lambda_l2": {"minimum": 0},
+    "min_gain_to_split": {"minimum": 0},
+    "max_bin": {"integer": True, "minimum": 2},
+    "lambdarank_truncation_level": {"integer": True, "minimum": 1},
+    "seed": {"integer": True, "minimum": 0, "maximum": 2**31 - 1},
+    "num_boost_round": {"integer": True, "minimum": 1},
+    "early_stopping_rounds": {"integer": True, "minimum": 1},
+}
+LABEL_RANGES: dict[str, dict[str, Any]] = {
+    "samples_per_user": {"integer": True, "minimum": 1},
+    "min_history": {"integer": True, "minimum": 1},
+    "window_days": {"minimum": 0},
+    "validation_fraction": {"above": 0, "below": 1},
+    "seed": {"integer": True, "minimum": 0},
+}
+
+
+def bundled_names() -> list[str]:
+    """Names of the feature sets shipped with recengine, sorted."""
+    return sorted(entry.name[: -len(".toml")] for entry in _bundled_folder().iterdir() if entry.name.endswith(".toml"))
+
+
+def _bundled_folder():
+    try:  # an installed package: the TOML files are package data of recengine.feature_sets
+        return importlib.resources.files("recengine.feature_sets")
+    except ModuleNotFoundError:  # a source checkout (or an editable install): the repository's features/
+        return Path(__file__).resolve().parents[1] / "features"
+
+
+def bundled(name: str):
+    """The file of the bundled feature set `name` (a Path, or a Traversable inside an archive)."""
+    if name not in bundled_names():
+        raise ConfigError(f"{name}: no such feature set file, and no bundled feature set of that name. Give the "
+                          f"path of a TOML file, or one of the bundled names: {', '.join(bundled_names())}.")
+    return _bundled_folder() / f"{name}.toml"
+
+
+def resolve(feature_set: str | Path):
+    """A feature set file: `feature_set` itself if it is a file, else the bundled feature set of that name."""
+    path = Path(feature_set)
+    return path if path.is_file() else bundled(str(feature_set))
 
 
 @dataclass
@@ -58,29 +135,33 @@ class FeatureSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSet":
-        path = Path(path)
+        """A feature set from a TOML file, or a bundled one by name (`movielens`)."""
+        resolved = resolve(path)
+        source = str(path)
         try:
-            text = path.read_text()
+            text = resolved.read_text()
             raw = tomllib.loads(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such feature set file. The bundled ones are in features/.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read the feature set: {exc}.") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}.") from exc
-        return cls.from_dict(raw, str(path), text)
+            raise ConfigError(f"{source}: not valid TOML: {exc}.") from exc
+        return cls.from_dict(raw, source, text)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "feature set", text: str = "") -> "FeatureSet":
+        """Check every table and build every part, so any mistake stops here, before data is read."""
         known = {"name", "description", "candidates", "features", "labels", "ranker", "exclude_seen"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown top-level keys {unknown}; expected some of {sorted(known)}.")
+        _check_top_level(raw, source)
         labels = {**LABEL_DEFAULTS, **raw.get("labels", {})}
         bad = sorted(set(labels) - set(LABEL_DEFAULTS))
         if bad:
             raise ConfigError(f"{source}: unknown [labels] keys {bad}; expected some of {sorted(LABEL_DEFAULTS)}.")
-        ranker = {**RANKER_DEFAULTS, **raw.get("ranker", {})}
-        if ranker["objective"] not in OBJECTIVES:
-            raise ConfigError(f"{source}: [ranker] objective '{ranker['objective']}' is not one of {OBJECTIVES}.")
+        for key, bounds in LABEL_RANGES.items():
+            plugins.check_number(f"{source}: [labels]", key, labels[key], **bounds)
+        ranker = _check_ranker(raw.get("ranker", {}), source)
         feature_set = cls(
             name=raw.get("name", Path(source).stem),
             description=raw.get("description", ""),
@@ -93,7 +174,21 @@ class FeatureSet:
         )
         feature_set.build_sources(source)
         feature_set._check_columns(source)
+        feature_set._check_encoders(source)
         return feature_set
+
+    def _check_encoders(self, source: str) -> None:
+        """Parts that embed text create their encoder only when data arrives: check its name and
+        parameters now."""
+        for table, parts in (("candidates", self.candidates), ("features", self.features)):
+            for name, params in parts.items():
+                if "encoder" not in params and "encoder_params" not in params:
+                    continue
+                try:
+                    plugins.check_params(plugins.get("encoders", params.get("encoder", "transformers")),
+                                         dict(params.get("encoder_params") or {}))
+                except RecengineError as exc:
+                    raise ConfigError(f"{source}: [{table}.{name}]: {exc}") from None
 
     def _check_columns(self, source: str) -> None:
         """Two extractors writing the same feature column would silently shadow one another."""
@@ -153,6 +248,116 @@ class FeatureSet:
         registered = params.pop(alias_key, name)
         try:
             return plugins.create(kind, registered, params)
-        except PluginError as exc:
+        except RecengineError as exc:  # unknown part or parameter, wrong type, value out of range
             table = f"[{'features' if kind == 'feature_extractors' else 'candidates'}.{name}]"
             raise ConfigError(f"{source}: {table}: {exc}") from None
+
+
+def _check_top_level(raw: dict[str, Any], source: str) -> None:
+    """Each top-level key has its type, and each part's table is a table."""
+    types = {"name": (str, "a string"), "description": (str, "a string"), "exclude_seen": (bool, "true or false"),
+             "candidates": (dict, "a table"), "features": (dict, "a table"), "labels": (dict, "a table"),
+             "ranker": (dict, "a table")}
+    for key, (kind, wanted) in types.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise ConfigError(f"{source}: {key} = {raw[key]!r} should be {wanted}.")
+    for table in ("candidates", "features"):
+        for name, params in raw.get(table, {}).items():
+            if not isinstance(params, dict):
+                raise ConfigError(f"{source}: {table}.{name} = {params!r}; a part is a table: write [{table}.{name}] "
+                                  "on its own line and its parameters below it.")
+
+
+def _check_ranker(given: dict[str, Any], source: str) -> dict[str, Any]:
+    """[ranker] over the defaults, every key known to LightGBM or recengine, aliases turned into
+    LightGBM's main names (so `eta` replaces the default learning_rate instead of fighting it), every
+    value checked, and finally the whole set parsed by LightGBM itself."""
+    aliases = _lightgbm_aliases()
+    main_of = {alias: main for main, names in aliases.items() for alias in names}
+    ranker = dict(RANKER_DEFAULTS)
+    named: dict[str, str] = {}
+    for key in given:
+        main = key if key in OWN_RANKER_KEYS else main_of.get(key)
+        if main is None:
+            close = difflib.get_close_matches(key, sorted({*main_of, *OWN_RANKER_KEYS}), n=1, cutoff=0.75)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: [ranker] {key} is not a LightGBM parameter nor one of recengine's "
+                              f"({', '.join(OWN_RANKER_KEYS)}).{hint} LightGBM's parameters: "
+                              "https://lightgbm.readthedocs.io/en/latest/Parameters.html")
+        if main in RESERVED_RANKER_KEYS:
+            raise ConfigError(f"{source}: [ranker] {key} cannot be set: {RESERVED_RANKER_KEYS[main]}. Remove it.")
+        if main in named:
+            raise ConfigError(f"{source}: [ranker] {named[main]} and {key} are the same LightGBM parameter "
+                              f"({main}); keep one of them.")
+        named[main] = key
+        ranker[main] = given[key]
+    for main, key in named.items():
+        _check_ranker_value(f"{source}: [ranker]", key, main, ranker[main])
+    if set(named) - {*RANKER_RANGES, "objective", "refit", "eval_at"}:  # parameters only LightGBM can judge
+        _lightgbm_accepts(ranker, source)
+    return ranker
+
+
+def _check_ranker_value(part: str, key: str, main: str, value: Any) -> None:
+    if main == "objective":
+        if value not in OBJECTIVES:
+            raise ConfigError(f"{part} objective '{value}' is not one of {OBJECTIVES}.")
+    elif main == "refit":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{part}: refit = {value!r}; give true or false.")
+    elif main == "eval_at":
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{part}: eval_at = {value!r}; give a list of cut-offs, e.g. [5, 10].")
+        for cutoff in value:
+            plugins.check_number(part, key, cutoff, integer=True, minimum=1)
+    elif main in RANKER_RANGES:
+        plugins.check_number(part, key, value, **RANKER_RANGES[main])
+    elif not _plain(value):
+        raise ConfigError(f"{part}: {key} = {value!r}; give a number, a string, true/false or a list of numbers.")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return isinstance(value, (bool, int, float, str))
+
+
+@functools.cache
+def _lightgbm_aliases() -> dict[str, list[str]]:
+    """LightGBM's parameters, each main name with its aliases (the main name first), from the library."""
+    from lightgbm.basic import _ConfigAliases
+
+    return _ConfigAliases._get_all_param_aliases()
+
+
+def _lightgbm_accepts(params: dict[str, Any], source: str) -> None:
+    """LightGBM's own parse of the parameters (types, ranges, conflicts), as training would do it, but
+    now, before any data is read. The library prints its refusal on the process's stderr before raising
+    it, so that file descriptor is pointed away meanwhile: the user sees one message, ours."""
+    import ctypes
+
+    from lightgbm import basic
+
+    params = {key: value for key, value in params.items() if key not in OWN_RANKER_KEYS}
+    count = ctypes.c_int(0)
+    try:
+        with _native_stderr_silenced():
+            basic._safe_call(basic._LIB.LGBM_GetSampleCount(
+                ctypes.c_int32(100), basic._c_str(basic._param_dict_to_str(params)), ctypes.byref(count)))
+    except basic.LightGBMError as exc:
+        reason = re.sub(r"\s+at \S+, line \d+\s*\.?\s*$", "", str(exc).strip())
+        raise ConfigError(f"{source}: [ranker]: LightGBM refuses these parameters: {reason}. "
+                          "Fix the value in [ranker].") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.encoders import create_encoder, embed
 from recengine.errors import ConfigError
+from recengine.plugins import check_number
 from recengine.pit import DAY, recent_history
 
 
@@ -72,6 +73,12 @@ class InterestScores:
         half_life_days: float | None = None,
         weight_by_value: bool = False,
     ):
+        if not fields:
+            raise ConfigError("interest: fields = []; name at least one text field of the items, e.g. [\"title\"].")
+        check_number("interest", "recent", recent, integer=True, minimum=1)
+        check_number("interest", "history", history, integer=True, minimum=1)
+        if half_life_days is not None:
+            check_number("interest", "half_life_days", half_life_days, above=0)
         self.encoder_name, self.encoder_params = encoder, dict(encoder_params or {})
         self.fields = list(fields)
         self.recent, self.history = recent, max(history, recent)

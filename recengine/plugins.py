@@ -7,16 +7,22 @@ value loads none); the built-ins always load.
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import importlib
 import importlib.metadata
+import inspect
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pluggy
 
 from recengine import hookspecs
-from recengine.errors import PluginError
+from recengine.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "recengine"
 ENV_VAR = "RECENGINE_LOAD_PLUGINS"
@@ -117,17 +123,138 @@ def get(kind: str, name: str) -> Registration:
 
 
 def create(kind: str, name: str, params: dict[str, Any] | None = None) -> Any:
-    """Build the registered part `name` of `kind` with keyword `params`; an unknown name, or
-    parameters its factory rejects, raise a PluginError saying which and where the part comes from."""
+    """Build the registered part `name` of `kind` with keyword `params`. An unknown name, an unknown
+    parameter or a value of the wrong type (judged by the factory's annotations, else its defaults)
+    raise a PluginError naming the parameter, the value and what is expected, before the factory runs."""
     registration = get(kind, name)
+    params = dict(params or {})
+    check_params(registration, params)
     try:
-        return registration.factory(**(params or {}))
+        return registration.factory(**params)
     except TypeError as exc:
-        label = kind[:-1].replace("_", " ")
         raise PluginError(
-            f"{label} '{name}' (from {registration.plugin}) has bad parameters {sorted(params or {})}: {exc}. "
+            f"{_label(registration)} has bad parameters {sorted(params)}: {exc}. "
             "See `recengine plugins` and the part's documentation."
         ) from exc
+
+
+def _label(registration: Registration) -> str:
+    return f"{registration.kind[:-1].replace('_', ' ')} '{registration.name}' (from {registration.plugin})"
+
+
+def check_params(registration: Registration, params: dict[str, Any]) -> None:
+    """Every name in `params` is a parameter of the factory and every value fits its type."""
+    try:
+        signature = inspect.signature(registration.factory, eval_str=True)
+    except (NameError, TypeError, ValueError, SyntaxError):  # annotations it cannot resolve: use defaults only
+        try:
+            signature = inspect.signature(registration.factory)
+        except (TypeError, ValueError):  # e.g. a builtin without a signature: the factory judges alone
+            return
+    accepted = {p.name: p for p in signature.parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    for key in sorted(params):
+        if key not in accepted:
+            if takes_any:
+                continue
+            close = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise PluginError(
+                f"{_label(registration)} has bad parameters {sorted(params)}: no parameter '{key}'.{hint} "
+                f"Its parameters are: {', '.join(accepted) or 'none'}."
+            )
+        expected = _expected_type(accepted[key])
+        if not _conforms(params[key], expected):
+            raise PluginError(
+                f"{_label(registration)}: parameter {key} = {params[key]!r} should be {_describe(expected)}, "
+                f"not {_describe_value(params[key])}. Change it to that type (in TOML: numbers unquoted, strings quoted, lists in [ ])."
+            )
+
+
+def _expected_type(parameter: inspect.Parameter) -> Any:
+    """The parameter's annotation, or for an unannotated one the type of its default."""
+    if parameter.annotation is not parameter.empty and not isinstance(parameter.annotation, str):
+        return parameter.annotation
+    default = parameter.default
+    if default is parameter.empty or default is None:
+        return Any
+    if isinstance(default, (list, tuple)):
+        kinds = {float if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v) for v in default}
+        return list[kinds.pop()] if len(kinds) == 1 else list
+    if isinstance(default, (bool, int, float, str, dict)):
+        # An unannotated `= 5` may well mean a float: any number passes, the annotation decides when given.
+        return float if type(default) is int else type(default)
+    return Any
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    if hint is Any or hint is object:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if _is_sequence(hint):
+        item = args[0] if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis) else Any
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if hint in (dict, collections.abc.Mapping) or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True  # a type this check does not know: the factory judges the value
+
+
+def _is_sequence(hint: Any) -> bool:
+    sequences = (list, tuple, collections.abc.Sequence)
+    return hint in sequences or typing.get_origin(hint) in sequences
+
+
+def _describe(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "left out"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None)) + (
+            " (or left out)" if type(None) in args else "")
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string (in quotes)"}
+    if hint in names:
+        return names[hint]
+    if _is_sequence(hint):
+        item = args[0] if args and args[0] is not Ellipsis else Any
+        plural = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}.get(item)
+        return f"a list of {plural}" if plural else "a list"
+    if hint in (dict, collections.abc.Mapping) or origin in (dict, collections.abc.Mapping):
+        return "a table of key = value pairs"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _describe_value(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "a table", type(None): "nothing"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def check_number(part: str, name: str, value: Any, *, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None, below: float | None = None) -> None:
+    """A ConfigError unless `value` is a number (a whole one if `integer`) within the bounds given: parts
+    call this in their constructors, so a bad parameter stops the feature set at load, before any data."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or isinstance(value, int))
+    inside = number and math.isfinite(value) and (minimum is None or value >= minimum) and (
+        above is None or value > above) and (maximum is None or value <= maximum) and (below is None or value < below)
+    if not inside:
+        bounds = [f"{minimum:g} or more" if minimum is not None else "", f"above {above:g}" if above is not None else "",
+                  f"at most {maximum:g}" if maximum is not None else "", f"below {below:g}" if below is not None else ""]
+        wanted = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{part}: {name} = {value!r}; give {'a whole number' if integer else 'a number'}"
+                          f"{' ' + wanted if wanted else ''}.")
 
 
 def plugin_info() -> list[dict[str, Any]]:

@@ -107,7 +107,37 @@ def _separated(folder: Path, separator: str) -> None:
 MODEL_CASES: list[Case] = []
 
 # -- feature sets and parameters, encoders and the embedding cache ------------------------------------
-CONFIG_CASES: list[Case] = []
+def _bad_feature_set(toml: str) -> Callable[[Path], None]:
+    """bad.toml with `toml`, beside an events.csv that is itself invalid: the feature set must be judged
+    (and refused) before any data is read, so the message is about the TOML."""
+    def make(folder: Path) -> None:
+        write_valid(folder)
+        (folder / "events.csv").write_text("not,the,columns\n1,2,3\n")
+        (folder / "bad.toml").write_text(toml)
+    return make
+
+
+def _train_with(toml: str, case_id: str, expect: list[str]) -> Case:
+    return Case(case_id, ["train", "--events", "events.csv", "--items", "items.csv", "--feature-set", "bad.toml"],
+                _bad_feature_set("[candidates.popular]\n" + toml), ["bad.toml", *expect])
+
+
+CONFIG_CASES: list[Case] = [
+    _train_with("k = \"ten\"\n", "config-k-not-a-number", ["[candidates.popular]", "k = 'ten'", "whole number"]),
+    _train_with("k = -5\n", "config-k-negative", ["[candidates.popular]", "k = -5", "1 or more"]),
+    _train_with("[features.item_popularity]\nwindows_days = \"7\"\n", "config-windows-a-string",
+                ["[features.item_popularity]", "windows_days = '7'", "list of numbers"]),
+    _train_with("[ranker]\nlearning_rate = -0.1\n", "config-learning-rate-negative", ["[ranker]", "learning_rate = -0.1", "above 0"]),
+    _train_with("[labels]\nvalidation_fraction = 1.5\n", "config-validation-fraction", ["[labels]", "validation_fraction = 1.5"]),
+    _train_with("[ranker]\nnum_leavs = 63\n", "config-ranker-key-misspelt", ["[ranker]", "num_leavs", "did you mean 'num_leaves'"]),
+    _train_with("[ranker]\nextra_trees = \"maybe\"\n", "config-ranker-lightgbm-refuses", ["[ranker]", "extra_trees", "maybe"]),
+    _train_with("[features.interest]\nencoder_params = { max_lenght = 8 }\n", "config-encoder-param-misspelt",
+                ["[features.interest]", "max_lenght", "did you mean 'max_length'"]),
+    Case("config-feature-set-unknown-name", ["train", "--feature-set", "nosuch"], lambda folder: None,
+         ["nosuch", "no bundled feature set", "impressions, movielens"]),
+    Case("config-embed-param-out-of-range", ["embed", "--items", "items.csv", "--param", "max_length=0"], write_valid,
+         ["transformers encoder", "max_length = 0", "1 or more"]),
+]
 
 CASES = DATA_CASES + MODEL_CASES + CONFIG_CASES
 

@@ -1,6 +1,10 @@
 """Text encoders: pooling, masking, batching, ids, and the embedding cache's hits, misses and safety."""
 
+import json
+import os
+import stat
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -105,16 +109,126 @@ def test_cache_of_another_encoder_id_is_never_reused(tiny_encoder, tmp_path):
     assert stats.hits == 0 and len(other.seen) == 4
 
 
-def test_corrupt_shard_is_ignored_and_reencoded(tiny_encoder, tmp_path, capsys):
+def test_corrupt_shard_is_reencoded_and_moved_aside_with_one_warning(tiny_encoder, tmp_path, capsys):
     embed(TEXTS[:2], tiny_encoder, EmbeddingCache(tmp_path))
     embed(TEXTS[2:], tiny_encoder, EmbeddingCache(tmp_path))
-    shard = sorted(EmbeddingCache(tmp_path).folder(tiny_encoder.id).glob("shard-*.npz"))[0]
-    shard.write_bytes(shard.read_bytes()[:40])  # as a disk fault would leave it
+    folder = EmbeddingCache(tmp_path).folder(tiny_encoder.id)
+    shard = sorted(folder.glob("shard-*.npz"))[0]
+    damaged = shard.read_bytes()[:40]  # as a disk fault would leave it
+    shard.write_bytes(damaged)
     counting = CountingEncoder(tiny_encoder)
     out, stats = embed(TEXTS, counting, EmbeddingCache(tmp_path))
     assert stats.misses == 2 and stats.hits == 2
-    assert "ignoring unreadable cache shard" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert f"ignoring unreadable cache shard {shard}" in warning and f"moved it to {folder / 'quarantine' / shard.name}" in warning
+    assert (folder / "quarantine" / shard.name).read_bytes() == damaged and not shard.exists()
     np.testing.assert_allclose(out, tiny_encoder.encode(TEXTS), atol=1e-6)
+    _, stats = embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))  # repaired: quiet, and everything cached
+    assert stats.hits == 4 and capsys.readouterr().err == ""
+
+
+def test_damaged_encoder_json_is_rewritten_once_and_the_cache_used_again(tiny_encoder, tmp_path, capsys):
+    embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))
+    meta = EmbeddingCache(tmp_path).folder(tiny_encoder.id) / "encoder.json"
+    meta.write_text('{"encoder_id": "trans')  # cut short
+    counting = CountingEncoder(tiny_encoder)
+    _, stats = embed(TEXTS, counting, EmbeddingCache(tmp_path))
+    assert stats.hits == 4 and counting.seen == []
+    assert f"embedding cache file {meta} was damaged; rewrote it for encoder {tiny_encoder.id}" in capsys.readouterr().err
+    assert json.loads(meta.read_text()) == {"encoder_id": tiny_encoder.id}
+    _, stats = embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path))
+    assert stats.hits == 4 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_files_and_folders_follow_the_umask(tiny_encoder, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        embed(TEXTS, tiny_encoder, EmbeddingCache(tmp_path / "cache"))
+    finally:
+        os.umask(previous)
+    made = [p for p in (tmp_path / "cache").rglob("*")]
+    assert {p.suffix for p in made if p.is_file()} == {".json", ".npz"}
+    for path in made:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
+
+
+def test_unique_texts_keep_each_text_its_own_width():
+    from recengine.encoders import unique_texts
+
+    huge = "love " * 200_000
+    unique, inverse = unique_texts(["kiss", huge, "kiss", "star"])
+    # Python strings, not a fixed-width numpy array as wide as the longest text.
+    assert type(unique) is list and all(type(t) is str for t in unique)
+    assert unique == ["kiss", huge, "star"] and inverse.tolist() == [0, 1, 0, 2]
+
+
+class FirstWordsEncoder:
+    """A plain Python encoder: a vector from the text's first 100 characters."""
+
+    id = "first-words-v1"
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), 8), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row, hash(text[:100]) % 8] = 1.0
+        return out
+
+
+def test_one_huge_text_embeds_in_bounded_memory(tmp_path):
+    texts = [f"title {i}" for i in range(50)] + ["x" * 1_000_000]  # as wide as 51 MB-long texts: 200 MB
+    tracemalloc.start()
+    try:
+        out, stats = embed(texts, FirstWordsEncoder(), EmbeddingCache(tmp_path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats.misses == 51 and out.shape == (51, 8)
+    assert peak < 20_000_000, f"peak {peak:,} bytes"
+
+
+class RecordingTokenizer:
+    """The real tokenizer, noting the length of every text it is given."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def __call__(self, texts, **options):
+        self.lengths.extend(map(len, texts))
+        return self.inner(texts, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_huge_text_is_cut_before_tokenising_with_the_same_vector(tiny_encoder, tmp_path):
+    from recengine_transformers import CHARS_PER_TOKEN, clip
+
+    huge = "star war love story " * 50_000  # a megabyte
+    limit = tiny_encoder.max_length * CHARS_PER_TOKEN
+    by_hand = huge[:limit].rsplit(" ", 1)[0]
+    assert clip(huge, limit) == by_hand
+    tiny_encoder._load()
+    tokenizer = tiny_encoder._tokenizer
+    tiny_encoder._tokenizer = recording = RecordingTokenizer(tokenizer)
+    try:
+        vectors, _ = embed([huge, "kiss"], tiny_encoder, EmbeddingCache(tmp_path))
+    finally:
+        tiny_encoder._tokenizer = tokenizer
+    assert 0 < max(recording.lengths) <= limit
+    np.testing.assert_allclose(vectors[0], tiny_encoder.encode([by_hand])[0], atol=1e-6)
+    # The cache key is the hash of the whole text, not of the part the model saw.
+    _, found = EmbeddingCache(tmp_path).lookup(tiny_encoder.id, text_keys([huge, by_hand]))
+    assert found.tolist() == [True, False]
+
+
+def test_cut_texts_keep_the_tokens_of_the_whole_text(tiny_encoder):
+    # Thousands of spaces hold no token: the first cut has too few, so a longer one is tokenised.
+    texts = ["star" + " " * 5000 + "war " * 100, "love story " * 1000, "a" * 3000 + " kiss", "kiss"]
+    tiny_encoder._load()
+    whole = tiny_encoder._tokenizer(texts, truncation=True, max_length=tiny_encoder.max_length)["input_ids"]
+    assert tiny_encoder.token_ids(texts) == whole
 
 
 def test_leftover_temp_file_from_an_interrupted_write_is_ignored(tiny_encoder, tmp_path):

@@ -24,7 +24,8 @@ def test_unknown_extractor_lists_the_available_ones():
 
 
 def test_bad_parameter_names_the_table():
-    with pytest.raises(ConfigError, match=r"\[features.item_age\]: feature extractor 'item_age' .* has bad parameters \['window'\]"):
+    with pytest.raises(ConfigError, match=r"\[features.item_age\]: feature extractor 'item_age' .* has bad parameters \['window'\]: "
+                                          r"no parameter 'window'. Its parameters are: none."):
         FeatureSet.from_dict({"candidates": {"popular": {}}, "features": {"item_age": {"window": 3}}})
 
 
@@ -60,3 +61,105 @@ def test_two_extractors_writing_one_column_are_refused():
     raw["features"]["again"]["window"] = 50
     columns = [c for e in FeatureSet.from_dict(raw).build_extractors() for c in e.columns]
     assert columns == [f"covis_w{w}_r10_{kind}" for w in (5, 50) for kind in ("sum", "max", "wsum", "cos")]
+
+
+# -- every parameter checked at load, before any data is read --------------------------------------------
+BASE = {"candidates": {"popular": {}}}
+
+
+@pytest.mark.parametrize("tables, expect", [
+    ({"candidates": {"popular": {"k": "ten"}}}, ["[candidates.popular]", "k = 'ten'", "whole number"]),
+    ({"candidates": {"popular": {"k": -5}}}, ["[candidates.popular]", "k = -5", "1 or more"]),
+    ({"candidates": {"covisitation": {"recent": 0}}}, ["[candidates.covisitation]", "recent = 0"]),
+    ({"candidates": {"popular": {"half_life_days": 0}}}, ["[candidates.popular]", "half_life_days = 0", "above 0"]),
+    ({"features": {"item_popularity": {"windows_days": "7"}}}, ["[features.item_popularity]", "windows_days = '7'", "list of numbers"]),
+    ({"features": {"item_popularity": {"windows_days": [7, -1]}}}, ["[features.item_popularity]", "windows_days = -1"]),
+    ({"features": {"item_popularity": {"half_lives_days": [0]}}}, ["[features.item_popularity]", "half_lives_days = 0"]),
+    ({"features": {"interest": {"fields": "title"}}}, ["[features.interest]", "fields = 'title'", "list of strings"]),
+    ({"features": {"interest": {"history": 0}}}, ["[features.interest]", "history = 0"]),
+    ({"features": {"interest": {"encoder_params": {"max_lenght": 8}}}}, ["[features.interest]", "'max_lenght'", "did you mean 'max_length'"]),
+    ({"features": {"interest": {"encoder": "nope"}}}, ["[features.interest]", "unknown encoder 'nope'"]),
+    ({"features": {"covisitation": {"directed": "yes"}}}, ["[features.covisitation]", "directed = 'yes'", "true or false"]),
+    ({"features": {"item_trend": {"short_days": 30, "long_days": 7}}}, ["[features.item_trend]", "long_days = 7", "above 30"]),
+    ({"features": {"item_ctr": {"prior_weight": -1}}}, ["[features.item_ctr]", "prior_weight = -1"]),
+    ({"labels": {"validation_fraction": 1.5}}, ["[labels]", "validation_fraction = 1.5", "below 1"]),
+    ({"labels": {"validation_fraction": 0}}, ["[labels]", "validation_fraction = 0"]),
+    ({"labels": {"samples_per_user": 2.5}}, ["[labels]", "samples_per_user = 2.5", "whole number"]),
+    ({"labels": {"min_history": "10"}}, ["[labels]", "min_history = '10'"]),
+    ({"labels": {"window_days": -1}}, ["[labels]", "window_days = -1", "0 or more"]),
+    ({"labels": {"seed": 1.5}}, ["[labels]", "seed = 1.5"]),
+    ({"ranker": {"learning_rate": -0.1}}, ["[ranker]", "learning_rate = -0.1", "above 0"]),
+    ({"ranker": {"num_leaves": 1}}, ["[ranker]", "num_leaves = 1", "2 or more"]),
+    ({"ranker": {"bagging_fraction": 1.5}}, ["[ranker]", "bagging_fraction = 1.5", "at most 1"]),
+    ({"ranker": {"num_boost_round": 0}}, ["[ranker]", "num_boost_round = 0"]),
+    ({"ranker": {"eval_at": [0, 10]}}, ["[ranker]", "eval_at = 0"]),
+    ({"ranker": {"refit": "no"}}, ["[ranker]", "refit = 'no'", "true or false"]),
+    ({"ranker": {"num_leavs": 63}}, ["[ranker]", "num_leavs", "did you mean 'num_leaves'"]),
+    ({"ranker": {"metric": "auc"}}, ["[ranker]", "metric cannot be set"]),
+    ({"ranker": {"eta": 0.1, "learning_rate": 0.2}}, ["[ranker]", "eta and learning_rate are the same"]),
+    ({"candidates": {"popular": 3}}, ["candidates.popular = 3", "a part is a table"]),
+    ({"exclude_seen": "yes"}, ["exclude_seen = 'yes'", "true or false"]),
+])
+def test_wrong_type_or_range_names_the_table_parameter_and_value(tables, expect):
+    with pytest.raises(ConfigError) as caught:
+        FeatureSet.from_dict({**BASE, **tables}, "bad.toml")
+    message = str(caught.value)
+    assert message.startswith("bad.toml: "), message
+    for part in expect:
+        assert part.lower() in message.lower(), f"{part!r} not in: {message}"
+
+
+def test_lightgbm_judges_the_parameters_recengine_has_no_rule_for_without_printing(capfd):
+    with pytest.raises(ConfigError, match=r'\[ranker\]: LightGBM refuses these parameters: Parameter extra_trees should be '
+                                          r'"true"/"\+" or "false"/"-", got "maybe"\. Fix'):
+        FeatureSet.from_dict({**BASE, "ranker": {"extra_trees": "maybe"}}, "bad.toml")
+    with pytest.raises(ConfigError, match=r"Check failed: \(min_data_per_group\) > \(0\)\. Fix"):
+        FeatureSet.from_dict({**BASE, "ranker": {"min_data_per_group": 0}}, "bad.toml")
+    assert "[LightGBM]" not in "".join(capfd.readouterr())
+    assert FeatureSet.from_dict({**BASE, "ranker": {"extra_trees": True, "min_data_per_group": 5}}).ranker["extra_trees"]
+
+
+def test_a_lightgbm_alias_replaces_the_default_it_names():
+    ranker = FeatureSet.from_dict({**BASE, "ranker": {"eta": 0.2, "num_leaf": 15}}).ranker
+    assert (ranker["learning_rate"], ranker["num_leaves"]) == (0.2, 15) and "eta" not in ranker and "num_leaf" not in ranker
+
+
+def test_the_bundled_feature_sets_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    from recengine.featureset import bundled_names
+
+    monkeypatch.chdir(tmp_path)  # no features/ folder here
+    assert bundled_names() == ["impressions", "movielens"]
+    assert FeatureSet.load("movielens").source_text == (FEATURES / "movielens.toml").read_text()
+    from recengine.cli import bundled_feature_set
+
+    assert FeatureSet.load(bundled_feature_set("impressions")).name == "impressions"
+    with pytest.raises(ConfigError, match="nosuch: no such feature set file, and no bundled feature set of that name. "
+                                          "Give the path of a TOML file, or one of the bundled names: impressions, movielens."):
+        FeatureSet.load("nosuch")
+    (tmp_path / "movielens").write_text('name = "mine"\n[candidates.popular]\n')
+    assert FeatureSet.load("movielens").name == "mine"  # a file of that name comes first
+
+
+@pytest.mark.slow
+def test_a_regular_install_carries_the_bundled_feature_sets(tmp_path):
+    """`pip install .` (not editable) puts features/*.toml inside the package, and they load from there."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = FEATURES.parent
+    source = tmp_path / "src"  # built from a copy: the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source)
+    for name in ("recengine", "features"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.parquet"))
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target)], check=True, capture_output=True)
+    assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["impressions.toml", "movielens.toml"]
+    assert not (target / "features").exists()
+    shown = subprocess.run([sys.executable, "-c", "from recengine.featureset import FeatureSet, resolve; "
+                            "print(resolve('movielens'), FeatureSet.load('impressions').name)"],
+                           cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == [str(target / "recengine" / "feature_sets" / "movielens.toml"), "impressions"]

@@ -16,9 +16,13 @@ import numpy as np
 
 import recengine
 from recengine.errors import PluginError
+from recengine.plugins import check_number
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_VERSION = 1
+# A token is rarely more than a few characters: the tokenizer is given at most this many characters per
+# token of max_length, so a megabyte-long text costs no more than a short one (see `token_ids`).
+CHARS_PER_TOKEN = 32
 
 
 def packaged_model_path() -> Path:
@@ -44,6 +48,9 @@ class TransformersEncoder:
             raise PluginError(f"transformers encoder: pooling '{pooling}' is not one of mean, cls.")
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PluginError(f"transformers encoder: precision '{precision}' is not one of auto, fp32, bf16, fp16.")
+        for name, value in (("max_length", max_length), ("token_budget", token_budget), ("max_batch", max_batch)):
+            if value is not None:
+                check_number("transformers encoder", name, value, integer=True, minimum=1)
         self.model_path = str(model) if model else str(packaged_model_path())
         self.pooling = pooling
         self.max_length = max_length or _configured_max_length(self.model_path)
@@ -124,10 +131,7 @@ class TransformersEncoder:
         import torch
 
         model = self._load()
-        token_ids = self._tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, padding=False,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
+        token_ids = self.token_ids(texts)
         lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
         out = np.empty((len(token_ids), model.config.hidden_size), dtype=np.float32)
         pad_id = self._tokenizer.pad_token_id or 0
@@ -146,11 +150,45 @@ class TransformersEncoder:
                 out[group] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
         return out
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to max_length, without ever tokenising a whole huge text.
+
+        The tokenizer sees at most `limit` characters of a text, cut back to the last whitespace so that no
+        word is split. If that prefix holds fewer than max_length tokens (long runs of spaces or characters
+        the tokenizer drops) the text is tokenised again from a prefix four times longer, until it yields
+        max_length tokens or is whole: the ids are always those of the full text."""
+        self._load()
+        texts = list(texts)
+        limit = self.max_length * CHARS_PER_TOKEN
+        ids = self._tokenize([clip(text, limit) for text in texts])
+        short = [i for i, text in enumerate(texts) if len(text) > limit and len(ids[i]) < self.max_length]
+        while short:
+            limit *= 4
+            for i, row in zip(short, self._tokenize([clip(texts[i], limit) for i in short])):
+                ids[i] = row
+            short = [i for i in short if len(texts[i]) > limit and len(ids[i]) < self.max_length]
+        return ids
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenizer(
+            texts, truncation=True, max_length=self.max_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+
     def _pool(self, hidden, mask):
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`'s first `limit` characters, cut back to its last whitespace (when that leaves at least half)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return head[:space] if space >= limit // 2 else head
 
 
 def _cuda_available() -> bool:
