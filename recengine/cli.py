@@ -197,21 +197,25 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
     from recengine.featureset import FeatureSet
     from recengine.model import check_model_destination
-    from recengine.tracking import log_training, tracking_uri
-    from recengine.training import train as fit_ranker
+    from recengine.tracking import log_training, tracking_uri, training_run
+    from recengine.training import check_ranker, train as fit_ranker
 
     if output:
         check_model_destination(output)  # training takes minutes: a bad --output must fail now, not after it
     spec = FeatureSet.load(feature_set)
-    dataset = load_dataset(events, items, users, columns, timestamp_unit)
-    result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
-    click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; early stopping at "
-               f"{result.model.spec['early_stopped_at']}, final model {result.model.spec['best_iteration']} rounds):")
-    _report(result.metrics, result.baselines)
-    if output:
-        click.echo(f"model folder: {result.model.save(output)}")
-    logged = log_training(result, spec, experiment, None if no_register else (model_name or f"recengine-{spec.name}"), promote)
-    click.echo(f"run id:    {logged.run_id}  (experiment '{experiment}', store {tracking_uri()})")
+    check_ranker(spec, str(feature_set))
+    # The MLflow run covers the whole training (its duration, system metrics); a failure ends it FAILED.
+    with training_run(spec, experiment, feature_set_path=feature_set):
+        dataset = load_dataset(events, items, users, columns, timestamp_unit)
+        result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
+        click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; best "
+                   f"{result.model.spec['early_stopping_metric']} at iteration {result.model.spec['early_stopped_at']}, "
+                   f"final model {result.model.spec['best_iteration']} rounds):")
+        _report(result.metrics, result.baselines)
+        if output:
+            click.echo(f"model folder: {result.model.save(output)}")
+        logged = log_training(result, spec, experiment, None if no_register else (model_name or f"recengine-{spec.name}"), promote)
+    click.echo(f"run id:    {logged.run_id}  '{logged.run_name}' (experiment '{experiment}', store {tracking_uri()})")
     click.echo(f"model URI: {logged.model_uri}")
     if logged.registered:
         alias = "; alias @champion now points here" if logged.champion else "; @champion unchanged (it scores higher)"
