@@ -102,9 +102,103 @@ def _separated(folder: Path, separator: str) -> None:
     """The valid events written with another separator, under a .csv name."""
     interactions(n_users=30, per_user=12).write_csv(folder / "events.csv", separator=separator)
 
-
 # -- models and outputs: train --output, model loading, rank/recommend outputs -------------------------
-MODEL_CASES: list[Case] = []
+def _training_data(prepare: Callable[[Path], object] = lambda folder: None) -> Callable[[Path], None]:
+    """Valid data and a small feature set fs.toml, then `prepare(folder)`."""
+    def make(folder: Path) -> None:
+        write_valid(folder)
+        (folder / "fs.toml").write_text(SMALL_FEATURE_SET)
+        prepare(folder)
+    return make
+
+
+def _with_files(**files: str) -> Callable[[Path], None]:
+    """Valid data plus the given files (name=content; a name ending in '/' is a folder)."""
+    def make(folder: Path) -> None:
+        write_valid(folder)
+        for name, content in files.items():
+            path = folder / name.replace("__", "/").replace("_dot_", ".")
+            if content == "/":
+                path.mkdir(parents=True)
+            else:
+                path.write_text(content)
+    return make
+
+
+def _damaged_model(damage: str) -> Callable[[Path], None]:
+    """Valid data and a model folder ./damaged, saved by recengine and then damaged (`damage`)."""
+    def make(folder: Path) -> None:
+        import json
+
+        import lightgbm as lgb
+        import numpy as np
+
+        from recengine.model import RankerModel
+
+        write_valid(folder)
+        rng = np.random.default_rng(0)
+        booster = lgb.train({"objective": "regression", "verbose": -1}, lgb.Dataset(rng.random((200, 4)), rng.random(200)), 20)
+        saved = RankerModel(booster, {"format": 1, "features": ["a", "b", "c", "d"], "feature_set": {"name": "x"}}).save(folder / "damaged")
+        spec, text = json.loads((saved / "spec.json").read_text()), (saved / "model.txt").read_text()
+        if damage == "truncated-legacy":  # saved before digests were recorded
+            del spec["files"]
+            (saved / "spec.json").write_text(json.dumps(spec))
+        if damage.startswith("truncated"):
+            (saved / "model.txt").write_text(text[: len(text) // 3])
+        elif damage == "bad-json":
+            (saved / "spec.json").write_text(json.dumps(spec)[:40])
+        elif damage == "no-features":
+            del spec["features"]
+            (saved / "spec.json").write_text(json.dumps(spec))
+    return make
+
+
+DATA = ["--events", "events.csv", "--items", "items.csv"]
+TRAIN = ["train", *DATA, "--feature-set", "fs.toml", "--no-register"]
+RECOMMEND_DAMAGED = ["recommend", "--model", "damaged", *DATA, "--output", "out.parquet"]
+CANDIDATES = "user_id,item_id\n1,2\n1,3\n"
+NAMED = "user_id,item_id,timestamp\nu1,2,2025-01-01\nu2,3,2025-01-01\n"
+
+MODEL_CASES: list[Case] = [
+    Case("train-output-folder-with-files", [*TRAIN, "--output", "notes"],
+         _training_data(lambda f: ((f / "notes").mkdir(), (f / "notes" / "todo.txt").write_text("keep"))),
+         ["notes", "not a recengine model", "todo.txt", "choose a new folder"]),
+    Case("train-output-is-a-file", [*TRAIN, "--output", "notes.txt"],
+         _training_data(lambda f: (f / "notes.txt").write_text("keep")), ["notes.txt", "is a file", "new folder"]),
+    Case("train-output-under-a-file", [*TRAIN, "--output", "notes.txt/model"],
+         _training_data(lambda f: (f / "notes.txt").write_text("keep")), ["notes.txt is a file, not a folder"]),
+    Case("train-output-unwritable", [*TRAIN, "--output", "/proc/recengine-model"], _training_data(),
+         ["cannot write in folder /proc", "--output"]),
+    Case("model-txt-truncated", RECOMMEND_DAMAGED, _damaged_model("truncated"),
+         ["damaged/model.txt", "does not match the sha256", "train the model again"]),
+    Case("model-txt-truncated-no-digest", RECOMMEND_DAMAGED, _damaged_model("truncated-legacy"),
+         ["damaged/model.txt", "incomplete LightGBM model", "train the model again"]),
+    Case("evaluate-model-txt-truncated", ["evaluate", "--model", "damaged", *DATA], _damaged_model("truncated"),
+         ["damaged/model.txt", "does not match the sha256"]),
+    Case("spec-json-invalid", RECOMMEND_DAMAGED, _damaged_model("bad-json"),
+         ["damaged/spec.json", "not valid JSON", "train the model again"]),
+    Case("spec-json-without-features", RECOMMEND_DAMAGED, _damaged_model("no-features"),
+         ["damaged/spec.json", "'features'"]),
+    Case("rank-output-is-a-folder", ["rank", "--model", "model", *DATA, "--input", "candidates.csv", "--output", "ranked"],
+         _with_files(candidates_dot_csv=CANDIDATES, ranked="/"), ["ranked is an existing folder", "file path"],
+         needs_model=True),
+    Case("recommend-output-is-a-folder", ["recommend", "--model", "model", *DATA, "--output", "recs"],
+         _with_files(recs="/"), ["recs is an existing folder"], needs_model=True),
+    Case("recommend-output-unwritable", ["recommend", "--model", "model", *DATA, "--output", "/proc/recs.parquet"],
+         _with_files(), ["cannot write in folder /proc"], needs_model=True),
+    Case("rank-output-unwritable", ["rank", "--model", "model", *DATA, "--input", "candidates.csv", "--output",
+                                    "/proc/ranked.parquet"],
+         _with_files(candidates_dot_csv=CANDIDATES), ["cannot write in folder /proc"], needs_model=True),
+    Case("recommend-requests-all-before-the-first-event",
+         ["recommend", "--model", "model", *DATA, "--requests", "early.csv", "--output", "out.parquet"],
+         _with_files(early_dot_csv="user_id,timestamp\n1,2020-01-01\n2,2023-12-31T23:00:00Z\n"),
+         ["early.csv", "all 2 requests are at or before the first event"], needs_model=True),
+    Case("recommend-string-user-ids", ["recommend", "--model", "model", *DATA, "--requests", "named.csv", "--output",
+                                       "out.parquet"],
+         _with_files(named_dot_csv=NAMED), ["named.csv", "'user_id'", "not integers", "'u1'"], needs_model=True),
+    Case("rank-string-user-ids", ["rank", "--model", "model", *DATA, "--input", "named.csv", "--output", "out.parquet"],
+         _with_files(named_dot_csv=NAMED), ["named.csv", "'user_id'", "not integers"], needs_model=True),
+]
 
 # -- feature sets and parameters, encoders and the embedding cache ------------------------------------
 def _bad_feature_set(toml: str) -> Callable[[Path], None]:

@@ -131,3 +131,20 @@ def test_a_read_only_folder_is_refused(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(ConfigError, match="cannot write in folder"):
         check_model_destination(locked / "model")
+
+
+def test_recommend_aligns_string_ids_and_says_which_requests_got_nothing(model, tmp_path, monkeypatch, cli_run):
+    import polars as pl
+
+    monkeypatch.chdir(tmp_path)
+    model.save("model")
+    interactions(n_users=40, per_user=15).write_csv("events.csv")
+    catalogue().write_csv("items.csv")
+    # String ids against the events' integers; the third request is before any event.
+    pl.DataFrame({"user_id": ["1", "2", "3"], "timestamp": ["2025-01-01", "2025-01-01", "2020-01-01"]}).write_parquet("requests.parquet")
+    done = cli_run("recommend", "--model", "model", "--events", "events.csv", "--items", "items.csv",
+                   "--requests", "requests.parquet", "--k", "3", "--output", "recs.parquet")
+    assert done.exit_code == 0, done.output
+    recs = pl.read_parquet("recs.parquet")
+    assert recs.schema["user_id"] == pl.Int64 and recs.group_by("user_id").len().sort("user_id").rows() == [(1, 3), (2, 3)]
+    assert "warning: 1 of 3 requests got no recommendations (1 of them at or before the first event" in done.output
