@@ -72,9 +72,9 @@ def rank_file(
     scorer = _ChunkScorer(model, feature_set, keys, context, generate, k)
     scorer(rows.head(1).collect())
     chunks = max(1, math.ceil(total / chunk_rows))
-    work = output.with_name(f".{output.name}.parts")
+    work = work_folder(output)
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
-    bucket = pl.col("user_id").hash(seed=0) % chunks
+    bucket = chunk_of(chunks)
     bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
     skipped = 0
 
@@ -89,7 +89,7 @@ def rank_file(
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending: Future | None = None
         for chunk in range(chunks):
-            part = work / f"part-{chunk:05d}.parquet"
+            part = part_path(work, chunk)
             if manifest.done(chunk, part):
                 skipped += 1
                 bar.update(manifest.rows[str(chunk)])
@@ -102,12 +102,36 @@ def rank_file(
         if pending is not None:
             pending.result()
     bar.close()
+    requests = merge_parts(work, chunks, output, keys)
+    return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output)
+
+
+# The pieces below are shared with the Ray engine (recengine/distributed.py), which must write the
+# same parts, in the same chunks, merged the same way: its output is this job's, byte for byte.
+
+
+def work_folder(output: Path) -> Path:
+    """Where a job writing `output` keeps its manifest and parts until the merge."""
+    return output.with_name(f".{output.name}.parts")
+
+
+def part_path(work: Path, chunk: int) -> Path:
+    return work / f"part-{chunk:05d}.parquet"
+
+
+def chunk_of(chunks: int) -> pl.Expr:
+    """The chunk of a row: a hash of its user, so a user's requests land together whatever the order."""
+    return pl.col("user_id").hash(seed=0) % chunks
+
+
+def merge_parts(work: Path, chunks: int, output: Path, keys: list[str]) -> int:
+    """Concatenate the parts in chunk order into `output` (atomically), remove `work`; the requests written."""
     # The output (top k per request) is far smaller than the input, so the merge fits in memory.
-    merged = pl.concat([pl.read_parquet(work / f"part-{c:05d}.parquet") for c in range(chunks)])
+    merged = pl.concat([pl.read_parquet(part_path(work, c)) for c in range(chunks)])
     write_parquet_atomic(merged, output)
     requests = merged.select(keys).n_unique() if merged.height else 0
     shutil.rmtree(work, ignore_errors=True)
-    return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output)
+    return requests
 
 
 class _ChunkScorer:
@@ -163,8 +187,13 @@ def _now(context: FeatureContext) -> datetime:
 def _validated_input(path, generate: bool, columns: dict[str, str], context: FeatureContext) -> tuple[pl.LazyFrame, list[str]]:
     """The input, checked before anything is written: required columns, no nulls, parseable times.
     Without a timestamp column, requests are ranked as of just after the last known event."""
-    rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=_now(context))
-    rows = align_ids(rows, context.events.collect_schema(), str(path))
+    return validated_rows(path, generate, columns, _now(context), context.events.collect_schema())
+
+
+def validated_rows(path, generate: bool, columns: dict[str, str], now: datetime, events: pl.Schema) -> tuple[pl.LazyFrame, list[str]]:
+    """`_validated_input` given the job's "now" and the events' schema (all a Ray worker needs to know)."""
+    rows = load_timed(path, REQUESTS if generate else CANDIDATES, columns, default_time=now)
+    rows = align_ids(rows, events, str(path))
     keys = ["request_id"] if "request_id" in rows.collect_schema() else ["user_id", "timestamp"]
     return rows, keys
 
@@ -218,10 +247,15 @@ def _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, co
 
 
 def _file_digest(path: Path) -> str:
+    """A digest of a file's bytes, or of a folder's files (names relative to it, and bytes) in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -1,0 +1,230 @@
+"""The batch job on Ray: `recengine rank --engine ray` and `recengine embed --engine ray`.
+
+The same job as `recengine.batch.rank_file`, spread over a Ray cluster (or a local Ray). Everything
+that decides the answer is the local job's own code: the input is checked on the driver exactly as
+the local job checks it, the rows are split into the same chunks (a hash of the user), each chunk is
+scored by the same `_ChunkScorer` and written as the same part file, recorded in the same manifest,
+and the parts are merged by the same function. So the output is the local job's, byte for byte, and
+a job started by one engine can be finished by the other.
+
+What Ray adds: Ray Data reads the parquet input (a file or a folder) in parallel, normalises each
+block in a task (the local job's own reader, run on the block), groups the rows by chunk (a shuffle),
+and an actor pool scores the chunks. Each actor receives the scorer (model, feature set, context and
+the serving state the driver built for its dry run) once, through the object store, and writes its
+chunks' parts into the job's work folder, which must therefore be on storage every node sees. The
+driver records each finished chunk in the manifest as its result streams back: a killed actor is
+restarted and its chunk retried by Ray; a killed driver, run again with the same command, skips the
+chunks the manifest lists.
+
+Ray is an optional dependency (`pip install "recengine[ray]"`): nothing here is imported by the
+local job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from recengine.batch import (
+    JobReport, _ChunkScorer, _fingerprint, _Manifest, _now, _validated_input, check_output_file, chunk_of,
+    merge_parts, part_path, validated_rows, work_folder,
+)
+from recengine.errors import ConfigError, DataError, RecengineError
+from recengine.extractors import FeatureContext
+from recengine.model import RankerModel
+
+# Explicit, small: Ray's default takes 30% of the machine's memory for the object store, which on a
+# shared box starves everything else. Holds the shuffled input (about 40 bytes a row) with room.
+DEFAULT_OBJECT_STORE = 2 << 30
+
+
+@dataclass
+class RayJobReport(JobReport):
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> chunks its actors scored
+    actors: int = 0
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without its data extra lacks it)
+    except ImportError as exc:
+        raise ConfigError(f"--engine ray needs Ray, which is not installed ({exc}); install the extra with "
+                          "pip install \"recengine[ray]\", or run with --engine local.") from exc
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Join the Ray cluster at `address` ("auto" finds one started with `ray start` on this machine),
+    or start a local one when no address is given. Nothing happens when Ray is already initialised."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE,
+                     include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot reach a Ray cluster at --address {address} ({exc}); start one there with "
+                          "`ray start --head`, check the address it printed, or leave --address out to run "
+                          "on a local Ray.") from exc
+
+
+def rank_on_ray(
+    model: RankerModel,
+    input_path: str | Path,
+    output: str | Path,
+    context: FeatureContext,
+    k: int = 10,
+    chunk_rows: int = 1_000_000,
+    generate: bool = False,
+    columns: dict[str, str] | None = None,
+    progress: bool = True,
+    actors: int | None = None,
+    cpus_per_actor: float = 1,
+    threads: int | None = None,
+    share_state: bool = True,
+) -> RayJobReport:
+    """`recengine.batch.rank_file` on the Ray cluster `connect` joined (a local one if none): same
+    arguments, same output. `actors` scorers (default: the cluster's CPUs less one, so the tasks that
+    read and shuffle keep a CPU) of `cpus_per_actor` CPUs each, LightGBM using `threads` threads in
+    each (default: its CPUs). With `share_state`, the serving state the driver built is shipped to
+    the actors through the object store; otherwise each actor builds its own."""
+    ray = _ray()
+    started = time.perf_counter()
+    connect()
+    output = Path(output)
+    check_output_file(output)
+    model.check_plugins()
+    input_path = Path(input_path)
+    rows, keys = _checked_input(input_path, generate, columns or {}, context)
+    total = rows.select(pl.len()).collect().item()
+    scorer = _ChunkScorer(model, model.feature_set(), keys, context, generate, k)
+    scorer(rows.head(1).collect())  # the local job's dry run: fails before any file is made
+    chunks = max(1, math.ceil(total / chunk_rows))
+    work = work_folder(output)
+    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
+    todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
+    skipped, nodes = chunks - len(todo), Counter()
+    pool = actors or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    if todo:
+        if not share_state:
+            scorer._state = None
+        dataset = _scored(ray, input_path, scorer, todo, chunks, columns or {}, work, pool, cpus_per_actor,
+                          threads or max(1, int(cpus_per_actor)))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=sum(manifest.rows.values()), desc="ranking on ray", unit="row",
+                   unit_scale=True, disable=not progress)
+        try:
+            for result in dataset.iter_rows():
+                manifest.finish(int(result["chunk"]), int(result["rows"]))
+                nodes[result["node"]] += 1
+                bar.update(int(result["rows"]))
+        except Exception as exc:  # a worker's RecengineError reaches here wrapped in Ray's exceptions
+            raise _user_error(exc) or exc
+        bar.close()
+        # A chunk no user hashed to has no rows, so no group came back for it: the local job's part
+        # for an empty chunk is the scorer's output for no rows.
+        empty = rows.head(0).collect()
+        for chunk in todo:
+            if not manifest.done(chunk, part_path(work, chunk)):
+                from recengine.data import write_parquet_atomic
+
+                write_parquet_atomic(scorer(empty), part_path(work, chunk))
+                manifest.finish(chunk, 0)
+    requests = merge_parts(work, chunks, output, keys)
+    return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output,
+                        dict(sorted(nodes.items())), pool)
+
+
+def _checked_input(path: Path, generate: bool, columns: dict[str, str], context: FeatureContext):
+    """The local job's checks, on the driver, before anything is written. A folder is checked file by
+    file (Ray reads it as one table); its rows are counted and dry-run as one table."""
+    if not path.is_dir():
+        return _validated_input(path, generate, columns, context)
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise DataError(f"{path}: the folder holds no .parquet files; --engine ray reads a parquet file or a folder "
+                        "of them. Convert the input to parquet or give the file's path.")
+    checked = [_validated_input(file, generate, columns, context) for file in files]
+    keys = checked[0][1]
+    return pl.concat([rows for rows, _ in checked], how="vertical_relaxed"), keys
+
+
+def _scored(ray, input_path: Path, scorer: _ChunkScorer, todo: list[int], chunks: int, columns: dict[str, str],
+            work: Path, actors: int, cpus_per_actor: float, threads: int):
+    """The Ray Data pipeline: read, normalise and assign chunks (tasks), group by chunk (a shuffle),
+    score each chunk and write its part (an actor pool). Yields one row per chunk scored."""
+    from ray.data import ActorPoolStrategy
+
+    normalise = dict(generate=scorer.generate, columns=columns, now=_now(scorer.context),
+                     events=scorer.context.events.collect_schema(), chunks=chunks, todo=todo)
+    dataset = ray.data.read_parquet(str(input_path), file_extensions=["parquet"])
+    dataset = dataset.map_batches(_normalised, batch_format="pyarrow", batch_size=None, fn_kwargs=normalise)
+    # Nested in a list, so that Ray hands the actor the reference and the actor fetches the scorer
+    # itself, once: one copy per node in the object store, not one pickle per actor.
+    shared = [ray.put(scorer)]
+    return dataset.groupby("_chunk").map_groups(
+        _ScoreChunks, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
+        fn_constructor_args=(shared, str(work)), num_cpus=cpus_per_actor,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        scheduling_strategy="SPREAD",
+    )
+
+
+def _normalised(batch, generate: bool, columns: dict[str, str], now, events: pl.Schema, chunks: int, todo: list[int]):
+    """One block of raw input as the local job reads it (its own reader, on the block written to a
+    temporary parquet file), with its chunk; rows of finished chunks dropped."""
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="recengine-block-") as folder:
+        path = Path(folder) / "block.parquet"
+        pq.write_table(batch, path, compression="none")
+        rows, _ = validated_rows(path, generate, columns, now, events)
+        rows = rows.with_columns(chunk_of(chunks).cast(pl.Int64).alias("_chunk")).filter(pl.col("_chunk").is_in(todo))
+        return rows.collect().to_arrow()
+
+
+class _ScoreChunks:
+    """An actor of the pool: holds the scorer, scores a chunk's rows and writes its part atomically."""
+
+    def __init__(self, shared: list, work: str):
+        import ray
+
+        self.scorer: _ChunkScorer = ray.get(shared[0])
+        self.work = Path(work)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, group):
+        import pyarrow as pa
+
+        from recengine.data import write_parquet_atomic
+
+        batch = pl.from_arrow(group)
+        chunk = int(batch["_chunk"][0])
+        ranked = self.scorer(batch.drop("_chunk"))
+        write_parquet_atomic(ranked, part_path(self.work, chunk))
+        return pa.table({"chunk": [chunk], "rows": [batch.height], "node": [self.node], "pid": [os.getpid()]})
+
+
+def _user_error(exc: BaseException) -> RecengineError | None:
+    """The RecengineError a worker raised, out of the exceptions Ray wraps it in."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RecengineError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
