@@ -102,6 +102,7 @@ def _separated(folder: Path, separator: str) -> None:
     """The valid events written with another separator, under a .csv name."""
     interactions(n_users=30, per_user=12).write_csv(folder / "events.csv", separator=separator)
 
+
 # -- models and outputs: train --output, model loading, rank/recommend outputs -------------------------
 def _training_data(prepare: Callable[[Path], object] = lambda folder: None) -> Callable[[Path], None]:
     """Valid data and a small feature set fs.toml, then `prepare(folder)`."""
