@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.data import TIMESTAMP
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext, check_window
+from recengine.extractors import FIXED_POINT, RESOLUTION, FeatureContext, _exact_sum, check_window
 from recengine.interest import InterestScores
 from recengine.pit import DAY, cumulative, recent_history, totals_before
 from recengine.plugins import check_number
@@ -80,7 +80,7 @@ class CovisitationSource:
         if before.height:  # the pair table (millions of rows for a wide window) only when a request needs it
             pairs = context.covisitation_pairs(self.window).rename({"timestamp": "_pair_at"})
             hits = before.lazy().join(pairs, on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
-            found.append(hits.group_by("_request", pl.col("b").alias("item_id")).agg(pl.col("w").sum().alias("score")))
+            found.append(hits.group_by("_request", pl.col("b").alias("item_id")).agg(_exact_sum(pl.col("w")).alias("score")))
         return _top_k(pl.concat(found), self.k)
 
     def _after_all_pairs(self, seeds: pl.DataFrame, context: FeatureContext) -> pl.LazyFrame:
@@ -93,8 +93,11 @@ class CovisitationSource:
         # Seeds are events, so every one has a row (empty for an item in no pair: it adds nothing).
         col = seeds["a"].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy()
         requests, row = np.unique(seeds["_request"].to_numpy(), return_inverse=True)
-        weights = sp.csr_matrix((seeds["w"].to_numpy(), (row, col)), shape=(len(requests), totals.shape[0]))
-        scores = (weights @ totals).tocsr()
+        # Weights in the fixed point of `_exact_sum` (whole numbers held in floats): every sum of their
+        # products with the counts is exact, so the order scipy adds in cannot change a score.
+        fixed = np.round(seeds["w"].to_numpy() * FIXED_POINT)
+        weights = sp.csr_matrix((fixed, (row, col)), shape=(len(requests), totals.shape[0]))
+        scores = (weights @ totals).tocsr() * RESOLUTION
         keep = _at_least_top_k(scores, self.k)
         hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]
         return pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
@@ -162,6 +165,8 @@ def generate(
                          pl.col("rank").cast(pl.Float64).alias(f"cand_{source.name}_rank"))
         found = top if found is None else found.join(top, on=["_request", "item_id"], how="full", coalesce=True)
     rows = keyed.join(found, on="_request")
+    if context.items is not None:  # an item the catalogue lacks (withdrawn, or a logging error) is never proposed
+        rows = rows.join(context.items.select("item_id"), on="item_id", how="semi")
     if exclude_seen:
         rows = drop_seen(rows, context.events)
     return rows.sort("_request", "item_id").drop("_request").collect()

@@ -108,10 +108,20 @@ def compute_features(
     return out.drop("_row")
 
 
+# Fixed point at 2^-30 (about 1e-9): scaling by a power of two is exact, so whole numbers stay whole
+# and numpy and polars do the very same float operations.
+FIXED_POINT, RESOLUTION = 2.0**30, 2.0**-30
+
+
 def _exact_sum(expr: pl.Expr) -> pl.Expr:
-    """A sum of floats in fixed point (1e-9): integer addition does not depend on the order a parallel
+    """A sum of floats in fixed point (2^-30): integer addition does not depend on the order a parallel
     group-by adds in, so the same data always gives the same features, and the same model."""
-    return (expr * 1e9).round().cast(pl.Int64).sum() / 1e9
+    return (expr * FIXED_POINT).round().cast(pl.Int64).sum() * RESOLUTION
+
+
+def exact_sum(terms: np.ndarray, axis: int = 0) -> np.ndarray:
+    """`_exact_sum` over a numpy axis: the same fixed point, so a serving path equals batch to the bit."""
+    return np.round(terms * FIXED_POINT).sum(axis=axis) * RESOLUTION
 
 
 def _days(expr: pl.Expr) -> pl.Expr:
@@ -163,8 +173,11 @@ def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_l
     origin = (epoch + 1) * span
     weighted = events.select(by, "timestamp", epoch.alias("_epoch"), ((ms - origin) / tau).exp().alias("w"),
                              ((ms - origin - span) / tau).exp().alias("w_next"))
-    running = cumulative(weighted, [by, "_epoch"], {"w": pl.col("w").sum()})
-    carried = weighted.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").sum().alias("carry"))
+    # Every event of one time has one weight, so a time's total is that weight times the count, and
+    # the running totals add the times in time order: no float sum depends on a group-by's order.
+    sums = {"w": pl.col("w").first() * pl.len(), "w_next": pl.col("w_next").first() * pl.len()}
+    running = cumulative(weighted, [by, "_epoch"], sums)
+    carried = running.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").last().alias("carry"))
     keyed = requests.with_columns(epoch.alias("_epoch"))
     same = totals_before(keyed, running, [by, "_epoch"], ["w"])
     scale = (((pl.col("_epoch") + 1) * span - ms) / tau).exp()
@@ -322,8 +335,10 @@ class ItemAttribute:
         values = context.items.select("item_id", *(pl.col(f).cast(pl.Float64) for f in self.fields))
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         history = recent_history(keys.select("user_id", "timestamp").unique(), context.events, self.recent)
+        # Means from exact sums: the same in any row order, and equal to the serving path's.
         means = history.join(values, left_on="h_item", right_on="item_id").group_by("user_id", "timestamp").agg(
-            pl.col(f).mean().alias(f"_mean_{f}") for f in self.fields
+            pl.when(pl.col(f).count() > 0).then(_exact_sum(pl.col(f)) / pl.col(f).count()).alias(f"_mean_{f}")
+            for f in self.fields
         )
         joined = keys.join(values, on="item_id", how="left").join(means, on=["user_id", "timestamp"], how="left")
         return joined.select("_row", *(
