@@ -202,3 +202,15 @@ def test_metrics_by_hand():
     assert m["recall@10"] == pytest.approx(np.mean([0.5, 1.0, 0.0]))
     assert m["hr@10"] == pytest.approx(2 / 3) and m["mrr@10"] == pytest.approx(np.mean([0.5, 0.5, 0.0]))
     assert m["auc"] == pytest.approx(np.mean([0.5, 0.0])) and m["requests"] == 3
+
+
+def test_candidates_never_include_an_item_the_catalogue_lacks():
+    # Item 6 has events (the most popular, next to user 1's items) but no catalogue row: withdrawn.
+    events = pl.concat([BASE, log([(4, 6, T0 - 2 * DAY, 5.0), (5, 6, T0 - 2 * DAY, 5.0), (1, 6, T0 - 4 * DAY, 3.0)])])
+    requests = pl.DataFrame({"user_id": [2, 3], "timestamp": [T0, T0]})
+    sources = [PopularSource(k=10), CovisitationSource(k=10, window=2)]
+    with_catalogue = generate(requests, sources, context(events))
+    without = generate(requests, sources, FeatureContext.from_frames(events))
+    assert 6 in without["item_id"].to_list()
+    assert 6 not in with_catalogue["item_id"].to_list()
+    assert set(with_catalogue["item_id"]) <= set(ITEMS["item_id"])
