@@ -204,7 +204,7 @@ def check_output_file(output: str | Path, option: str = "--output") -> None:
     output = Path(output)
     if output.is_dir():
         raise ConfigError(f"{output} is an existing folder, but {option} names the parquet file to write; "
-                          f"give a file path such as {output / 'ranked.parquet'}.")
+                          f"give a file path such as {output / 'results.parquet'}.")
     check_writable(output.parent, option)
 
 
