@@ -114,6 +114,14 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
+engine_option = click.option(
+    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    help="Run here, or on a Ray cluster (needs recengine[ray]; see README, Running on Ray).")
+address_option = click.option(
+    "--address", help="With --engine ray: the cluster's address (as `ray start --head` printed it, or auto); "
+                      "default: a local Ray on this machine.")
+
+
 @cli.command()
 @click.option("--items", type=click.Path(path_type=Path), help="Items file; default: the bundled MovieLens catalogue.")
 @click.option("--columns", help="Column mapping for the items file, e.g. movieId=item_id.")
@@ -121,8 +129,10 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name.")
 @click.option("--param", "params", multiple=True, help="Encoder parameter key=value (repeatable), e.g. device=cpu.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Embedding cache folder [default: .recengine/cache].")
+@engine_option
+@address_option
 @_friendly_errors
-def embed(items, columns, fields, encoder, params, cache_dir) -> None:
+def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -> None:
     """Precompute item embeddings into the cache; report rows/s, hits and misses."""
     from recengine.data import load_items, parse_mapping
     from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
@@ -132,7 +142,13 @@ def embed(items, columns, fields, encoder, params, cache_dir) -> None:
     cache = EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR)
     for field in fields:
         texts = _field_texts(catalogue, field, str(items or "the bundled catalogue"))
-        _, stats = embed_texts(texts, model, cache, progress=True)
+        if engine == "ray":
+            from recengine.distributed import connect, embed_on_ray
+
+            connect(address)
+            _, stats = embed_on_ray(texts, encoder, parse_params(params), cache, encoder_id=model.id)
+        else:
+            _, stats = embed_texts(texts, model, cache, progress=True)
         click.echo(
             f"{field}: {len(texts)} items, {stats.hits} cache hits, {stats.misses} encoded, "
             f"{stats.rows_per_second:,.0f} rows/s ({stats.seconds:.2f} s) with {model.id}"
@@ -321,8 +337,11 @@ def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: date
 @click.option("--k", default=10, show_default=True, help="Items kept per request.")
 @click.option("--chunk-rows", default=1_000_000, show_default=True, help="Input rows per chunk (memory follows this).")
 @cache_option
+@engine_option
+@address_option
 @_friendly_errors
-def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir) -> None:
+def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir,
+         engine, address) -> None:
     """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
     from recengine.batch import check_output_file, rank_file
     from recengine.data import parse_mapping
@@ -333,7 +352,12 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir))
-    report = rank_file(model, input_path, output, context, k, chunk_rows, generate, parse_mapping(columns))
+    job = rank_file
+    if engine == "ray":
+        from recengine.distributed import connect, rank_on_ray as job
+
+        connect(address)
+    report = job(model, input_path, output, context, k, chunk_rows, generate, parse_mapping(columns))
     resumed = f", {report.skipped} finished earlier and skipped" if report.skipped else ""
     click.echo(f"{report.rows:,} input rows in {report.chunks} chunk(s){resumed}: top {k} for {report.requests:,} "
                f"requests written to {report.output} in {report.seconds:.1f} s ({report.rows / report.seconds:,.0f} rows/s)")
@@ -378,7 +402,8 @@ def quickstart(ctx, cache_dir) -> None:
     sample = pl.read_parquet(output).filter(pl.col("user_id") == 1).join(
         dataset.items.select("item_id", "title").collect(), on="item_id", how="left")
     click.echo("user 1's top 10:\n" + "\n".join(f"  {r['rank']:2}. {r['title']}" for r in sample.iter_rows(named=True)))
-    click.echo("Compare runs in the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    click.echo("Compare runs in the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then open "
+               "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the \"Model training\" view)")
 
 
 if __name__ == "__main__":

@@ -228,3 +228,76 @@ def _user_error(exc: BaseException) -> RecengineError | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def embed_on_ray(
+    texts: Sequence[str],
+    encoder: str,
+    params: dict[str, Any] | None,
+    cache,
+    batch_rows: int = 1024,
+    actors: int | None = None,
+    progress: bool = True,
+    encoder_id: str | None = None,
+):
+    """Encode, on the cluster, the texts of `texts` that `cache` lacks, and add them to it. Returns
+    (encoder id, CacheStats); `encoder_id` spares building the encoder here to learn it. Actors take a GPU each when the cluster has GPUs (as many actors as
+    GPUs), else a CPU each (the CPUs less one). The driver stores each batch as it streams back: a new
+    shard file, written atomically, and a compaction removes only the shards it merged, so a
+    concurrent writer's work stays and an interrupted run keeps what it finished."""
+    import pyarrow as pa
+    from ray.data import ActorPoolStrategy
+    from tqdm.auto import tqdm
+
+    from recengine.encoders import CacheStats, create_encoder, text_keys, unique_texts
+
+    ray = _ray()
+    connect()
+    started = time.perf_counter()
+    encoder_id = encoder_id or create_encoder(encoder, params).id
+    unique, _ = unique_texts(texts)
+    keys = text_keys(unique)
+    _, found = cache.lookup(encoder_id, keys)
+    missing = np.flatnonzero(~found)
+    stats = CacheStats(hits=int(found.sum()), misses=int(len(missing)))
+    if len(missing):
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        pool = actors or gpus or max(1, int(resources.get("CPU", 2)) - 1)
+        table = pa.table({"key": pa.array(keys[missing].tolist(), pa.binary(16)),
+                          "text": pa.array([unique[i] for i in missing], pa.string())})
+        dataset = ray.data.from_arrow(table).map_batches(
+            _EncodeTexts, batch_size=batch_rows, batch_format="pyarrow", compute=ActorPoolStrategy(size=pool),
+            fn_constructor_args=(encoder, params or {}, encoder_id), num_gpus=1 if gpus else 0, num_cpus=1)
+        bar = tqdm(total=len(missing), desc=f"encoding with {encoder_id} on ray", unit="text", disable=not progress)
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                found_keys = np.array(batch["key"].to_pylist(), dtype="S16")
+                dim = int(batch["dim"][0].as_py())
+                vectors = np.frombuffer(b"".join(batch["vector"].to_pylist()), dtype=np.float32).reshape(-1, dim)
+                cache.store(encoder_id, found_keys, vectors)
+                bar.update(len(found_keys))
+        except Exception as exc:
+            raise _user_error(exc) or exc
+        bar.close()
+    stats.seconds = time.perf_counter() - started
+    return encoder_id, stats
+
+
+class _EncodeTexts:
+    """An actor of the embedding pool: loads the encoder once (on its GPU when it has one)."""
+
+    def __init__(self, name: str, params: dict[str, Any], encoder_id: str):
+        from recengine.encoders import create_encoder
+
+        self.encoder = create_encoder(name, params)
+        if self.encoder.id != encoder_id:  # another plugin version on this node would fill the cache wrongly
+            raise ConfigError(f"encoder '{name}' is {self.encoder.id} on a Ray node but {encoder_id} on the driver; "
+                              "install the same recengine plugins on every node.")
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        vectors = np.ascontiguousarray(self.encoder.encode(batch["text"].to_pylist()), dtype=np.float32)
+        return pa.table({"key": batch["key"], "vector": pa.array([row.tobytes() for row in vectors], pa.binary()),
+                         "dim": pa.array([vectors.shape[1]] * len(vectors), pa.int32())})

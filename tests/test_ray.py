@@ -53,20 +53,56 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The local job's output: top 5, chunks of 300 rows."""
+    folder, model, events = setup
+    out = tmp_path_factory.mktemp("local") / "local.parquet"
+    return rank_file(model, folder / "candidates.parquet", out, context_of(events), k=5, chunk_rows=300, progress=False)
+
+
 def context_of(events):
     return FeatureContext.from_frames(events, catalogue())
 
 
-def test_ray_output_is_the_local_jobs_byte_for_byte(setup, local_ray, tmp_path):
+def test_ray_output_is_the_local_jobs_byte_for_byte(setup, local_ray, reference, tmp_path):
     folder, model, events = setup
-    local = rank_file(model, folder / "candidates.parquet", tmp_path / "local.parquet", context_of(events), k=5,
-                      chunk_rows=500, progress=False)
     ran = rank_on_ray(model, folder / "candidates.parquet", tmp_path / "ray.parquet", context_of(events), k=5,
-                      chunk_rows=500, progress=False, actors=1)
-    assert ran.chunks == local.chunks > 5 and ran.actors == 1 and sum(ran.nodes.values()) == ran.chunks
-    assert ran.output.read_bytes() == local.output.read_bytes()
-    assert (ran.rows, ran.requests) == (local.rows, local.requests)
+                      chunk_rows=300, progress=False, actors=1)
+    assert ran.chunks == reference.chunks > 10 and ran.actors == 1 and sum(ran.nodes.values()) == ran.chunks
+    assert ran.output.read_bytes() == reference.output.read_bytes()
+    assert (ran.rows, ran.requests) == (reference.rows, reference.requests)
     assert not (tmp_path / ".ray.parquet.parts").exists()
+
+
+def test_the_cli_runs_the_same_job_on_ray(setup, local_ray, reference, cli_run, tmp_path):
+    folder, _, _ = setup
+    args = ["rank", "--model", str(folder / "model"), "--events", str(folder / "events.parquet"), "--items",
+            str(folder / "items.parquet"), "--input", str(folder / "candidates.parquet"), "--k", "5", "--chunk-rows", "300"]
+    result = cli_run(*args, "--output", str(tmp_path / "ray.parquet"), "--engine", "ray")
+    assert result.exit_code == 0, result.output
+    assert f"in {reference.chunks} chunk(s)" in result.output
+    assert (tmp_path / "ray.parquet").read_bytes() == reference.output.read_bytes()
+
+
+def test_embed_on_ray_encodes_only_what_the_cache_lacks(local_ray, tiny_bert, tmp_path):
+    from recengine.encoders import EmbeddingCache, create_encoder, embed, text_keys
+    from recengine.distributed import embed_on_ray
+
+    params = {"model": str(tiny_bert), "device": "cpu"}
+    encoder = create_encoder("transformers", params)
+    titles = catalogue()["title"].to_list()  # 120 titles, some repeated
+    distinct = list(dict.fromkeys(titles))
+    expected, _ = embed(distinct, encoder)  # no cache: the local encoder's vectors
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed(distinct[:40], encoder, cache)  # a run before this one (or a concurrent writer) encoded these
+    encoder_id, stats = embed_on_ray(titles, "transformers", params, cache, batch_rows=16, progress=False)
+    assert encoder_id == encoder.id and (stats.hits, stats.misses) == (40, len(distinct) - 40)
+    fresh = EmbeddingCache(tmp_path / "cache")  # what is on disk now
+    vectors, found = fresh.lookup(encoder.id, text_keys(distinct))
+    assert found.all()
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert embed_on_ray(titles, "transformers", params, fresh, progress=False)[1].misses == 0
 
 
 def test_a_folder_of_parts_with_timestamps_and_request_ids(setup, local_ray, tmp_path):
@@ -87,10 +123,8 @@ def test_a_folder_of_parts_with_timestamps_and_request_ids(setup, local_ray, tmp
     assert ran.output.read_bytes() == local.output.read_bytes()
 
 
-def test_an_actor_killed_mid_job_is_restarted_and_its_chunk_retried(setup, local_ray, tmp_path):
+def test_an_actor_killed_mid_job_is_restarted_and_its_chunk_retried(setup, local_ray, reference, tmp_path):
     folder, model, events = setup
-    reference = rank_file(model, folder / "candidates.parquet", tmp_path / "local.parquet", context_of(events), k=5,
-                          chunk_rows=300, progress=False)
     manifest = tmp_path / ".ray.parquet.parts" / "manifest.json"
     killed = []
 
@@ -126,10 +160,8 @@ print("skipped", report.skipped)
 """
 
 
-def test_a_driver_killed_mid_job_resumes_skipping_finished_chunks(setup, local_ray, tmp_path):
+def test_a_driver_killed_mid_job_resumes_skipping_finished_chunks(setup, local_ray, reference, tmp_path):
     folder, model, events = setup
-    reference = rank_file(model, folder / "candidates.parquet", tmp_path / "local.parquet", context_of(events), k=5,
-                          chunk_rows=300, progress=False)
     script = tmp_path / "run.py"
     script.write_text(RUN)
     target = tmp_path / "ray.parquet"
@@ -146,6 +178,29 @@ def test_a_driver_killed_mid_job_resumes_skipping_finished_chunks(setup, local_r
     assert int(finished.stdout.split()[-1]) >= done
     assert target.read_bytes() == reference.output.read_bytes()
     assert not (tmp_path / ".ray.parquet.parts").exists()
+
+
+def test_a_simulated_cluster_spreads_the_chunks_over_its_nodes(setup, reference, tmp_path):
+    # Last in the module: it replaces the module's local Ray with a cluster of three Ray nodes on
+    # this machine (a head that only drives, and two workers of 2 CPUs, one scoring actor each).
+    from ray.cluster_utils import Cluster
+
+    folder, model, events = setup
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20,
+                                                            "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=100 << 20) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        ran = rank_on_ray(model, folder / "candidates.parquet", tmp_path / "ray.parquet", context_of(events), k=5,
+                          chunk_rows=300, progress=False, actors=2)
+        assert sorted(ran.nodes) == sorted(node.node_id for node in workers)
+        assert min(ran.nodes.values()) >= 2 and sum(ran.nodes.values()) == ran.chunks
+        assert ran.output.read_bytes() == reference.output.read_bytes()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _chunks_done(manifest: Path) -> int:
