@@ -15,5 +15,6 @@ echo "Installing recengine into .venv (first run takes a few minutes)..."
 # Pin torch only when none is installed: 2.13.0 satisfies the plugin's range, and on a machine with a
 # local CPU wheel it avoids pulling the newest CUDA build. A GPU machine keeps the torch it has.
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]" -e plugins/recengine-transformers
+# The ray extra too, so the Ray engine's tests (tests/test_ray.py) run in CI.
+.venv/bin/python -m pip install -q -e ".[test,ray]" -e plugins/recengine-transformers
 echo "$want" > "$stamp"
