@@ -5,6 +5,9 @@ mlruns/artifacts); `MLFLOW_TRACKING_URI` points elsewhere. Open the UI with
 
     mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
 
+and go to http://127.0.0.1:5000/#/experiments?workflowType=machine_learning: MLflow 3 opens on its GenAI
+view, and `workflowType` (or the "Model training" toggle at the top left) selects the training one.
+
 A run covers the whole training: open `training_run(...)` before reading the data and call
 `log_training(...)` inside it (or call `log_training` alone, which opens a run just for the logging).
 What a person comparing runs sees:
@@ -426,8 +429,10 @@ def _drop_local_paths(mlflow, info, scratch: Path) -> None:
     from mlflow.models import Model
 
     scratch.mkdir()
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     location = mlflow.MlflowClient().get_logged_model(info.model_id).artifact_location
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=str(scratch)))
+    local = Path(get_artifact_repository(location).download_artifacts("MLmodel", dst_path=str(scratch)))
     model = Model.load(str(local))
     flavor = model.flavors["python_function"]
     if flavor.get("model_code_path"):
