@@ -52,10 +52,11 @@ RANKER_DEFAULTS = {
     # ones most like tomorrow's) for proportionally more rounds. Validation metrics are measured
     # before the refit, since the refit model has seen those labels.
     "refit": True,
+    "early_stopping_metric": "ndcg@10",  # the validation metric early stopping watches: the champion's
 }
 OBJECTIVES = ("lambdarank", "rank_xendcg")
 # [ranker] keys that are recengine's own, not LightGBM's.
-OWN_RANKER_KEYS = ("num_boost_round", "early_stopping_rounds", "refit")
+OWN_RANKER_KEYS = ("num_boost_round", "early_stopping_rounds", "refit", "early_stopping_metric")
 # LightGBM parameters recengine sets itself on every training, or names with its own keys: a value given
 # for one of these would be overridden or would fight recengine's, so it is refused with the reason.
 RESERVED_RANKER_KEYS = {
