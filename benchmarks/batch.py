@@ -12,12 +12,23 @@ Each size runs `--repeats` times and the run with the median job/floor ratio is 
 are shared and noisy.
 
     .venv/bin/python benchmarks/batch.py --model models:/recengine-movielens@champion [--sizes 1000000 10000000] [--repeats 3] [--point-in-time]
+
+With `--engine ray` (needs recengine[ray]), each size runs the local job, the Ray job on a local Ray
+(`--ray-cpus` CPUs, one scoring actor per CPU less one) and the Ray job on a simulated cluster
+(`ray.cluster_utils.Cluster`: a driver-only head and `--nodes` nodes, one actor each), each in its own
+process, on the same input; the Ray times exclude starting Ray (a real cluster is already up), not
+starting the job's actors. It shows rows/s, the Ray/local time ratio, whether the output is the
+local job's byte for byte, the driver's and the largest actor's peak memory, and a projection of
+the cores needed to rank 1 billion rows in an hour from the Ray job's rows/s per scoring core.
+
+    .venv/bin/python benchmarks/batch.py --engine ray --sizes 10000000 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -76,6 +87,87 @@ def child(model_uri: str, input_path: str, output: str, chunk_rows: int) -> None
     print(json.dumps({"rows": report.rows, "job_s": job, "floor_s": floor, "peak_mib": peak_job, "chunks": report.chunks}))
 
 
+def child_ray(model_uri: str, input_path: str, output: str, chunk_rows: int, nodes: int, cpus: int, threads: int) -> None:
+    """The Ray job on a local Ray (`nodes` 0) or a simulated cluster of `nodes` nodes; prints JSON."""
+    import ray
+
+    from recengine.datasets import movielens
+    from recengine.distributed import DEFAULT_OBJECT_STORE, rank_on_ray
+    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+    from recengine.extractors import FeatureContext
+    from recengine.model import load_model
+
+    model = load_model(model_uri)
+    data = movielens()
+    context = FeatureContext.from_frames(data.events, data.items, cache=EmbeddingCache(DEFAULT_CACHE_DIR))
+    cluster = None
+    if nodes:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": DEFAULT_OBJECT_STORE,
+                                                                "include_dashboard": False})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus, object_store_memory=DEFAULT_OBJECT_STORE // nodes)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        actors = nodes
+    else:
+        ray.init(num_cpus=cpus, object_store_memory=DEFAULT_OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+        actors = max(1, cpus - 1)
+    started = time.perf_counter()  # Ray is up: from here on, the job's own cost
+    report = rank_on_ray(model, input_path, output, context, k=10, chunk_rows=chunk_rows, progress=False,
+                         actors=actors, threads=threads)
+    job = time.perf_counter() - started
+    print(json.dumps({"rows": report.rows, "job_s": job, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "actor_mib": report.actor_peak_mib, "chunks": report.chunks, "actors": report.actors,
+                      "nodes": sorted(report.nodes.values())}))
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+
+
+def compare_engines(args) -> None:
+    """`--engine ray`: the local job, the Ray job and the simulated cluster on the same input, per size."""
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            source = Path(tmp) / f"candidates-{size}.parquet"
+            make_input(source, size, later=timedelta(hours=1) if args.point_in_time else timedelta(0))
+            outputs = {name: Path(tmp) / f"{name}-{size}.parquet" for name in ("local", "ray", "cluster")}
+            runs: dict[str, list[dict]] = {name: [] for name in outputs}
+            for _ in range(args.repeats):
+                for name, out in outputs.items():
+                    extra = [] if name == "local" else ["--child-ray", str(args.nodes if name == "cluster" else 0)]
+                    done = subprocess.run([sys.executable, __file__, "--model", args.model, "--ray-cpus", str(args.ray_cpus),
+                                           "--ray-threads", str(args.ray_threads), "--child", str(source), str(out),
+                                           str(args.chunk_rows), *extra], capture_output=True, text=True)
+                    if done.returncode:
+                        sys.exit(f"{name} run failed:\n{done.stderr[-3000:]}")
+                    runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"done: {size:,} rows, {name}: {runs[name][-1]['job_s']:.1f} s", flush=True)
+            median = {name: sorted(r, key=lambda x: x["job_s"])[len(r) // 2] for name, r in runs.items()}
+            local = outputs["local"].read_bytes()
+            same = {name: outputs[name].read_bytes() == local for name in ("ray", "cluster")}
+            table.append((size, median, same))
+
+    print(f"\nmedian of {args.repeats} run(s); Ray times exclude starting Ray; {args.ray_cpus} CPUs for the local Ray, "
+          f"{args.nodes} simulated nodes of {args.ray_cpus} CPUs; LightGBM threads per actor: {args.ray_threads}")
+    print(f"{'rows':>12} {'engine':>8} {'actors':>6} {'rows/s':>10} {'time/local':>10} {'same bytes':>10} "
+          f"{'driver MiB':>10} {'actor MiB':>9}  chunks per node")
+    for size, median, same in table:
+        base = median["local"]["job_s"]
+        for name, r in median.items():
+            print(f"{size:>12,} {name:>8} {r.get('actors', 0):>6} {r['rows'] / r['job_s']:>10,.0f} {r['job_s'] / base:>9.2f}x "
+                  f"{('yes' if same.get(name, True) else 'NO'):>10} {r['peak_mib']:>10.0f} {r.get('actor_mib', 0):>9.0f}  "
+                  f"{r.get('nodes', '')}")
+    size, median, _ = table[-1]
+    per_core = median["ray"]["rows"] / median["ray"]["job_s"] / args.ray_cpus
+    cores = 1e9 / 3600 / per_core
+    print(f"\nprojection: {per_core:,.0f} rows/s per core (the local Ray's rows/s over its {args.ray_cpus} cores) -> "
+          f"1 billion rows in one hour needs {cores:,.0f} cores, e.g. {math.ceil(cores / 16)} nodes of 16 cores "
+          f"(linear scaling assumed: chunks are independent; the driver only merges the top k)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="models:/recengine-movielens@champion")
@@ -85,10 +177,22 @@ def main() -> None:
     parser.add_argument("--point-in-time", action="store_true",
                         help="Stamp the rows an hour after the last event, so they take the point-in-time pipeline "
                              "instead of the serving state that rows ranked 'now' get.")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: compare the local job, the Ray job and a simulated Ray cluster on the same rows.")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (and of each simulated node).")
+    parser.add_argument("--ray-threads", type=int, default=2, help="LightGBM threads in each scoring actor.")
+    parser.add_argument("--nodes", type=int, default=2, help="Nodes of the simulated cluster.")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-ray", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.child_ray is not None:
+        child_ray(args.model, *args.child[:2], int(args.child[2]), args.child_ray, args.ray_cpus, args.ray_threads)
+        return
     if args.child:
         child(args.model, *args.child[:2], chunk_rows=int(args.child[2]))
+        return
+    if args.engine == "ray":
+        compare_engines(args)
         return
 
     results = []

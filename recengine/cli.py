@@ -122,6 +122,12 @@ address_option = click.option(
                       "default: a local Ray on this machine.")
 
 
+def _check_engine(engine: str, address: str | None) -> None:
+    if address and engine != "ray":
+        raise RecengineError(f"--address {address} names a Ray cluster, but the job runs with --engine {engine}; "
+                             "add --engine ray to run it there, or drop --address.")
+
+
 @cli.command()
 @click.option("--items", type=click.Path(path_type=Path), help="Items file; default: the bundled MovieLens catalogue.")
 @click.option("--columns", help="Column mapping for the items file, e.g. movieId=item_id.")
@@ -134,6 +140,7 @@ address_option = click.option(
 @_friendly_errors
 def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -> None:
     """Precompute item embeddings into the cache; report rows/s, hits and misses."""
+    _check_engine(engine, address)
     from recengine.data import load_items, parse_mapping
     from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
 
@@ -343,6 +350,7 @@ def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: date
 def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir,
          engine, address) -> None:
     """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
+    _check_engine(engine, address)
     from recengine.batch import check_output_file, rank_file
     from recengine.data import parse_mapping
     from recengine.extractors import FeatureContext

@@ -23,7 +23,7 @@ local job.
 from __future__ import annotations
 
 import math
-import os
+import resource
 import tempfile
 import time
 from collections import Counter
@@ -51,6 +51,7 @@ DEFAULT_OBJECT_STORE = 2 << 30
 class RayJobReport(JobReport):
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> chunks its actors scored
     actors: int = 0
+    actor_peak_mib: float = 0.0  # the largest peak resident memory of a scoring actor
 
 
 def _ray():
@@ -103,7 +104,6 @@ def rank_on_ray(
     the actors through the object store; otherwise each actor builds its own."""
     ray = _ray()
     started = time.perf_counter()
-    connect()
     output = Path(output)
     check_output_file(output)
     model.check_plugins()
@@ -116,7 +116,8 @@ def rank_on_ray(
     work = work_folder(output)
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
     todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
-    skipped, nodes = chunks - len(todo), Counter()
+    skipped, nodes, peak = chunks - len(todo), Counter(), 0.0
+    connect()  # after the checks: bad input never waits for a Ray to start
     pool = actors or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     if todo:
         if not share_state:
@@ -131,6 +132,7 @@ def rank_on_ray(
             for result in dataset.iter_rows():
                 manifest.finish(int(result["chunk"]), int(result["rows"]))
                 nodes[result["node"]] += 1
+                peak = max(peak, float(result["peak_mib"]))
                 bar.update(int(result["rows"]))
         except Exception as exc:  # a worker's RecengineError reaches here wrapped in Ray's exceptions
             raise _user_error(exc) or exc
@@ -146,7 +148,7 @@ def rank_on_ray(
                 manifest.finish(chunk, 0)
     requests = merge_parts(work, chunks, output, keys)
     return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output,
-                        dict(sorted(nodes.items())), pool)
+                        dict(sorted(nodes.items())), pool, peak)
 
 
 def _checked_input(path: Path, generate: bool, columns: dict[str, str], context: FeatureContext):
@@ -216,7 +218,8 @@ class _ScoreChunks:
         chunk = int(batch["_chunk"][0])
         ranked = self.scorer(batch.drop("_chunk"))
         write_parquet_atomic(ranked, part_path(self.work, chunk))
-        return pa.table({"chunk": [chunk], "rows": [batch.height], "node": [self.node], "pid": [os.getpid()]})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return pa.table({"chunk": [chunk], "rows": [batch.height], "node": [self.node], "peak_mib": [peak]})
 
 
 def _user_error(exc: BaseException) -> RecengineError | None:
