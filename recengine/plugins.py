@@ -23,10 +23,10 @@ import pluggy
 
 from recengine import hookspecs
 from recengine.errors import ConfigError, PluginError
+from recengine.features import BUILTIN_MODULES
 
 ENTRY_POINT_GROUP = "recengine"
 ENV_VAR = "RECENGINE_LOAD_PLUGINS"
-BUILTIN_MODULES = ("recengine.extractors", "recengine.interest", "recengine.candidates")
 KINDS = {
     "encoders": "register_encoders",
     "feature_extractors": "register_feature_extractors",

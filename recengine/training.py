@@ -28,10 +28,11 @@ from recengine.candidates import drop_seen
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError, DataError
-from recengine.extractors import FeatureContext, ItemPopularity, compute_features
+from recengine.extractors import FeatureContext, compute_features
 from recengine.featureset import FeatureSet
 from recengine.metrics import evaluate
 from recengine.model import SPEC_FORMAT, RankerModel
+from recengine.parts import candidate_columns, encoders_of
 from recengine.samples import attach_labels, future_items, sample_requests, time_split
 
 REQUEST_KEYS = ["user_id", "timestamp"]
@@ -161,7 +162,7 @@ def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: Fe
 
 def feature_columns(feature_set: FeatureSet) -> list[str]:
     """The model's inputs, in order: each source's score and rank, then each extractor's columns."""
-    columns = [f"cand_{name}_{kind}" for name in feature_set.candidates for kind in ("score", "rank")]
+    columns = [c for name in feature_set.candidates for c in candidate_columns(name)]
     for extractor in feature_set.build_extractors():
         columns.extend(extractor.columns)
     return columns
@@ -268,13 +269,14 @@ def evaluate_split(
     metrics = evaluate(rows.with_columns(pl.Series("score", model.score(rows))), split.truth, keys, ks, catalogue)
     baselines = {}
     for name in feature_set.candidates:
-        column = f"cand_{name}_score"
+        column = candidate_columns(name)[0]
         if column in rows.columns:
             alone = rows.filter(pl.col(column).is_not_null()).with_columns(pl.col(column).alias("score"))
             baselines[f"source_{name}"] = evaluate(alone, split.truth, keys, ks, catalogue)
     # Popularity re-ranking the same candidates: the lift a ranker must at least show.
     columns = list(dict.fromkeys([*keys, "user_id", "item_id", "timestamp"]))
-    counted = compute_features(rows.select(columns), [ItemPopularity((), ())], context)
+    counts = plugins.create("feature_extractors", "item_popularity", {"windows_days": [], "half_lives_days": []})
+    counted = compute_features(rows.select(columns), [counts], context)
     baselines["popularity"] = evaluate(counted.rename({"item_count_all": "score"}), split.truth, keys, ks, catalogue)
     return metrics, baselines
 
@@ -303,23 +305,22 @@ def used_parts(feature_set: FeatureSet) -> list[dict[str, str]]:
         registration = plugins.get(kind, params.get(alias, name))
         parts.append({"kind": kind, "name": registration.name, "plugin": registration.plugin,
                       "version": versions.get(registration.plugin, "unknown")})
-    for encoder in sorted({params.get("encoder", "transformers") for params in _encoder_users(feature_set)}):
+    for encoder in sorted({name for name, _ in _encoders(feature_set)}):
         registration = plugins.get("encoders", encoder)
         parts.append({"kind": "encoders", "name": encoder, "plugin": registration.plugin,
                       "version": versions.get(registration.plugin, "unknown")})
     return parts
 
 
-def _encoder_users(feature_set: FeatureSet) -> list[dict[str, Any]]:
-    sources = [p for n, p in feature_set.candidates.items() if p.get("source", n) == "embedding"]
-    extractors = [p for n, p in feature_set.features.items() if p.get("extractor", n) == "interest"]
-    return sources + extractors
+def _encoders(feature_set: FeatureSet) -> list[tuple[str, dict[str, Any]]]:
+    """Every (encoder, parameters) a part of the feature set declares it embeds text with."""
+    parts = [*feature_set.build_sources(), *feature_set.build_extractors()]
+    return [pair for part in parts for pair in encoders_of(part)]
 
 
 def encoder_ids(feature_set: FeatureSet) -> list[str]:
     """The encoders' ids (model, pooling, length, precision): which cached embeddings the model expects."""
-    ids = {create_encoder(p.get("encoder", "transformers"), p.get("encoder_params")).id for p in _encoder_users(feature_set)}
-    return sorted(ids)
+    return sorted({create_encoder(name, params).id for name, params in _encoders(feature_set)})
 
 
 def lineage(events: pl.DataFrame, name: str, items: pl.LazyFrame | pl.DataFrame | None = None) -> dict[str, Any]:

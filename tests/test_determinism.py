@@ -15,10 +15,11 @@ import polars as pl
 import pytest
 
 from recengine import Ranker
-from recengine.candidates import EmbeddingSource, generate
+from recengine.candidates import generate
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache
 from recengine.extractors import FeatureContext
+from recengine.features.interest import EmbeddingSource
 from recengine.topk import order, top_k, top_k_dense
 
 from synthetic import THEMES, catalogue, interactions

@@ -6,12 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.candidates import CovisitationSource, EmbeddingSource, PopularSource, generate
-from recengine.extractors import (
-    CategoryAffinity, Covisitation, FeatureContext, ItemAge, ItemAttribute, ItemCTR, ItemPopularity, ItemTrend,
-    ItemValue, UserActivity, compute_features, decayed_counts,
+from recengine.candidates import generate
+from recengine.extractors import FeatureContext, compute_features
+from recengine.features.activity import UserActivity
+from recengine.features.attributes import ItemAttribute
+from recengine.features.categories import CategoryAffinity
+from recengine.features.covisitation import Covisitation, CovisitationSource, last_pair, pair_table, pair_totals
+from recengine.features.interest import EmbeddingSource, InterestScores, on_grid
+from recengine.features.popularity import (
+    ItemAge, ItemCTR, ItemPopularity, ItemTrend, ItemValue, PopularSource, decayed_counts,
 )
-from recengine.interest import InterestScores, on_grid
 from recengine.metrics import evaluate
 
 T0 = datetime(2024, 1, 10)
@@ -130,21 +134,29 @@ def test_covisitation_weights_by_seed_recency_and_popularity_and_can_follow_time
 
 
 @pytest.mark.parametrize("directed", [False, True])
-def test_covisitation_totals_and_last_time_match_the_pair_table(directed):
-    # The totals are built from shifted arrays for speed; they must count exactly the pair table's pairs,
-    # with string user ids and users whose events share a timestamp.
+def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed):
+    # The pairs come from shifted index arrays for speed; they must be exactly the definition's (b within
+    # 3 events after a in one user's log, a != b), with string user ids and events sharing a timestamp.
     rng = np.random.default_rng(2)
     events = pl.DataFrame({"user_id": rng.choice(["ann", "bob", "cy"], 300), "item_id": rng.integers(0, 25, 300),
-                           "timestamp": [T0 + DAY * int(d) for d in rng.integers(0, 40, 300)]}).lazy()
-    ctx = FeatureContext.from_frames(events)
-    ids, totals = ctx.covisitation_totals(3, directed)
-    counted = ctx.covisitation_pairs(3, directed).group_by("a", "b").len().collect()
+                           "timestamp": [T0 + DAY * int(d) for d in rng.integers(0, 40, 300)]})
+    ordered = events.sort("user_id", "timestamp", "item_id")
+    expected = []
+    for lag in (1, 2, 3):
+        earlier = pl.col("item_id").shift(lag).over("user_id")
+        expected.append(ordered.select(earlier.alias("a"), pl.col("item_id").alias("b"), "timestamp"))
+        if not directed:
+            expected.append(ordered.select(pl.col("item_id").alias("a"), earlier.alias("b"), "timestamp"))
+    expected = pl.concat(expected).drop_nulls().filter(pl.col("a") != pl.col("b")).sort("a", "b", "timestamp")
+    ctx = FeatureContext.from_frames(events.lazy())
+    assert pair_table(ctx, 3, directed).collect().sort("a", "b", "timestamp").equals(expected)
+    ids, totals = pair_totals(ctx, 3, directed)
     at = {item: j for j, item in enumerate(ids.to_list())}
-    expected = np.zeros(totals.shape)
-    for a, b, n in counted.iter_rows():
-        expected[at[a], at[b]] = n
-    np.testing.assert_array_equal(totals.toarray(), expected)
-    assert ctx.covisitation_last(3) == ctx.covisitation_pairs(3, directed).select(pl.col("timestamp").max()).collect().item()
+    counts = np.zeros(totals.shape)
+    for a, b, n in expected.group_by("a", "b").len().iter_rows():
+        counts[at[a], at[b]] = n
+    np.testing.assert_array_equal(totals.toarray(), counts)
+    assert last_pair(ctx, 3) == expected["timestamp"].max()
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)

@@ -101,7 +101,8 @@ def test_impression_logs_train_on_logged_groups_with_graded_labels():
 
 
 def test_ctr_reads_impressions_before_t_only():
-    from recengine.extractors import ItemCTR, compute_features
+    from recengine.extractors import compute_features
+    from recengine.features.popularity import ItemCTR
 
     shown = impressions(n_users=20)
     at = shown["timestamp"].sort()[shown.height // 2]

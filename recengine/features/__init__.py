@@ -1,0 +1,14 @@
+"""The built-in parts, one module per family of features; each registers through the plugin hooks,
+as a third party's package does.
+
+- `popularity`: item counts, windows, decay, trend, age, value, CTR; the popular source (item scope)
+- `activity`: the user's activity (user scope)
+- `categories`: category affinity
+- `covisitation`: pair counting, the co-visitation features and source
+- `interest`: text embeddings, the interest features and the embedding source
+- `attributes`: numeric item fields and their gap to the user's recent items
+"""
+
+BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
+    "popularity", "activity", "categories", "covisitation", "interest", "attributes",
+))

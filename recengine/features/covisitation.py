@@ -1,0 +1,243 @@
+"""Co-visitation: items seen within a few events of each other in one user's log.
+
+One primitive, `pair_arrays`, finds the pairs from shifted index arrays over the events in
+(user, time, item) order; every other form reads it: the dated pair table (point-in-time joins),
+the all-time totals (a sparse item x item matrix: what a request after the last pair sees), and the
+time of the last pair. Each is built once per feature context. The extractor and the candidate
+source below both read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+import recengine
+from recengine.candidates import source_top_k
+from recengine.errors import ConfigError
+from recengine.extractors import FIXED_POINT, RESOLUTION, exact_sum, exact_sum_expr
+from recengine.pit import cumulative, recent_history, totals_before
+from recengine.plugins import check_number
+from recengine.topk import DECIMALS
+
+
+def check_window(window: int, part: str) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"{part}: window = {window!r}; give a whole number of events, 1 or more.")
+
+
+class Sequences(NamedTuple):
+    """Events sorted by (user, time, item) as arrays: the sorted item ids, then per event a user run
+    number, the item's index in those ids, and the time."""
+
+    ids: pl.Series
+    user: np.ndarray
+    item: np.ndarray
+    times: pl.Series
+
+    @classmethod
+    def of(cls, events: pl.LazyFrame) -> "Sequences":
+        ordered = events.sort("user_id", "timestamp", "item_id").select(
+            pl.col("user_id").rle_id(), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("_i"), "timestamp",
+        ).collect()
+        return cls(ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"])
+
+
+def pair_arrays(seq: Sequences, window: int, directed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(a, b, at)`: item b came within `window` events after item a in one user's log (both ways
+    unless `directed`), as indices into `seq.ids`; `at` is the position of the later event, whose
+    time dates the pair."""
+    a, b, at = [], [], []
+    for lag in range(1, window + 1):
+        later = np.flatnonzero((seq.user[:-lag] == seq.user[lag:]) & (seq.item[:-lag] != seq.item[lag:])) + lag
+        a.append(seq.item[later - lag])
+        b.append(seq.item[later])
+        at.append(later)
+    a, b, at = np.concatenate(a), np.concatenate(b), np.concatenate(at)
+    return (a, b, at) if directed else (np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([at, at]))
+
+
+def _sequences(context) -> Sequences:
+    return context.memo("covis_sequences", lambda: Sequences.of(context.events))
+
+
+def pair_table(context, window: int, directed: bool = False) -> pl.LazyFrame:
+    """(a, b, timestamp): every dated pair, as item ids. Millions of rows for a wide window: build it
+    only when a request comes before the last pair."""
+    def build() -> pl.DataFrame:
+        seq = _sequences(context)
+        a, b, at = pair_arrays(seq, window, directed)
+        return pl.DataFrame({"a": seq.ids.gather(a), "b": seq.ids.gather(b), "timestamp": seq.times.gather(at)})
+
+    return context.memo(("covis_pairs", window, directed), build).lazy()
+
+
+def pair_totals(context, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
+    """Every pair's count over all events as a sparse item x item matrix, and the item ids of its rows
+    and columns: what a request after the last pair sees."""
+    def build() -> tuple[pl.Series, sp.csr_matrix]:
+        seq = _sequences(context)
+        a, b, _ = pair_arrays(seq, window, directed)
+        totals = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(len(seq.ids), len(seq.ids)))  # duplicates summed
+        totals.sum_duplicates()
+        return seq.ids, totals
+
+    return context.memo(("covis_totals", window, directed), build)
+
+
+def last_pair(context, window: int) -> Any:
+    """When the latest pair formed (None without pairs): requests after it see all pairs."""
+    def build() -> Any:
+        seq = _sequences(context)
+        _, _, at = pair_arrays(seq, window, directed=True)  # the other direction has the same times
+        return seq.times.gather(at).max() if len(at) else None
+
+    return context.memo(("covis_last", window), build)
+
+
+class Covisitation:
+    """How often the item was seen next to each of the user's last `recent` items, before t.
+
+    Columns: the sum and max over those seed items; the sum weighted by 1 / (1 + position) so the
+    latest seeds count most; and a cosine-like sum, each count over sqrt(seed events x item events),
+    which keeps the blockbusters every history shares from dominating. `directed` counts only
+    pairs where the item came after the seed.
+    """
+
+    def __init__(self, window: int = 5, recent: int = 10, directed: bool = False):
+        check_window(window, "covisitation")
+        check_number("covisitation", "recent", recent, integer=True, minimum=1)
+        self.window, self.recent, self.directed = window, recent, directed
+        self.history_depth = recent
+        # Named by their parameters, so one feature set can use two neighbourhoods side by side.
+        stem = f"covis{'_next' if directed else ''}_w{window}_r{recent}"
+        self.columns = [f"{stem}_{kind}" for kind in ("sum", "max", "wsum", "cos")]
+
+    def counts(self, context) -> pl.LazyFrame:
+        """Running pair counts (a, b, timestamp, n), built once per context."""
+        return context.memo(
+            ("covis_counts", self.window, self.directed),
+            lambda: cumulative(pair_table(context, self.window, self.directed), ["a", "b"], {"n": pl.len()}).collect(),
+        ).lazy()
+
+    def transform(self, requests, context):
+        item_counts = context.memo("item_counts", lambda: cumulative(context.events, "item_id", {"n": pl.len()}).collect()).lazy()
+        keys = requests.select("_row", "user_id", "item_id", "timestamp")
+        profiles = keys.select("user_id", "timestamp").unique()
+        # Collected before numbering: a lazy join's row order may differ between the two reads below.
+        history = recent_history(profiles, context.events, self.recent).select(
+            "user_id", "timestamp", pl.col("h_item").alias("a"), "h_back").collect().with_row_index("_row").lazy()
+        seed_events = totals_before(history.rename({"a": "item_id"}), item_counts, "item_id", ["n"]).rename({"n": "_na"})
+        history = history.join(seed_events, on="_row").drop("_row")
+        expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
+        expanded = expanded.with_row_index("_row")
+        found = totals_before(expanded, self.counts(context), ["a", "b"], ["n"])
+        n = pl.col("n").cast(pl.Float64)
+        per_request = (
+            expanded.select("_row", "_request", "h_back", "_na").join(found, on="_row")
+            .group_by("_request").agg(
+                n.sum().alias(self.columns[0]), n.max().alias(self.columns[1]),
+                exact_sum_expr(n / (1 + pl.col("h_back"))).alias(self.columns[2]),
+                exact_sum_expr(n / pl.col("_na").clip(lower_bound=1).sqrt()).alias("_cos"),
+            )
+            .rename({"_request": "_row"})
+        )
+        item_events = totals_before(keys, item_counts, "item_id", ["n"]).rename({"n": "_nb"})
+        return keys.select("_row").join(per_request, on="_row", how="left").join(item_events, on="_row").select(
+            "_row", *(pl.col(c) for c in self.columns[:3]),
+            (pl.col("_cos") / pl.col("_nb").clip(lower_bound=1).sqrt()).alias(self.columns[3]),
+        )
+
+    def prepare(self, snapshot) -> dict:
+        """The pair totals in the state's item index (the last row and column: unknown items, in no pair)."""
+        def build() -> sp.csr_matrix:
+            ids, totals = pair_totals(snapshot.context, self.window, self.directed)
+            at = snapshot.index(ids)
+            pairs = totals.tocoo()
+            n = snapshot.size + 1
+            return sp.csr_matrix((pairs.data, (at[pairs.row], at[pairs.col])), shape=(n, n))
+
+        return {"pairs": snapshot.memo(("covis_pairs", self.window, self.directed), build), "snapshot": snapshot}
+
+    def serve(self, tables, user, idx: np.ndarray) -> dict[str, np.ndarray]:
+        snapshot = tables["snapshot"]
+        history = snapshot.histories.get(user)
+        if history is None:
+            return {c: np.full(len(idx), np.nan) for c in self.columns}
+        seeds = history["item"][: self.recent]
+        # A few dense rows then a gather: much cheaper than sparse column indexing per request.
+        counts = tables["pairs"][seeds].toarray()[:, idx]
+        # Weighted sums in `transform`'s fixed point (the same divisions, then exact integer sums).
+        by_recency = exact_sum(counts / (1 + np.arange(len(seeds)))[:, None])
+        by_popularity = exact_sum(counts / np.sqrt(np.maximum(snapshot.item_events[seeds], 1))[:, None])
+        cosine = by_popularity / np.sqrt(np.maximum(snapshot.item_events[idx], 1))
+        return dict(zip(self.columns, (counts.sum(axis=0), counts.max(axis=0), by_recency, cosine)))
+
+
+class CovisitationSource:
+    """Items most often seen within `window` events of the user's last `recent` items, before t."""
+
+    def __init__(self, k: int = 100, window: int = 5, recent: int = 10):
+        check_window(window, "covisitation source")
+        check_number("covisitation source", "k", k, integer=True, minimum=1)
+        check_number("covisitation source", "recent", recent, integer=True, minimum=1)
+        self.name, self.k, self.window, self.recent = "covisitation", k, window, recent
+
+    def generate(self, requests, context):
+        history = recent_history(requests.select("user_id", "timestamp"), context.events, self.recent)
+        seeds = requests.join(history, on=["user_id", "timestamp"]).select(
+            "_request", "timestamp", pl.col("h_item").alias("a"), (1.0 / (1 + pl.col("h_back"))).alias("w")
+        ).collect()
+        last = last_pair(context, self.window)
+        now = (pl.col("timestamp") > last) if last is not None else pl.lit(True)
+        found = [self._after_all_pairs(seeds.filter(now), context)]
+        before = seeds.filter(~now)
+        if before.height:  # the pair table (millions of rows for a wide window) only when a request needs it
+            pairs = pair_table(context, self.window).rename({"timestamp": "_pair_at"})
+            hits = before.lazy().join(pairs, on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
+            found.append(hits.group_by("_request", pl.col("b").alias("item_id")).agg(exact_sum_expr(pl.col("w")).alias("score")))
+        return source_top_k(pl.concat(found), self.k)
+
+    def _after_all_pairs(self, seeds: pl.DataFrame, context) -> pl.LazyFrame:
+        """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
+        product, seed weights x pair totals, instead of a join as long as seeds x neighbours."""
+        schema = {"_request": pl.UInt32, "item_id": context.events.collect_schema()["item_id"], "score": pl.Float64}
+        if not seeds.height:
+            return pl.LazyFrame(schema=schema)
+        ids, totals = pair_totals(context, self.window)
+        # Seeds are events, so every one has a row (empty for an item in no pair: it adds nothing).
+        col = seeds["a"].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy()
+        requests, row = np.unique(seeds["_request"].to_numpy(), return_inverse=True)
+        # Weights in the fixed point of `exact_sum_expr` (whole numbers held in floats): every sum of their
+        # products with the counts is exact, so the order scipy adds in cannot change a score.
+        fixed = np.round(seeds["w"].to_numpy() * FIXED_POINT)
+        weights = sp.csr_matrix((fixed, (row, col)), shape=(len(requests), totals.shape[0]))
+        scores = (weights @ totals).tocsr() * RESOLUTION
+        keep = _at_least_top_k(scores, self.k)
+        hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]
+        return pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
+                             "score": scores.data[keep]}, schema=schema).lazy()
+
+
+def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
+    """A mask over the stored scores keeping each row's k best and every score tied with the k-th
+    (after the rounding of `recengine.topk`), so the exact tie-break by item_id happens there."""
+    keep = np.ones(scores.nnz, dtype=bool)
+    for r in np.flatnonzero(np.diff(scores.indptr) > k):
+        lo, hi = scores.indptr[r], scores.indptr[r + 1]
+        row = np.round(scores.data[lo:hi], DECIMALS)
+        keep[lo:hi] = row >= np.partition(row, len(row) - k)[len(row) - k]
+    return keep
+
+
+@recengine.hookimpl
+def register_feature_extractors(register):
+    register("covisitation", Covisitation, "Co-visitation of the item with the user's recent items.")
+
+
+@recengine.hookimpl
+def register_candidate_sources(register):
+    register("covisitation", CovisitationSource, "Co-visited with the user's recent items.")
