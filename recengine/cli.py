@@ -210,13 +210,15 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
               help="Feature set: a TOML file (candidate sources, extractors, labels, ranker parameters) or the "
                    "name of a bundled one: movielens, impressions.")
 @click.option("--experiment", default="recengine", show_default=True, help="MLflow experiment to log the run in.")
+@click.option("--run-name", help="MLflow run name [default: the feature set file's name plus what differs from the previous run].")
 @click.option("--model-name", help="Registered model name [default: recengine-<feature set name>].")
 @click.option("--no-register", is_flag=True, help="Log the run and model but do not register it.")
 @click.option("--promote", is_flag=True, help="Move @champion to this version even if it scores lower than the champion.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the model folder (model.txt, spec.json) here.")
 @cache_option
 @_friendly_errors
-def train(events, items, users, columns, timestamp_unit, feature_set, experiment, model_name, no_register, promote, output, cache_dir) -> None:
+def train(events, items, users, columns, timestamp_unit, feature_set, experiment, run_name, model_name, no_register, promote, output,
+          cache_dir) -> None:
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
     from recengine.featureset import FeatureSet
     from recengine.model import check_model_destination
@@ -227,9 +229,10 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
         check_model_destination(output)  # training takes minutes: a bad --output must fail now, not after it
     spec = FeatureSet.load(feature_set)
     check_ranker(spec, str(feature_set))
-    # The MLflow run covers the whole training (its duration, system metrics); a failure ends it FAILED.
-    with training_run(spec, experiment, feature_set_path=feature_set):
-        dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    # Bad data is refused before a run exists: a failed run in the store would say nothing a user needs.
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    # The MLflow run covers the training (its duration, system metrics); a failure ends it FAILED.
+    with training_run(spec, experiment, feature_set_path=feature_set, run_name=run_name):
         result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
         click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; best "
                    f"{result.model.spec['early_stopping_metric']} at iteration {result.model.spec['early_stopped_at']}, "
@@ -400,7 +403,7 @@ def quickstart(ctx, cache_dir) -> None:
         click.echo(f"  {field}: {stats.misses} encoded, {stats.hits} from cache, {stats.rows_per_second:,.0f} rows/s")
     click.echo("3/4 training the ranker (features/movielens.toml) and logging it to MLflow")
     data = dict(events=None, items=None, users=None, columns=None, timestamp_unit="auto", cache_dir=cache_dir)
-    ctx.invoke(train, **data, feature_set=bundled_feature_set(), experiment="recengine", model_name=None,
+    ctx.invoke(train, **data, feature_set=bundled_feature_set(), experiment="recengine", run_name=None, model_name=None,
                no_register=False, promote=False, output=None)
     output = Path("output/recommendations.parquet")
     click.echo("4/4 recommending 10 movies to every user, as of just after the last event")
