@@ -164,7 +164,7 @@ def compare_engines(args) -> None:
     per_core = median["ray"]["rows"] / median["ray"]["job_s"] / args.ray_cpus
     cores = 1e9 / 3600 / per_core
     print(f"\nprojection: {per_core:,.0f} rows/s per core (the local Ray's rows/s over its {args.ray_cpus} cores) -> "
-          f"1 billion rows in one hour needs {cores:,.0f} cores, e.g. {math.ceil(cores / 16)} nodes of 16 cores "
+          f"1 billion rows in one hour needs {math.ceil(cores)} cores, e.g. {math.ceil(cores / 16)} node(s) of 16 cores "
           f"(linear scaling assumed: chunks are independent; the driver only merges the top k)")
 
 
