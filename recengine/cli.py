@@ -222,7 +222,8 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
     from recengine.featureset import FeatureSet
     from recengine.model import check_model_destination
-    from recengine.tracking import log_training, tracking_uri, training_run
+    from recengine.store import tracking_uri
+    from recengine.tracking import log_training, training_run
     from recengine.training import check_ranker, train as fit_ranker
 
     if output:

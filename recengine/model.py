@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from recengine.errors import ConfigError, DataError, PluginError
+from recengine.store import tracking_uri
 from recengine.topk import top_k
 
 SPEC_FORMAT = 1
@@ -271,7 +272,6 @@ def load_model(uri: str | Path) -> RankerModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from recengine.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from recengine.featureset import FeatureSet
+from recengine.store import STORE_DIR, default_uri, tracking_uri
 from recengine.training import TrainResult, early_stopping_metric
 
-STORE_DIR = Path("mlruns")
 CHAMPION = "champion"
 PRIMARY_METRIC = "ndcg_at_10"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -48,18 +48,6 @@ HEADLINE = ("ndcg@10", "ndcg@5", "recall@10", "hr@10", "mrr@10", "auc", "coverag
 # Seconds between samples of MLflow's system metrics: short trainings still record a few.
 SYSTEM_METRICS_INTERVAL_S = 2
 NAME_DIFFERENCES = 3  # differences spelled out in a run name; the description lists them all
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else SQLite in ./mlruns (created on first use)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    STORE_DIR.mkdir(exist_ok=True)
-    return _default_uri()
-
-
-def _default_uri() -> str:
-    return f"sqlite:///{STORE_DIR.resolve() / 'mlflow.db'}"
 
 
 def metric_key(name: str) -> str:
@@ -176,7 +164,7 @@ def _experiment(mlflow, name: str) -> str:
         return found.experiment_id
     location = None
     # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare the URI, not the variable.)
-    if mlflow.get_tracking_uri() == _default_uri():
+    if mlflow.get_tracking_uri() == default_uri():
         location = (STORE_DIR.resolve() / "artifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
