@@ -108,7 +108,7 @@ def test_example_plugin_is_discovered_through_its_entry_point(example_installed)
     listed = plugins_json(example_installed)
     assert listed["example"]["version"] == "0.1.0"
     assert listed["example"]["encoders"] == ["hashing"]
-    assert listed["example"]["feature_extractors"] == ["text_length"]
+    assert listed["example"]["feature_extractors"] == ["text_length", "title_overlap"]
     assert listed["example"]["builtin"] is False
 
 
@@ -123,3 +123,14 @@ def test_bad_parameters_name_the_part_and_its_plugin():
 
     with pytest.raises(PluginError, match=r"encoder 'transformers' \(from transformers\) has bad parameters \['nonsense'\]"):
         create_encoder("transformers", {"nonsense": 1})
+
+
+def test_example_plugin_parts_pass_the_contract_check(example_installed, monkeypatch):
+    """The template a plugin author copies passes the same checks as the built-ins, fast path included."""
+    monkeypatch.syspath_prepend(str(example_installed))
+    from recengine_example import TextLength, TitleOverlap
+
+    from recengine.testing import check_extractor
+
+    check_extractor(TextLength)
+    check_extractor(TitleOverlap)
