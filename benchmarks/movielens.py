@@ -1,218 +1,344 @@
-"""recengine against the collaborative-filtering peers on MovieLens ml-latest-small.
+"""recengine against collaborative-filtering peers on MovieLens ml-latest-small, rolling origin.
 
-Protocol: each user's events in time order; the last 20% are the test, the request time is the
-user's first test event (1 ms into its second when training events share that second), and
-everything (recengine's features and training, the peers' fits) sees only the earlier 80%. Every
-method ranks the full catalogue, top 10, without the user's training items; metrics are per user,
-then averaged.
+Protocol (`recengine.rolling`): cutoffs at the 0.50, 0.55, ..., 0.95 quantiles of all event times. At
+each cutoff c every method (recengine's features and training, each peer's fit) sees only the events
+before c; the catalogue is the items released by c's year (the year in the title) plus any item with
+an event before c; the requests are the users with at least 5 events before c and at least one
+catalogue item new to them in [c, next cutoff) (the last window runs to the end), and those items are
+the truth. Each method gives its top 10 without the user's seen items; NDCG@10, Recall@10, HR@10 and
+MRR@10 are computed per (cutoff, user) and averaged over all pairs. Cold recall: of the truth rows
+whose item had no event before c, the share found in the top 10.
 
-Peers (from `implicit`, each over a small grid; the best setting is picked on the test split
-itself, which flatters the peers): ItemKNN cosine, ALS, BPR, and popularity (training counts).
-SASRec (RecBole) needs numpy<2 and is quoted from its measurement on this protocol: 0.133.
-
-The peers above are fit once on all users' training events, so a user whose request is in 1996 is
-ranked with similarities learnt from other users' events up to 2018; recengine's features see only
-events before each request. "ItemKNN, point in time" refits ItemKNN per user on the events before
-that user's request (about a minute per K): the peer held to recengine's information.
+Peers, each over a small grid whose best setting is picked on the test itself (which flatters them):
+popularity (counts before c, all time or a recent window), ItemKNN cosine, ALS and BPR (`implicit`),
+EASE (closed form, Steck 2019, over the items with at least `--ease-min-count` events before c).
+recengine: one training per cutoff and labels seed; the row shown is the seed whose NDCG@10 over all
+pairs is the median. Candidate recall: the share of the truth that the feature set's candidate union
+proposes at all, and where the rest is lost (never proposed, or proposed and ranked below 10).
 
     .venv/bin/pip install -e ".[bench]"
-    .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--seeds 3] [--no-peers]
+    .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--cutoffs 10] [--seeds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from recengine import rolling
 from recengine.data import Dataset
 from recengine.datasets import movielens
 from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
 from recengine.extractors import FeatureContext
 from recengine.featureset import FeatureSet
 from recengine.metrics import evaluate
+from recengine.parts import candidate_columns
+from recengine.rolling import Window
+from recengine.topk import top_k
 from recengine.training import train
 
-SASREC_NDCG10 = 0.133
 METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
+KEYS = ["cutoff", "user_id"]
+TOP = 10
 
 
-def split(events: pl.DataFrame, test_fraction: float = 0.2) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Per-user chronological split: (train events, test truth, requests at each user's first test event)."""
-    ordered = events.sort("user_id", "timestamp", "item_id").with_columns(
-        pl.int_range(pl.len()).over("user_id").alias("_pos"), pl.len().over("user_id").alias("_n")
-    )
-    is_test = pl.col("_pos") >= (pl.col("_n") * (1 - test_fraction)).floor().cast(pl.Int64)
-    train_events = ordered.filter(~is_test).drop("_pos", "_n")
-    test = ordered.filter(is_test)
-    requests = test.group_by("user_id").agg(pl.col("timestamp").min()).sort("user_id")
-    # Timestamps are whole seconds and the 80% cut can fall inside one: a user's training events in the
-    # first test event's second are, in the protocol's order, before the request, as the peers see
-    # them. Features see events strictly before the request time, so the request goes 1 ms into that
-    # second for those users. Only training events are in any context, so no test event can leak.
-    last = train_events.group_by("user_id").agg(pl.col("timestamp").max().alias("_last"))
-    requests = requests.join(last, on="user_id", how="left").select(
-        "user_id",
-        pl.when(pl.col("_last") == pl.col("timestamp")).then(pl.col("timestamp") + timedelta(milliseconds=1))
-        .otherwise(pl.col("timestamp")).alias("timestamp"),
-    )
-    seen = train_events.select("user_id", "item_id").unique()
-    truth = test.select("user_id", "item_id").unique().join(seen, on=["user_id", "item_id"], how="anti")
-    return train_events, truth, requests.filter(pl.col("user_id").is_in(truth["user_id"].implode()))
+def tagged(frame: pl.DataFrame, window: Window) -> pl.DataFrame:
+    """`frame` with the window's cutoff as the first column: (cutoff, user) names a request."""
+    return frame.select(pl.lit(window.cutoff).alias("cutoff"), pl.all())
 
 
-def run_recengine(train_events, items, requests, seen, feature_set: FeatureSet) -> tuple[pl.DataFrame, dict[str, float]]:
+def score(top: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
+    """Metrics per (cutoff, user) averaged over every pair of the truth, and cold recall."""
+    metrics = evaluate(top.select(*KEYS, "item_id", "score"), truth, KEYS, (TOP,))
+    cold = truth.filter(pl.col("cold"))
+    found = cold.join(top, on=[*KEYS, "item_id"], how="semi").height
+    metrics["cold_recall"] = found / cold.height if cold.height else float("nan")
+    return metrics
+
+
+# --- recengine -----------------------------------------------------------------------------------
+
+def with_seed(loaded: FeatureSet, source: str, seed: int) -> FeatureSet:
+    raw = loaded.to_dict()
+    return FeatureSet.from_dict({**raw, "labels": {**raw["labels"], "seed": seed}}, source, loaded.source_text)
+
+
+def run_recengine(window: Window, feature_set: FeatureSet, cache: EmbeddingCache) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Train on the window's past, rank every candidate of its requests.
+
+    Returns the top 10 per request, the truth rows with where each ended (`rank` among the request's
+    candidates, null if never proposed; `sources` that proposed it) and timings."""
     started = time.perf_counter()
-    result = train(Dataset(train_events.lazy(), items), feature_set, cache=EmbeddingCache(DEFAULT_CACHE_DIR), progress=False, say=lambda _: None)
+    result = train(Dataset(window.events.lazy(), window.items.lazy()), feature_set, cache=cache, progress=False,
+                   say=lambda _: None)
     trained = time.perf_counter() - started
-    context = FeatureContext.from_frames(train_events, items, cache=EmbeddingCache(DEFAULT_CACHE_DIR))
-    # k=60 then the top 10 not seen: a safety net, as every training event is before its user's request.
-    ranked = result.model.recommend(requests, context, k=60).join(seen, on=["user_id", "item_id"], how="anti")
-    ranked = ranked.sort("user_id", "rank").group_by("user_id", maintain_order=True).head(10)
-    return ranked.select("user_id", "item_id", "score"), {"train_s": trained, "total_s": time.perf_counter() - started,
-                                                         "validation_ndcg@10": result.metrics["ndcg@10"]}
+    model = result.model
+    context = FeatureContext.from_frames(window.events, window.items, cache=cache)
+    keyed = window.requests.with_row_index("_request_id")
+    # What model.recommend does, keeping every candidate: the union's recall and the truth's ranks.
+    rows = model.feature_set().candidate_rows(keyed, context)
+    rows = rows.with_columns(pl.Series("score", model.score(rows)))
+    seen = window.events.select("user_id", "item_id").unique()
+    rows = rows.join(seen, on=["user_id", "item_id"], how="anti")  # the protocol excludes seen items whatever the feature set says
+    ranked = top_k(rows, ["_request_id"], max(rows.height, 1))
+    names = list(model.feature_set().candidates)
+    proposed_by = pl.concat_list([pl.when(pl.col(candidate_columns(n)[0]).is_not_null()).then(pl.lit(n)) for n in names]
+                                 ).list.drop_nulls().alias("sources")
+    places = ranked.select("user_id", "item_id", "rank", proposed_by)
+    fate = window.truth.join(places, on=["user_id", "item_id"], how="left").with_columns(
+        pl.col("sources").fill_null(pl.lit([], dtype=pl.List(pl.String))))
+    top = ranked.filter(pl.col("rank") <= TOP).select("user_id", "item_id", "score")
+    info = {"train_s": trained, "rank_s": time.perf_counter() - started - trained,
+            "candidates": rows.height / max(window.requests.height, 1), "sources": names,
+            "validation_ndcg@10": result.metrics.get("ndcg@10", float("nan"))}
+    return tagged(top, window), tagged(fate, window), info
 
 
-def user_item_matrix(train_events: pl.DataFrame, before=None) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """The binary user x item matrix of the training events (only those before `before`, if given),
-    and the user and item ids of its rows and columns: every training user and item either way."""
-    users = np.sort(train_events["user_id"].unique().to_numpy())
-    items = np.sort(train_events["item_id"].unique().to_numpy())
-    known = train_events if before is None else train_events.filter(pl.col("timestamp") < before)
-    pairs = known.select("user_id", "item_id").unique()
+# --- peers ---------------------------------------------------------------------------------------
+
+def user_item_matrix(events: pl.DataFrame) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The binary user x item matrix of `events`, with the user and item ids of its rows and columns."""
+    pairs = events.select("user_id", "item_id").unique()
+    users = np.sort(pairs["user_id"].unique().to_numpy())
+    items = np.sort(pairs["item_id"].unique().to_numpy())
     rows = np.searchsorted(users, pairs["user_id"].to_numpy())
     cols = np.searchsorted(items, pairs["item_id"].to_numpy())
     return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(users), len(items))), users, items
 
 
-def implicit_top10(model, matrix, users, items, request_users) -> pl.DataFrame:
-    rows = np.searchsorted(users, request_users)
-    model.fit(matrix, show_progress=False)
-    ids, scores = model.recommend(rows, matrix[rows], N=10, filter_already_liked_items=True)
-    # A fit on few events can have fewer than 10 items to offer: implicit pads with id -1, score -inf.
-    keep = (ids.ravel() >= 0) & np.isfinite(scores.ravel())
+def ranked_frame(request_users: np.ndarray, ids: np.ndarray, items: np.ndarray) -> pl.DataFrame:
+    """(user_id, item_id, score = -position) from a (users, 10) matrix of column indices, -1 = none."""
+    keep = ids.ravel() >= 0
     return pl.DataFrame({
         "user_id": np.repeat(request_users, ids.shape[1]),
-        "item_id": items[ids.ravel()],
-        "score": -np.tile(np.arange(ids.shape[1], dtype=np.float64), len(rows)),  # rank order
+        "item_id": items[np.where(keep, ids.ravel(), 0)],
+        "score": -np.tile(np.arange(ids.shape[1], dtype=np.float64), len(request_users)),
     }).filter(pl.Series(keep))
 
 
-def peers(train_events: pl.DataFrame, request_users: np.ndarray):
-    """(name, params, top-10 frame) for every peer setting in the grid."""
+def implicit_top(model, matrix: sp.csr_matrix, users: np.ndarray, items: np.ndarray, request_users: np.ndarray) -> pl.DataFrame:
+    rows = np.searchsorted(users, request_users)
+    model.fit(matrix, show_progress=False)
+    ids, scores = model.recommend(rows, matrix[rows], N=TOP, filter_already_liked_items=True)
+    # Fewer than 10 items to offer: implicit pads with id -1 and score -inf.
+    return ranked_frame(request_users, np.where(np.isfinite(scores), ids, -1), items)
+
+
+def implicit_peers(matrix, users, items, request_users) -> Iterator[tuple[str, str, pl.DataFrame]]:
     from implicit.als import AlternatingLeastSquares
     from implicit.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import CosineRecommender
 
-    matrix, users, items = user_item_matrix(train_events)
-    for k in (20, 50, 100, 200):
-        yield "ItemKNN cosine", f"K={k}", implicit_top10(CosineRecommender(K=k), matrix, users, items, request_users)
-    for factors, reg, alpha in itertools.product((32, 64, 128), (0.01, 0.1), (1.0, 10.0)):
+    for k in (20, 50, 100, 200, 400):
+        yield "ItemKNN cosine", f"K={k}", implicit_top(CosineRecommender(K=k), matrix, users, items, request_users)
+    for factors, reg, alpha in itertools.product((32, 64, 128), (0.01, 1.0), (1.0, 10.0)):
         model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=0)
-        yield "ALS", f"factors={factors} reg={reg} alpha={alpha}", implicit_top10(model, matrix, users, items, request_users)
+        yield "ALS", f"f={factors} r={reg} a={alpha}", implicit_top(model, matrix, users, items, request_users)
     for factors, lr in itertools.product((32, 64, 128), (0.01, 0.05)):
         model = BayesianPersonalizedRanking(factors=factors, learning_rate=lr, regularization=0.01, iterations=100, random_state=0)
-        yield "BPR", f"factors={factors} lr={lr}", implicit_top10(model, matrix, users, items, request_users)
+        yield "BPR", f"f={factors} lr={lr}", implicit_top(model, matrix, users, items, request_users)
 
 
-def point_in_time_peers(train_events: pl.DataFrame, requests: pl.DataFrame):
-    """(name, params, top-10 frame) for peers refit per user on the events before that user's request.
+def ease_peers(matrix: sp.csr_matrix, users: np.ndarray, items: np.ndarray, request_users: np.ndarray,
+               lambdas: tuple[float, ...], min_count: int) -> Iterator[tuple[str, str, pl.DataFrame]]:
+    """EASE: B = I - P / diag(P), P = (X^T X + lambda I)^-1 (Steck 2019), over the items with at least
+    `min_count` users (an inverse over every item costs about 15 s per lambda on 2 cores)."""
+    from scipy.linalg import lapack
 
-    recengine's features see only events before each request; the peers above are fit once on every
-    user's training events, including other users' events after the request (in ml-latest-small a
-    1996 request is ranked with similarities learnt from 2018). These rows hold the peers to
-    recengine's information: one fit per user, so only ItemKNN (quick to fit) and only its grid.
-    """
-    from implicit.nearest_neighbours import CosineRecommender
+    kept = np.flatnonzero(np.asarray(matrix.sum(axis=0)).ravel() >= min_count)
+    x = matrix[:, kept]
+    gram = (x.T @ x).toarray().astype(np.float64)
+    history = x[np.searchsorted(users, request_users)].toarray().astype(np.float64)
+    for lam in lambdas:
+        regularised = gram.copy()
+        regularised[np.diag_indices_from(regularised)] += lam
+        factor, info = lapack.dpotrf(regularised, lower=False, overwrite_a=True)
+        upper, info2 = lapack.dpotri(factor, lower=False, overwrite_c=True)
+        if info or info2:
+            raise RuntimeError(f"EASE: Cholesky inverse failed (lambda={lam}, info {info}/{info2})")
+        diagonal = np.diag(upper).copy()
+        upper = np.triu(upper)
+        # history @ P with P given by its upper triangle: U + U^T - diag(U).
+        product = history @ upper + history @ upper.T - history * diagonal
+        scores = history - product / diagonal
+        scores[history > 0] = -np.inf  # seen items (the diagonal of B is 0, so their score is not their own)
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, :TOP]
+        ids = np.where(np.isfinite(np.take_along_axis(scores, ids, axis=1)), ids, -1)
+        yield "EASE", f"lambda={lam:g}, {len(kept):,} items", ranked_frame(request_users, ids, items[kept])
 
-    grid = (20, 50, 100, 200)
-    tops: dict[int, list[pl.DataFrame]] = {k: [] for k in grid}
-    started = time.perf_counter()
-    for n, (user, at) in enumerate(requests.select("user_id", "timestamp").iter_rows(), 1):
-        matrix, users, items = user_item_matrix(train_events, before=at)
-        for k in grid:
-            tops[k].append(implicit_top10(CosineRecommender(K=k), matrix, users, items, np.array([user])))
-        if n % 100 == 0 or n == requests.height:
-            print(f"point-in-time ItemKNN: {n}/{requests.height} users, {time.perf_counter() - started:.0f} s", flush=True)
-    for k in grid:
-        yield "ItemKNN, point in time", f"K={k}, refit per user", pl.concat(tops[k])
+
+def popularity_peers(window: Window) -> Iterator[tuple[str, str, pl.DataFrame]]:
+    """Counts of events before the cutoff (all time, or the last `days`), seen items excluded."""
+    seen = window.events.select("user_id", "item_id").unique()
+    for days in (None, 365, 90, 30):
+        recent = window.events if days is None else window.events.filter(pl.col("timestamp") >= window.cutoff - timedelta(days=days))
+        counts = recent.group_by("item_id").len().sort("len", "item_id", descending=[True, False]).head(500)
+        ranked = window.requests.select("user_id").join(counts, how="cross").join(seen, on=["user_id", "item_id"], how="anti")
+        top = top_k(ranked.with_columns(pl.col("len").cast(pl.Float64).alias("score")), ["user_id"], TOP)
+        yield "popularity", "all time" if days is None else f"last {days} days", top.select("user_id", "item_id", "score")
 
 
-def popularity(train_events: pl.DataFrame, requests: pl.DataFrame, seen: pl.DataFrame) -> pl.DataFrame:
-    counts = train_events.group_by("item_id").len().sort("len", "item_id", descending=[True, False]).head(500)
-    ranked = requests.select("user_id").join(counts, how="cross").join(seen, on=["user_id", "item_id"], how="anti")
-    ranked = ranked.sort("user_id", "len", "item_id", descending=[False, True, False]).group_by("user_id", maintain_order=True).head(10)
-    return ranked.select("user_id", "item_id", pl.col("len").cast(pl.Float64).alias("score"))
+def peers(window: Window, lambdas: tuple[float, ...], ease_min_count: int) -> Iterator[tuple[str, str, pl.DataFrame]]:
+    """(name, setting, top 10) of every peer setting at one cutoff, each fit on the events before it."""
+    request_users = window.requests["user_id"].to_numpy()
+    yield from popularity_peers(window)
+    matrix, users, items = user_item_matrix(window.events)
+    warnings.filterwarnings("ignore", message="Method expects CSR input")  # implicit's cosine, once per fit
+    with threadpool_limits(1, user_api="blas"):  # implicit's advice: BLAS threads fight its own
+        yield from implicit_peers(matrix, users, items, request_users)
+    yield from ease_peers(matrix, users, items, request_users, lambdas, ease_min_count)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def loss_table(fate: pl.DataFrame) -> pl.DataFrame:
+    """Per cutoff: truth rows (cold), the union's recall, the top 10's, and where the rest was lost."""
+    share = lambda cond: (cond.sum() / pl.len()).alias  # noqa: E731
+    proposed, top = pl.col("rank").is_not_null(), pl.col("rank") <= TOP
+    return fate.group_by("cutoff").agg(
+        pl.len().alias("truth"), pl.col("cold").sum().alias("cold"),
+        share(proposed)("union_recall"),
+        (proposed & pl.col("cold")).sum().truediv(pl.col("cold").sum()).alias("union_cold"),
+        share(top.fill_null(False))("top10"),
+        share(~proposed)("lost_unproposed"),
+        share(proposed & (pl.col("rank") > TOP))("lost_ranked_low"),
+    ).sort("cutoff")
+
+
+def print_table(rows: list[tuple[str, str, dict]], best_peer: float) -> None:
+    print(f"\n{'method':16}{'setting':36}" + "".join(f"{m:>11}" for m in METRICS) + f"{'cold rec':>10}{'vs best':>9}")
+    for name, setting, m in rows:
+        print(f"{name:16}{setting:36}" + "".join(f"{m[k]:11.4f}" for k in METRICS) + f"{m['cold_recall']:10.4f}"
+              + f"{m['ndcg@10'] / best_peer:8.2f}x")
+
+
+def print_cutoffs(chosen: list[Window], fate: pl.DataFrame, infos: list[list[dict]], per_cutoff: pl.DataFrame) -> None:
+    losses = loss_table(fate)
+    print(f"\n{'cutoff':12}{'train ev':>9}{'catalog':>8}{'users':>6}{'truth':>6}{'cold':>5}{'cand/req':>9}"
+          f"{'union rec':>10}{'union cold':>11}{'top10 rec':>10}{'unproposed':>11}{'ranked>10':>10}"
+          f"{'NDCG ours':>10}{'NDCG peer':>10}{'train s (seeds)':>18}")
+    for i, window in enumerate(chosen):
+        loss = losses.filter(pl.col("cutoff") == window.cutoff).row(0, named=True)
+        ndcg = per_cutoff.filter(pl.col("cutoff") == window.cutoff).row(0, named=True)
+        seconds = "/".join(f"{run[i]['train_s']:.0f}" for run in infos)
+        print(f"{window.label:12}{window.events.height:9,}{window.items.height:8,}{window.requests.height:6}"
+              f"{loss['truth']:6}{loss['cold']:5}{infos[0][i]['candidates']:9.0f}{loss['union_recall']:10.3f}"
+              f"{loss['union_cold']:11.3f}{loss['top10']:10.3f}{loss['lost_unproposed']:11.3f}{loss['lost_ranked_low']:10.3f}"
+              f"{ndcg['ours']:10.4f}{ndcg['peer']:10.4f}{seconds:>18}")
+    everything = loss_table(fate.with_columns(pl.lit(None, pl.Datetime("ms")).alias("cutoff"))).row(0, named=True)
+    print(f"{'all':12}{'':9}{'':8}{'':6}{everything['truth']:6}{everything['cold']:5}{'':9}{everything['union_recall']:10.3f}"
+          f"{everything['union_cold']:11.3f}{everything['top10']:10.3f}{everything['lost_unproposed']:11.3f}"
+          f"{everything['lost_ranked_low']:10.3f}")
+    sources = fate.explode("sources").drop_nulls("sources").group_by("sources").agg(
+        pl.len().alias("n"), pl.col("cold").sum().alias("cold")).sort("sources")
+    print("truth proposed by each source (rows, cold rows): " + ", ".join(
+        f"{s} {n} ({c})" for s, n, c in sources.iter_rows()) + f" of {fate.height} ({fate['cold'].sum()} cold)")
+    proposed = fate.filter(pl.col("rank").is_not_null())
+    if proposed.height:
+        q = proposed["rank"].quantile
+        print(f"rank of the proposed truth among its request's candidates: median {q(0.5, 'nearest'):.0f}, "
+              f"quartiles {q(0.25, 'nearest'):.0f}-{q(0.75, 'nearest'):.0f}")
+
+
+def per_cutoff_ndcg(top: pl.DataFrame, truth: pl.DataFrame, chosen: list[Window]) -> list[float]:
+    return [score(top.filter(pl.col("cutoff") == w.cutoff), truth.filter(pl.col("cutoff") == w.cutoff))["ndcg@10"]
+            for w in chosen]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--feature-set", default=str(Path(__file__).resolve().parents[1] / "features" / "movielens.toml"))
-    parser.add_argument("--no-peers", action="store_true", help="Only recengine (quicker, for tuning).")
+    parser.add_argument("--cutoffs", type=int, default=len(rolling.QUANTILES),
+                        help="Evaluate N of the 10 cutoffs, evenly spaced (fast mode); windows keep their full-protocol ends.")
     parser.add_argument("--seeds", type=int, default=3, help="Training runs with [labels] seed 0..N-1; the median is shown.")
-    parser.add_argument("--as-of-training-end", action="store_true",
-                        help="Diagnostic, not the protocol: rank every user as of the end of the training data, so "
-                             "recengine sees what the peers see (other users' training events after the user's request).")
+    parser.add_argument("--no-peers", action="store_true", help="Only recengine (quicker, for tuning).")
+    parser.add_argument("--no-recengine", action="store_true", help="Only the peers.")
+    parser.add_argument("--ease-lambdas", default="500,1000,2000,4000")
+    parser.add_argument("--ease-min-count", type=int, default=2, help="EASE's items: those with at least N users before c.")
     args = parser.parse_args()
 
     data = movielens()
-    events, items = data.events.collect(), data.items
-    train_events, truth, requests = split(events)
-    seen = train_events.select("user_id", "item_id").unique()
-    catalogue = items.select(pl.len()).collect().item()
-    print(f"ml-latest-small: {train_events.height:,} training events, {truth.height:,} test items, {requests.height} users")
+    chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
+    truth = pl.concat([tagged(w.truth, w) for w in chosen])
+    print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs ({', '.join(w.label for w in chosen)}), "
+          f"{truth.select(KEYS).n_unique()} (cutoff, user) pairs, {truth.height:,} truth rows "
+          f"({truth['cold'].sum():,} cold)", flush=True)
 
-    rows = []
-    score = lambda ranked: evaluate(ranked, truth, ["user_id"], (10,), catalogue)  # noqa: E731
-    if args.as_of_training_end:
-        requests = requests.with_columns(pl.lit(train_events["timestamp"].max() + timedelta(seconds=1)).alias("timestamp"))
-    # Which requests the training groups sample moves test NDCG@10 by about +-0.007, so the table shows
-    # the run with the median NDCG@10 over `--seeds` sampling seeds ([labels] seed 0, 1, ...).
-    runs = []
-    for seed in range(args.seeds):
-        feature_set = FeatureSet.load(args.feature_set)
-        feature_set.labels["seed"] = seed
-        ranked, info = run_recengine(train_events, items, requests, seen, feature_set)
-        runs.append((score(ranked), info))
-        print(f"recengine, labels seed {seed}: NDCG@10 {runs[-1][0]['ndcg@10']:.4f}; trained in {info['train_s']:.1f} s, "
-              f"trained + ranked in {info['total_s']:.1f} s (validation NDCG@10 {info['validation_ndcg@10']:.4f})", flush=True)
-    metrics, info = sorted(runs, key=lambda r: r[0]["ndcg@10"])[len(runs) // 2]
-    setting = Path(args.feature_set).name + (" (as of training end)" if args.as_of_training_end else "")
-    rows.append(("recengine", setting + (f", median of {args.seeds} seeds" if args.seeds > 1 else ""), metrics))
-    rows.append(("popularity", "training counts", score(popularity(train_events, requests, seen))))
+    rows: list[tuple[str, str, dict]] = []
+    tops: dict[tuple[str, str], pl.DataFrame] = {}
+    if not args.no_recengine:
+        loaded = FeatureSet.load(args.feature_set)
+        cache = EmbeddingCache(DEFAULT_CACHE_DIR)
+        runs = []
+        for seed in range(args.seeds):
+            feature_set = with_seed(loaded, args.feature_set, seed)
+            parts, fates, infos = [], [], []
+            for window in chosen:
+                top, fate, info = run_recengine(window, feature_set, cache)
+                parts.append(top), fates.append(fate), infos.append(info)
+                print(f"recengine seed {seed}, cutoff {window.label}: trained in {info['train_s']:.1f} s, ranked in "
+                      f"{info['rank_s']:.1f} s, {info['candidates']:.0f} candidates per request, "
+                      f"NDCG@10 {score(top, tagged(window.truth, window))['ndcg@10']:.4f}", flush=True)
+            top = pl.concat(parts)
+            runs.append((score(top, truth), top, pl.concat(fates), infos, seed))
+            print(f"recengine seed {seed}: NDCG@10 {runs[-1][0]['ndcg@10']:.4f} over all pairs", flush=True)
+        metrics, top, fate, infos, seed = sorted(runs, key=lambda r: r[0]["ndcg@10"])[len(runs) // 2]
+        setting = Path(args.feature_set).name + (f", median of {args.seeds} seeds (seed {seed})" if args.seeds > 1 else "")
+        rows.append(("recengine", setting, metrics))
+        tops[("recengine", setting)] = top
+
     if not args.no_peers:
-        best: dict[str, tuple[str, dict]] = {}
-        # implicit's cosine fit converts its own normalised matrix and warns about it, once per fit.
-        warnings.filterwarnings("ignore", message="Method expects CSR input")
-        settings = itertools.chain(peers(train_events, requests["user_id"].to_numpy()), point_in_time_peers(train_events, requests))
-        with threadpool_limits(1, user_api="blas"):  # implicit's advice: BLAS threads fight its own
-            for name, params, top in settings:
-                metrics = score(top)
-                if name not in best or metrics["ndcg@10"] > best[name][1]["ndcg@10"]:
-                    best[name] = (params, metrics)
-        rows += [(name, f"best of grid: {params}", metrics) for name, (params, metrics) in best.items()]
+        lambdas = tuple(float(v) for v in args.ease_lambdas.split(","))
+        found: dict[tuple[str, str], list[pl.DataFrame]] = {}
+        started = time.perf_counter()
+        for window in chosen:
+            for name, setting, top in peers(window, lambdas, args.ease_min_count):
+                found.setdefault((name, setting.split(", ")[0]), []).append(tagged(top, window))
+            print(f"peers fit at {window.label} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        best: dict[str, tuple[str, dict, pl.DataFrame]] = {}
+        for (name, setting), parts in found.items():
+            top = pl.concat(parts)
+            metrics = score(top, truth)
+            if name not in best or metrics["ndcg@10"] > best[name][1]["ndcg@10"]:
+                best[name] = (setting, metrics, top)
+        for name, (setting, metrics, top) in best.items():
+            rows.append((name, f"best of grid: {setting}", metrics))
+            tops[(name, setting)] = top
+        if "EASE" in best:
+            kept = [w.events.group_by("item_id").agg(pl.col("user_id").n_unique()).filter(pl.col("user_id") >= args.ease_min_count).height
+                    for w in chosen]
+            print(f"EASE over the items with at least {args.ease_min_count} users before c: {min(kept):,} to {max(kept):,} items")
 
-    peer_best = max(m["ndcg@10"] for name, _, m in rows if name != "recengine")
-    ours = rows[0][2]["ndcg@10"]
-    print(f"\n{'method':24}{'setting':42}" + "".join(f"{m:>11}" for m in METRICS) + f"{'vs best':>9}")
-    for name, setting, m in rows:
-        print(f"{name:24}{setting:42}" + "".join(f"{m[k]:11.4f}" for k in METRICS) + f"{m['ndcg@10'] / peer_best:8.2f}x")
-    print(f"{'SASRec (quoted)':24}{'RecBole, hidden 64, measured elsewhere':42}{SASREC_NDCG10:11.4f}" + " " * 33
-          + f"{SASREC_NDCG10 / peer_best:8.2f}x")
-    print(f"\nrecengine NDCG@10 {ours:.4f}: {ours / peer_best:.2f}x the best peer run here, "
-          f"{ours / max(peer_best, SASREC_NDCG10):.2f}x the best including SASRec's {SASREC_NDCG10}")
-    same_information = [m["ndcg@10"] for name, _, m in rows if "point in time" in name]
-    if same_information:
-        print(f"recengine NDCG@10 {ours:.4f}: {ours / max(same_information):.2f}x the best peer held to the same "
-              f"information (events before each request)")
+    peer_rows = [r for r in rows if r[0] != "recengine"]
+    best_peer = max((m["ndcg@10"] for _, _, m in peer_rows), default=float("nan"))
+    print_table(rows, best_peer if peer_rows else rows[0][2]["ndcg@10"])
+    if not args.no_recengine:
+        ours_top = tops[(rows[0][0], rows[0][1])]
+        peer_name = max(peer_rows, key=lambda r: r[2]["ndcg@10"]) if peer_rows else None
+        peer_top = tops[(peer_name[0], peer_name[1].removeprefix("best of grid: "))] if peer_name else ours_top
+        per_cutoff = pl.DataFrame({"cutoff": [w.cutoff for w in chosen],
+                                   "ours": per_cutoff_ndcg(ours_top, truth, chosen),
+                                   "peer": per_cutoff_ndcg(peer_top, truth, chosen)})
+        print(f"\nper cutoff (recengine's median seed; NDCG peer = {peer_name[0] if peer_name else 'none'}; "
+              f"union = every candidate the feature set's sources propose, seen items dropped):")
+        print_cutoffs(chosen, fate, [r[3] for r in runs], per_cutoff)
+        trained = [info["train_s"] for run in runs for info in run[3]]
+        ours = rows[0][2]
+        print(f"\nrecengine NDCG@10 {ours['ndcg@10']:.4f}" + (f" = {ours['ndcg@10'] / best_peer:.2f}x the best peer "
+              f"({peer_name[0]}, {best_peer:.4f})" if peer_rows else "") + f"; cold recall {ours['cold_recall']:.4f}; "
+              f"training per cutoff median {statistics.median(trained):.0f} s, max {max(trained):.0f} s; seeds' NDCG@10: "
+              + ", ".join(f"{r[0]['ndcg@10']:.4f}" for r in runs))
 
 
 if __name__ == "__main__":
