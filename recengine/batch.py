@@ -235,7 +235,9 @@ def _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, co
     """What makes two runs the same job, part by part, each a digest of content (not of sizes or
     times, which an edited file can keep), so a mismatch can say what changed."""
     arguments = {"k": k, "chunk_rows": chunk_rows, "chunks": chunks, "split": "by-user", "generate": generate,
-                 "columns": sorted((columns or {}).items())}
+                 "columns": sorted((columns or {}).items()),
+                 # Set before the job only when the model's saved learned states are used (else refit).
+                 "learned_until": context.learned_until}
     return {
         "model": model.digest(),
         "input": _file_digest(Path(input_path)),

@@ -186,6 +186,10 @@ def _cache(cache_dir: Path | None):
 cache_option = click.option(
     "--cache-dir", type=click.Path(path_type=Path), help="Embedding cache folder [default: .recengine/cache]."
 )
+learned_option = click.option(
+    "--learned-state", type=click.Choice(["refit", "saved"]), default="refit", show_default=True,
+    help="Learned parts (a collaborative model): refit on these events, or use the state saved with the model.",
+)
 model_option = click.option(
     "--model", "model_uri", required=True,
     help="Model folder, or MLflow URI such as models:/recengine-movielens@champion or runs:/RUN_ID/ranker.",
@@ -284,8 +288,10 @@ def evaluate(model_uri, events, items, users, columns, timestamp_unit, since, un
 @click.option("--k", default=10, show_default=True, help="Items per request.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("output/recommendations.parquet"), show_default=True)
 @cache_option
+@learned_option
 @_friendly_errors
-def recommend(model_uri, events, items, users, columns, timestamp_unit, requests_path, k, output, cache_dir) -> None:
+def recommend(model_uri, events, items, users, columns, timestamp_unit, requests_path, k, output, cache_dir,
+              learned_state="refit") -> None:
     """Top-k items per request: candidates, features as of the request time, seen items excluded."""
     import polars as pl
 
@@ -307,6 +313,8 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
         requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
             pl.lit(last + timedelta(seconds=1)).alias("timestamp")).collect()
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir), progress=True)
+    if learned_state == "saved":
+        model.use_saved_state(context)
     ranked = model.recommend(requests.select("user_id", "timestamp"), context, k)
     write_parquet_atomic(ranked, output)
     click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
@@ -350,9 +358,10 @@ def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: date
 @cache_option
 @engine_option
 @address_option
+@learned_option
 @_friendly_errors
 def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, output, generate, k, chunk_rows, cache_dir,
-         engine, address) -> None:
+         engine, address, learned_state="refit") -> None:
     """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
     _check_engine(engine, address)
     from recengine.batch import check_output_file, rank_file
@@ -364,6 +373,8 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir))
+    if learned_state == "saved":
+        model.use_saved_state(context)
     job = rank_file
     if engine == "ray":
         from recengine.distributed import connect, rank_on_ray as job

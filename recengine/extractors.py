@@ -10,6 +10,7 @@ only events strictly before each request's timestamp may shape that request's va
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ import polars as pl
 from recengine.data import TIMESTAMP
 from recengine.encoders import EmbeddingCache
 from recengine.errors import ConfigError
-from recengine.parts import FeatureExtractor
+from recengine.parts import FeatureExtractor, learns
 from recengine.pit import DAY
 
 
@@ -35,6 +36,9 @@ class FeatureContext:
     impressions: pl.LazyFrame | None = None
     cache: EmbeddingCache | None = None
     progress: bool = False
+    # Learned parts' states by part key, fit on events before `learned_until` (see recengine.parts).
+    learned: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    learned_until: datetime | None = None
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -103,3 +107,25 @@ def exact_sum(terms: np.ndarray, axis: int = 0) -> np.ndarray:
 def days(expr: pl.Expr) -> pl.Expr:
     """A duration expression in (fractional) days."""
     return expr.dt.total_milliseconds().cast(pl.Float64) / DAY.total_seconds() / 1000
+
+
+def fit_learned(parts: Sequence[Any], context: FeatureContext, until: datetime, keep: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Fit the learned parts among `parts` on the context's events strictly before `until`; the context
+    then serves their states to every request at or after `until` (`keep` adds to the states it has)."""
+    learned = [part for part in parts if learns(part)]
+    if not keep:
+        context.learned = {}
+    if learned:
+        window = context.events.filter(pl.col("timestamp") < until).collect()
+        items = context.items.collect() if context.items is not None else None
+        fitted: dict[Any, dict[str, np.ndarray]] = {}  # parts with one `fit_key` (same model, same settings) fit once
+        for part in learned:
+            share = getattr(part, "fit_key", None)
+            state = fitted.get(share) if share is not None else None
+            if state is None:
+                state = part.fit(window, items)
+                if share is not None:
+                    fitted[share] = state
+            context.learned[getattr(part, "key", type(part).__name__)] = state
+    context.learned_until = until
+    return context.learned

@@ -34,7 +34,10 @@ import polars as pl
 from recengine import plugins
 from recengine.errors import ConfigError, RecengineError
 
-LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "validation_fraction": 0.2, "seed": 0}
+# `learned_fraction`: with learned parts (a collaborative model, a tuned encoder), they are fit on the
+# events before this quantile of event times, and the ranker's training requests come after it.
+LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "validation_fraction": 0.2, "seed": 0,
+                  "learned_fraction": 0.5}
 RANKER_DEFAULTS = {
     "objective": "lambdarank",
     "learning_rate": 0.05,
@@ -94,6 +97,7 @@ LABEL_RANGES: dict[str, dict[str, Any]] = {
     "window_days": {"minimum": 0},
     "validation_fraction": {"above": 0, "below": 1},
     "seed": {"integer": True, "minimum": 0},
+    "learned_fraction": {"above": 0, "below": 1},
 }
 
 
@@ -231,7 +235,12 @@ class FeatureSet:
         return compute_features(rows, self.build_extractors(), context)
 
     def build_extractors(self, source: str = "feature set") -> list:
-        return [self._build("feature_extractors", "extractor", name, params, source) for name, params in self.features.items()]
+        built = []
+        for name, params in self.features.items():
+            part = self._build("feature_extractors", "extractor", name, params, source)
+            part.key = f"features.{name}"  # names its learned state, if it has one
+            built.append(part)
+        return built
 
     def build_sources(self, source: str = "feature set") -> list:
         if not self.candidates:
@@ -239,7 +248,7 @@ class FeatureSet:
         built = []
         for name, params in self.candidates.items():
             part = self._build("candidate_sources", "source", name, params, source)
-            part.name = name
+            part.name, part.key = name, f"candidates.{name}"
             built.append(part)
         return built
 

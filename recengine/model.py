@@ -15,12 +15,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +36,16 @@ from recengine.store import tracking_uri
 from recengine.topk import top_k
 
 SPEC_FORMAT = 1
-MODEL_FILE, SPEC_FILE = "model.txt", "spec.json"
+MODEL_FILE, SPEC_FILE, LEARNED_DIR = "model.txt", "spec.json", "learned"
+LEARNED_STATES = ("refit", "saved")  # how ranking gets learned parts' states: fit on its events, or the model's
 
 
 class RankerModel:
     """A LightGBM booster and the spec that says which features it reads, in which order."""
 
-    def __init__(self, booster: lgb.Booster, spec: dict[str, Any]):
-        self.booster, self.spec = booster, spec
+    def __init__(self, booster: lgb.Booster, spec: dict[str, Any], learned: dict[str, dict[str, np.ndarray]] | None = None):
+        # `learned`: the learned parts' states (arrays by part key), fit on the training events.
+        self.booster, self.spec, self.learned = booster, spec, dict(learned or {})
 
     @property
     def features(self) -> list[str]:
@@ -95,6 +100,13 @@ class RankerModel:
         best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
         return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")
 
+    def use_saved_state(self, context) -> None:
+        """Rank with the learned parts' states saved at training, instead of refitting them on the
+        context's events (the default, done on first use)."""
+        if self.learned:
+            context.learned = dict(self.learned)
+            context.learned_until = datetime.fromisoformat(self.spec["learned_until"])
+
     def digest(self) -> str:
         """sha256 of the model's content (its trees and spec): equal for the same model however loaded."""
         content = hashlib.sha256(self.booster.model_to_string().encode())
@@ -114,7 +126,13 @@ class RankerModel:
         try:
             text = self.booster.model_to_string().encode()
             _write_synced(staging / MODEL_FILE, text)
-            spec = {**self.spec, "files": {MODEL_FILE: _sha256(text)}}
+            files = {MODEL_FILE: _sha256(text)}
+            for key in sorted(self.learned):
+                (staging / LEARNED_DIR).mkdir(exist_ok=True)
+                data = arrays_to_npz(self.learned[key])
+                _write_synced(staging / LEARNED_DIR / f"{key}.npz", data)
+                files[f"{LEARNED_DIR}/{key}.npz"] = _sha256(data)
+            spec = {**self.spec, "files": files}
             _write_synced(staging / SPEC_FILE, json.dumps(spec, indent=2, default=str).encode())
             _move_into_place(staging, path)
         finally:
@@ -138,7 +156,9 @@ class RankerModel:
         if booster.num_feature() != len(spec["features"]):
             raise ConfigError(f"{path / MODEL_FILE} reads {booster.num_feature()} features but {path / SPEC_FILE} lists "
                               f"{len(spec['features'])}: the two files are from different models; {_DAMAGED}")
-        return cls(booster, spec)
+        learned = {name[len(LEARNED_DIR) + 1:-len(".npz")]: _read_arrays(path / name, digest)
+                   for name, digest in spec.get("files", {}).items() if name.startswith(f"{LEARNED_DIR}/")}
+        return cls(booster, spec, learned)
 
 
 _DAMAGED = "the model folder is damaged: train the model again (recengine train --output) or download it again."
@@ -146,6 +166,26 @@ _DAMAGED = "the model folder is damaged: train the model again (recengine train 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def arrays_to_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """A learned state as .npz bytes that depend on the arrays alone (fixed entry times and order), so
+    the same state always has the same digest. Read back with `np.load(..., allow_pickle=False)`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _read_arrays(file: Path, digest: str) -> dict[str, np.ndarray]:
+    """A learned state written by `arrays_to_npz`, checked against its digest; objects are refused."""
+    data = file.read_bytes() if file.is_file() else b""
+    if _sha256(data) != digest:
+        raise ConfigError(f"{file}: missing, or its content does not match the sha256 in {file.parents[1] / SPEC_FILE}; {_DAMAGED}")
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}
 
 
 def _read_spec(file: Path) -> dict[str, Any]:
@@ -234,7 +274,7 @@ def check_model_destination(path: str | Path) -> None:
     an existing file, or a folder holding anything but a recengine model (model.txt, spec.json)."""
     path = Path(path)
     if path.is_dir():
-        others = sorted(p.name for p in path.iterdir() if p.name not in (MODEL_FILE, SPEC_FILE))
+        others = sorted(p.name for p in path.iterdir() if p.name not in (MODEL_FILE, SPEC_FILE, LEARNED_DIR))
         if others:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
             raise ConfigError(f"{path}: the folder exists and is not a recengine model (it holds {shown}); saving the "

@@ -15,10 +15,16 @@ third-party part always was: it depends on user and item, and serves through the
   `transform`. `idx` are item indices in `snapshot.item_ids` (-1: an item the state does not know).
 - `serve_whole(tables, users) -> {user: {column: values over every item index, then the unknown item}}`:
   an optional batched form for users with rows for much of the catalogue (a batch job's users).
+- `fit(events, items) -> {name: array}`: a learned part (a collaborative model, a tuned encoder) learns
+  a state of plain arrays from a window of events. Training fits it on the events before a boundary
+  and samples the ranker's requests after it; the state is saved with the model (npz, with its
+  digest in the spec, never pickled). The part reads it with `learned_state(context, self)`, and
+  answers null (proposes nothing) for a request before the window's end: never from later events.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import polars as pl
@@ -59,6 +65,24 @@ def encoders_of(part: Any) -> list[tuple[str, dict[str, Any]]]:
 def serves(part: Any) -> bool:
     """Whether the part has its own per-request fast path."""
     return callable(getattr(part, "prepare", None)) and callable(getattr(part, "serve", None))
+
+
+def learns(part: Any) -> bool:
+    """Whether the part has a state fit on a window of events."""
+    return callable(getattr(part, "fit", None))
+
+
+def learned_state(context: Any, part: Any) -> tuple[dict[str, Any], Any]:
+    """The part's fitted state in `context` and the end of its fitting window (requests before it
+    must not read the state). A context that holds none (ranking with a trained model) fits every
+    learned part on all its events once: the freshest state, as a nightly refit would have."""
+    from recengine.extractors import fit_learned
+
+    key = getattr(part, "key", type(part).__name__)
+    if key not in context.learned:
+        last = context.events.select(pl.col("timestamp").max()).collect().item()
+        fit_learned([part], context, until=(last or datetime(1970, 1, 1)) + timedelta(milliseconds=1), keep=True)
+    return context.learned[key], context.learned_until
 
 
 def candidate_columns(source_name: str) -> list[str]:

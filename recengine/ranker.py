@@ -18,13 +18,18 @@ from typing import Any, Sequence
 import polars as pl
 
 from recengine.encoders import EmbeddingCache
-from recengine.model import RankerModel, load_model
+from recengine.errors import ConfigError
+from recengine.model import LEARNED_STATES, RankerModel, load_model
 from recengine.topk import order
 
 
 class Ranker:
-    def __init__(self, model: RankerModel, events, items=None, cache: EmbeddingCache | None = None):
-        self.model, self.cache = model, cache
+    def __init__(self, model: RankerModel, events, items=None, cache: EmbeddingCache | None = None, learned: str = "refit"):
+        if learned not in LEARNED_STATES:
+            raise ConfigError(f"learned = {learned!r}; give one of {LEARNED_STATES}.")
+        # "refit": learned parts (a collaborative model) are fit again on each snapshot's events, the
+        # freshest state; "saved": the state saved with the model at training is used as it is.
+        self.model, self.cache, self.learned = model, cache, learned
         self._lock = threading.Lock()  # serialises writers; readers take the current state lock-free
         self._events = None
         self._items = items.lazy().collect() if items is not None else None
@@ -32,12 +37,12 @@ class Ranker:
         self.refresh(events)
 
     @classmethod
-    def load(cls, uri: str | Path, events, items=None, cache: EmbeddingCache | None = None) -> "Ranker":
+    def load(cls, uri: str | Path, events, items=None, cache: EmbeddingCache | None = None, learned: str = "refit") -> "Ranker":
         """A model folder or MLflow URI, checked against the installed plugins, with a state built from
-        `events` (the behaviour log snapshot) and `items` (the catalogue)."""
+        `events` (the behaviour log snapshot) and `items` (the catalogue); `learned` as in `__init__`."""
         model = load_model(uri)
         model.check_plugins()
-        return cls(model, events, items, cache)
+        return cls(model, events, items, cache, learned)
 
     @property
     def at(self) -> datetime:
@@ -53,6 +58,8 @@ class Ranker:
             frame = events.lazy().collect()
             catalogue = items.lazy().collect() if items is not None else self._items
             context = FeatureContext.from_frames(frame, catalogue, cache=self.cache)
+            if self.learned == "saved":
+                self.model.use_saved_state(context)
             state = ServingState(self.model.feature_set(), self.model.features, context)
             self._events, self._items, self._state = frame, catalogue, state
 

@@ -15,12 +15,17 @@ import polars as pl
 from recengine.pit import DAY
 
 
-def sample_requests(events: pl.LazyFrame, per_user: int = 2, min_history: int = 5, seed: int = 0) -> pl.DataFrame:
-    """Up to `per_user` distinct request times per user, each at one of the user's events."""
+def sample_requests(events: pl.LazyFrame, per_user: int = 2, min_history: int = 5, seed: int = 0,
+                    after: datetime | None = None) -> pl.DataFrame:
+    """Up to `per_user` distinct request times per user, each at one of the user's events (and, when
+    `after` is given, at or after it: the end of the learned parts' window)."""
     # One candidate time per distinct timestamp: a burst of ratings in one second is one moment.
     times = events.select("user_id", "timestamp").unique().sort("user_id", "timestamp")
     times = times.with_columns(pl.int_range(pl.len()).over("user_id").alias("_position"))
-    eligible = times.filter(pl.col("_position") >= min_history).collect()
+    eligible = times.filter(pl.col("_position") >= min_history)
+    if after is not None:
+        eligible = eligible.filter(pl.col("timestamp") >= after)
+    eligible = eligible.collect()
     sampled = eligible.with_columns(pl.int_range(pl.len()).shuffle(seed=seed).over("user_id").alias("_draw"))
     return sampled.filter(pl.col("_draw") < per_user).select("user_id", "timestamp").sort("timestamp", "user_id")
 

@@ -26,8 +26,8 @@ import polars as pl
 
 from recengine.candidates import generate
 from recengine.data import Dataset
-from recengine.extractors import FeatureContext, compute_features
-from recengine.parts import history_depth, scope_of, serves
+from recengine.extractors import FeatureContext, compute_features, fit_learned
+from recengine.parts import history_depth, learns, scope_of, serves
 
 WORDS = ("space star war alien love story romance robot galaxy heart wedding comedy drama action "
          "adventure ship planet kiss paris summer night dark future time travel").split()
@@ -85,6 +85,14 @@ def _absent(ids: pl.Series) -> Any:
     return "\x00absent" if ids.dtype == pl.String else int(ids.max()) + 1000
 
 
+def _context(events: pl.DataFrame, items: pl.DataFrame | None, part: Any, until: datetime) -> FeatureContext:
+    """A context over `events`; a learned part is fit on those before `until` (the window's end)."""
+    context = FeatureContext.from_frames(events, items)
+    if learns(part):
+        fit_learned([part], context, until)
+    return context
+
+
 def _equal(a: pl.DataFrame, b: pl.DataFrame, columns: list[str], what: str) -> None:
     for column in columns:
         x, y = a[column].cast(pl.Float64).fill_nan(None), b[column].cast(pl.Float64).fill_nan(None)
@@ -111,9 +119,10 @@ def check_extractor(factory: Callable[..., Any], params: dict[str, Any] | None =
     columns = list(part.columns)
     assert columns and len(set(columns)) == len(columns), f"{name}.columns must be distinct names: {columns}"
     events, items = _data(events, items)
-    context = FeatureContext.from_frames(events, items)
     span = events["timestamp"]
     at = [span.min() + (span.max() - span.min()) * f for f in (0.0, 0.5, 1.0)] + [span.max() + timedelta(seconds=1)]
+    until = at[1]  # a learned part learns from the first half; a request before that must get nothing from it
+    context = _context(events, items, part, until)
     requests = _requests(events, items, at, seed=1)
     first = compute_features(requests, [part], context)
     assert first.height == requests.height and set(columns) <= set(first.columns), f"{name}.transform: one row per request"
@@ -123,7 +132,7 @@ def check_extractor(factory: Callable[..., Any], params: dict[str, Any] | None =
     _equal(first, again, columns, f"{name}: requests in another order")
     for t in at:  # one time at a time: an event after one request may be before the next
         now = pl.col("timestamp") == t
-        later = compute_features(requests.filter(now), [part], FeatureContext.from_frames(_later_events(events, requests.filter(now)), items))
+        later = compute_features(requests.filter(now), [part], _context(_later_events(events, requests.filter(now)), items, part, until))
         _equal(first.filter(now), later, columns, f"{name}: events at or after a request's time changed its values (leakage)")
     _check_scope(part, requests, first, context, columns)
     if serves(part):
@@ -174,9 +183,10 @@ def check_source(factory: Callable[..., Any], params: dict[str, Any] | None = No
     part.name = getattr(part, "name", "checked")
     name = type(part).__name__
     events, items = _data(events, items)
-    context = FeatureContext.from_frames(events, items)
     span = events["timestamp"]
     at = [span.min() + (span.max() - span.min()) * f for f in (0.25, 0.75)] + [span.max() + timedelta(seconds=1)]
+    until = span.min() + (span.max() - span.min()) * 0.5
+    context = _context(events, items, part, until)
     users = events["user_id"].unique().sort()
     requests = pl.DataFrame({"user_id": [u for _ in at for u in [*users.head(8).to_list(), _absent(users)]],
                              "timestamp": [t for t in at for _ in range(9)]},
@@ -193,7 +203,7 @@ def check_source(factory: Callable[..., Any], params: dict[str, Any] | None = No
     for t in at:  # one time at a time: an event after one request may be before the next
         now = first.filter(pl.col("timestamp") == t).sort(key)
         later_events = _later_events(events, now.select("user_id", "item_id", "timestamp"))
-        later = generate(requests.filter(pl.col("timestamp") == t), [part], FeatureContext.from_frames(later_events, items),
+        later = generate(requests.filter(pl.col("timestamp") == t), [part], _context(later_events, items, part, until),
                          exclude_seen=False).sort(key)
         assert now.select(key).equals(later.select(key)), f"{name}: events at or after a request's time changed which items it proposes (leakage)"
         _equal(now, later, [c for c in first.columns if c.startswith("cand_")],

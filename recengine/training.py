@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,11 +28,11 @@ from recengine.candidates import drop_seen
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError, DataError
-from recengine.extractors import FeatureContext, compute_features
+from recengine.extractors import FeatureContext, compute_features, fit_learned
 from recengine.featureset import FeatureSet
 from recengine.metrics import evaluate
 from recengine.model import SPEC_FORMAT, RankerModel
-from recengine.parts import candidate_columns, encoders_of
+from recengine.parts import candidate_columns, encoders_of, learns
 from recengine.samples import attach_labels, future_items, sample_requests, time_split
 
 REQUEST_KEYS = ["user_id", "timestamp"]
@@ -83,6 +83,15 @@ def train(
     keys = IMPRESSION_KEYS if is_impression_log(events) else REQUEST_KEYS
     trained_on = lineage(events, dataset.name, dataset.items)
     lap("data")
+    learned = [p for p in [*feature_set.build_sources(), *feature_set.build_extractors()] if learns(p)]
+    if learned:
+        # Learned parts see only the events before the boundary, and the ranker's requests all come
+        # after it: no feature comes from a model fit on events at or after its request.
+        boundary = events["timestamp"].quantile(feature_set.labels["learned_fraction"], interpolation="lower")
+        fit_learned(learned, context, boundary)
+        lap("learned_parts")
+        say(f"fit {len(learned)} learned part(s) on the events before {boundary} ({timings['learned_parts']:.1f} s); "
+            "the ranker's requests come after it")
     say(f"building {'impression' if keys == IMPRESSION_KEYS else 'interaction'} training groups from {events.height:,} events")
     train_split, val_split = (impression_splits if keys == IMPRESSION_KEYS else interaction_splits)(events, feature_set, context)
     lap("candidates_and_features")
@@ -105,7 +114,12 @@ def train(
     spec["metrics"], spec["early_stopped_at"] = metrics, stopped_at
     spec["early_stopping_metric"] = early_stopping_metric(feature_set.ranker)
     spec["metrics_measured"] = "on validation, before the refit" if feature_set.ranker["refit"] else "on validation"
-    model = RankerModel(booster, spec)
+    if learned:
+        # What the model carries: the learned parts fit on every training event, the freshest state.
+        spec["learned_until"] = (events["timestamp"].max() + timedelta(milliseconds=1)).isoformat()
+        fit_learned(learned, context, datetime.fromisoformat(spec["learned_until"]))
+        lap("learned_parts_final")
+    model = RankerModel(booster, spec, context.learned if learned else None)
     importance = pl.DataFrame({
         "feature": features,
         "gain": booster.feature_importance("gain"),
@@ -120,7 +134,8 @@ def is_impression_log(events: pl.DataFrame) -> bool:
 
 def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
     labels = feature_set.labels
-    requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"])
+    requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"],
+                               after=context.learned_until)
     if requests.height < 2:
         raise DataError(
             f"only {requests.height} training requests: too few users have more than min_history="
@@ -151,6 +166,8 @@ def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: Fe
     if bad.height:
         raise DataError(f"events: request_id {bad['request_id'].head(5).to_list()} span several users or timestamps; "
                         "each logged request must be one user's impressions at one time.")
+    if context.learned_until is not None:  # after the learned parts' window, as for interaction logs
+        requests = requests.filter(pl.col("timestamp") >= context.learned_until)
     train_requests, val_requests, _ = time_split(requests.sort("timestamp"), feature_set.labels["validation_fraction"])
     splits = []
     for reqs in (train_requests, val_requests):
@@ -369,6 +386,8 @@ def evaluate_window(
     requests = in_window.group_by("user_id").agg(pl.col("timestamp").min()).sort("user_id")
     feature_set = model.feature_set()
     context = FeatureContext.from_frames(events, dataset.items, cache=cache, progress=True)
+    # Learned parts are refit on the events before the window, never on the window itself.
+    fit_learned([*feature_set.build_sources(), *feature_set.build_extractors()], context, since)
     truth = future_items(requests, events.lazy(), until=until)
     if feature_set.exclude_seen:
         truth = drop_seen(truth.lazy(), context.events).collect()

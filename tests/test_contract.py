@@ -15,6 +15,7 @@ def params_for(name: str, tiny_bert) -> dict:
         "embedding": {"k": 15, **encoder},
         "item_attribute": {"fields": ["year", "price"], "recent": 4},
         "covisitation": {"window": 3, "recent": 5},
+        "ease": {"l2": 50.0, "max_items": 40, "history": 10},
     }.get(name, {})
 
 

@@ -7,8 +7,9 @@ as a third party's package does.
 - `covisitation`: pair counting, the co-visitation features and source
 - `interest`: text embeddings, the interest features and the embedding source
 - `attributes`: numeric item fields and their gap to the user's recent items
+- `collaborative`: EASE, a learned item-item model: its scores as features, and a source
 """
 
 BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
-    "popularity", "activity", "categories", "covisitation", "interest", "attributes",
+    "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative",
 ))
