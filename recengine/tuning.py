@@ -1,0 +1,155 @@
+"""Tuning a text encoder's space on behaviour (issue #15): what a user took next supervises how items
+and users are embedded.
+
+- `next_item_pairs`: from a window of events, (context, target) pairs: the context is the user's last
+  events strictly before an event (what `recengine.pit.recent_history` gives a request at that time),
+  the target is that event's item. Sampled deterministically (a seed), capped in number.
+- `tune_head`: the `head` mode: a d x d linear map, initialised at the identity, trained on frozen
+  (cached) item embeddings and the pairs' pooled context vectors with InfoNCE over in-batch negatives:
+  a duplicate of the target elsewhere in the batch is never a negative, and each negative's logit is
+  corrected by the log of its frequency as a target (logQ), so popular items are not pushed away just
+  for being everywhere. Early stopping on a later held-out slice (next-item recall@K against the whole
+  catalogue); the returned map is the best one seen, the identity included.
+
+How a user is embedded is not defined here: the caller passes the contexts already pooled (the
+interest profile, `recengine.features.interest.InterestScores.profiles`), so tuning and the features
+read users the same way. torch is imported only when tuning runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from recengine.pit import recent_history
+
+
+def next_item_pairs(events: pl.DataFrame, context: int = 10, max_pairs: int = 100_000, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Pairs `(_profile, user_id, timestamp, item_id)` (item_id: the target), one per event that has an
+    earlier event of its user, at most `max_pairs` of them chosen with `seed`, in time order; and their
+    contexts: the user's last `context` events strictly before each (`recent_history`'s columns)."""
+    ordered = events.select("user_id", "item_id", "timestamp").sort("timestamp", "user_id", "item_id")
+    # rank "min" is 1 for a user's earliest time (ties included): those events have no context.
+    ordered = ordered.filter(pl.col("timestamp").rank("min").over("user_id") > 1)
+    if ordered.height > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(ordered.height, max_pairs, replace=False))
+        ordered = ordered[keep]
+    pairs = ordered.with_row_index("_profile").with_columns(pl.col("_profile").cast(pl.Int64))
+    history = recent_history(pairs.lazy().select("user_id", "timestamp"), events.lazy(), context).collect()
+    return pairs, history.with_columns(pl.col("_profile").cast(pl.Int64))
+
+
+@dataclass
+class TuneResult:
+    """The tuned map and how it got there: training loss per epoch, held-out recall@K before tuning
+    (first) and after each epoch, the epoch whose map is kept (0: the identity), time and speed."""
+
+    projection: np.ndarray
+    losses: list[float] = field(default_factory=list)
+    recalls: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    pairs_per_second: float = 0.0
+
+
+def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held_out: np.ndarray, *,
+              temperature: float = 0.05, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3,
+              patience: int = 2, k: int = 10, seed: int = 0, progress: bool = False) -> TuneResult:
+    """A linear map W (d x d) so that normalise(context @ W) points at normalise(items[target] @ W).
+
+    `items`: (n, d) frozen item embeddings; `contexts`: (m, d) pooled user contexts; `targets`: (m,)
+    row of each pair's next item in `items`; `held_out`: (m,) bool, the pairs early stopping reads
+    (the latest ones: the caller splits by time). Repeatable: one seed gives the same W on one machine.
+    """
+    import torch
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _tune_head(torch, items, contexts, targets, held_out, temperature=temperature, epochs=epochs,
+                          batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress) -> TuneResult:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    shuffler = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(np.asarray(items, dtype=np.float32))
+    train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    ctx = torch.as_tensor(np.asarray(contexts[train], dtype=np.float32))
+    tgt = torch.as_tensor(targets[train].astype(np.int64))
+    # logQ: how often each item is a target, i.e. how often the in-batch sampler offers it as a negative.
+    log_q = torch.log(torch.bincount(tgt, minlength=len(x)).double().clamp(min=1) / max(len(tgt), 1)).float()
+    weight = torch.nn.Parameter(torch.eye(x.shape[1]))
+    optimizer = torch.optim.Adam([weight], lr=lr)
+    best = weight.detach().clone()
+    result = TuneResult(projection=best.numpy())
+    result.recalls.append(_recall(torch, x, contexts[valid], targets[valid], best, k))
+    seen, stale = 0, 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(tgt), generator=shuffler)
+        bar = tqdm(range(0, len(order), batch_size), desc=f"tuning epoch {epoch}", unit="batch", disable=not progress)
+        total, batches = 0.0, 0
+        for start in bar:
+            rows = order[start : start + batch_size]
+            loss = _info_nce(torch, x, ctx[rows], tgt[rows], log_q, weight, temperature)
+            if loss is None:
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches, seen = total + float(loss.detach()), batches + 1, seen + len(rows)
+            bar.set_postfix(loss=f"{total / batches:.4f}", pairs_per_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        result.losses.append(total / max(batches, 1))
+        result.recalls.append(_recall(torch, x, contexts[valid], targets[valid], weight.detach(), k))
+        if result.recalls[-1] > max(result.recalls[:-1]):
+            best, result.best_epoch, stale = weight.detach().clone(), epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    result.projection = best.numpy().astype(np.float32)
+    result.seconds = time.perf_counter() - started
+    result.pairs_per_second = seen / result.seconds if result.seconds else math.inf
+    return result
+
+
+def _info_nce(torch, x, ctx, tgt, log_q, weight, temperature):
+    """Mean InfoNCE of a batch: each context against every target in the batch, its own the positive."""
+    if len(tgt) < 2:
+        return None  # no negative to learn from
+    f = torch.nn.functional
+    users = f.normalize(ctx @ weight, dim=1)
+    positives = f.normalize(x[tgt] @ weight, dim=1)
+    logits = users @ positives.T / temperature - log_q[tgt][None, :]
+    # The same item as another pair's target is that pair's positive too, not a negative.
+    duplicate = (tgt[:, None] == tgt[None, :]) & ~torch.eye(len(tgt), dtype=torch.bool)
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    return f.cross_entropy(logits, torch.arange(len(tgt)))
+
+
+def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int, block: int = 1024) -> float:
+    """Share of pairs whose target ranks in the top k of the whole catalogue for its context (ties
+    count for the target: its rank is the number of items scored strictly higher)."""
+    if not len(targets):
+        return 0.0
+    f = torch.nn.functional
+    with torch.no_grad():
+        catalogue = f.normalize(x @ weight, dim=1)
+        hits = 0
+        for start in range(0, len(targets), block):
+            users = f.normalize(torch.as_tensor(np.asarray(contexts[start : start + block], dtype=np.float32)) @ weight, dim=1)
+            scores = users @ catalogue.T
+            tgt = torch.as_tensor(targets[start : start + block].astype(np.int64))
+            own = scores.gather(1, tgt[:, None])
+            hits += int(((scores > own).sum(dim=1) < k).sum())
+    return hits / len(targets)
