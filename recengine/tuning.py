@@ -58,22 +58,26 @@ class TuneResult:
 
 def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held_out: np.ndarray, *,
               temperature: float = 0.05, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3,
-              patience: int = 2, k: int = 10, seed: int = 0, progress: bool = False) -> TuneResult:
+              patience: int = 2, k: int = 10, seed: int = 0, progress: bool = False, threads: int = 1) -> TuneResult:
     """A linear map W (d x d) so that normalise(context @ W) points at normalise(items[target] @ W).
 
     `items`: (n, d) frozen item embeddings; `contexts`: (m, d) pooled user contexts; `targets`: (m,)
     row of each pair's next item in `items`; `held_out`: (m,) bool, the pairs early stopping reads
     (the latest ones: the caller splits by time). Repeatable: one seed gives the same W on one machine.
+    `threads`: torch's CPU threads while tuning. The head's products are small: on 2 busy cores one
+    thread ran 20x faster than two, and a fixed count keeps the sums' order the same on any machine.
     """
     import torch
 
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
     try:
         return _tune_head(torch, items, contexts, targets, held_out, temperature=temperature, epochs=epochs,
                           batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed, progress=progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
 
 
 def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress) -> TuneResult:

@@ -8,8 +8,9 @@ as a third party's package does.
 - `interest`: text embeddings, the interest features and the embedding source
 - `attributes`: numeric item fields and their gap to the user's recent items
 - `collaborative`: EASE, a learned item-item model: its scores as features, and a source
+- `tuned`: interest in a text space tuned on what users took next (a learned head)
 """
 
 BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
-    "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative",
+    "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative", "tuned",
 ))

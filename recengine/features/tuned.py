@@ -1,0 +1,186 @@
+"""Interest in a space tuned on behaviour (issue #15), as a learned part: `tuned_interest`.
+
+`fit` embeds the catalogue's text with the frozen encoder, builds next-item pairs from the window's
+events (`recengine.tuning.next_item_pairs`: the user's events strictly before each event, and the
+item taken), and tunes a linear head on them (`recengine.tuning.tune_head`, mode `head`). The state
+is the head, a d x d map in fixed point (whole multiples of 2^-16, as int32), and the tuning's
+held-out recall@K and loss per epoch.
+
+The features are the `interest` features read in the tuned space, computed by `InterestScores`
+itself: `tuned_<field>_mean`, the cosine between the item's tuned embedding and the user's tuned
+profile, and `tuned_<field>_max`, the highest cosine to one of the user's `recent` items. A user is
+embedded one way, in tuning and in the features: the interest profile (the mean, optionally recency-
+and value-weighted, of the history's frozen embeddings, `InterestScores.profiles`), then projected.
+Item vectors and profiles sit on the 2^-16 grid and so does the head, so every product is exact:
+batch and serving agree to the bit. Null for requests before the window's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+import recengine
+from recengine.encoders import EmbeddingCache, create_encoder
+from recengine.errors import ConfigError
+from recengine.features.interest import InterestScores, ItemEmbeddings, item_embeddings, on_grid
+from recengine.parts import learned_state
+from recengine.plugins import check_number
+from recengine.tuning import next_item_pairs, tune_head
+
+SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
+MODES = ("head",)
+
+
+def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Rows of `vectors` mapped by the head, L2-normalised, on the grid (a NaN row stays NaN)."""
+    mapped = vectors @ projection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return on_grid(mapped / np.linalg.norm(mapped, axis=1, keepdims=True))
+
+
+@dataclass
+class TunedEmbeddings(ItemEmbeddings):
+    """Tuned item vectors (rows as `base`'s) with the frozen ones and the head that maps them."""
+
+    base: ItemEmbeddings | None = None
+    projection: np.ndarray | None = None
+
+
+class _TunedSpace(InterestScores):
+    """`InterestScores` whose item vectors and profiles are the tuned ones: its transform, prepare,
+    serve and serve_whole then compute the tuned features, exactly as they do the frozen ones."""
+
+    def __init__(self, owner: "TunedInterest", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.owner = owner
+        # InterestScores keys a serving state's tables by encoder name: the tuned space has its own.
+        self.encoder_name = f"tuned:{owner.fit_key!r}"
+
+    def embeddings(self, context, field: str) -> TunedEmbeddings:
+        state, until = learned_state(context, self.owner)
+
+        def build() -> TunedEmbeddings:
+            base = self.owner.frozen.embeddings(context, field)
+            projection = state["projection"].astype(np.float64) / SCALE
+            return TunedEmbeddings(base.item_ids, project(base.matrix, projection), f"{base.encoder_id}+tuned",
+                                   base=base, projection=projection)
+
+        return context.memo(("tuned_embeddings", self.owner.fit_key, field, until), build)
+
+    def profiles(self, history: pl.DataFrame, n_profiles: int, emb: TunedEmbeddings) -> tuple[np.ndarray, pl.DataFrame]:
+        profile, seen = InterestScores.profiles(self, history, n_profiles, emb.base)
+        return project(profile, emb.projection), seen
+
+
+class _ReadOnlyCache:
+    """The default embedding cache, read but never written: `fit` is given no context, hence no cache
+    of the run's own; reading the default one spares re-encoding a catalogue already embedded."""
+
+    def __init__(self):
+        self.cache = EmbeddingCache()
+
+    def lookup(self, encoder_id: str, keys: np.ndarray):
+        return self.cache.lookup(encoder_id, keys)
+
+    def store(self, encoder_id: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        pass
+
+
+class TunedInterest:
+    """`tuned_<field>_mean` and `tuned_<field>_max`: interest in a text space tuned on what users took next."""
+
+    part = "tuned interest"
+
+    def __init__(self, encoder: str = "transformers", encoder_params: dict[str, Any] | None = None, field: str = "title",
+                 recent: int = 10, history: int = 50, half_life_days: float | None = None, weight_by_value: bool = False,
+                 mode: str = "head", temperature: float = 0.05, epochs: int = 10, batch_size: int = 256,
+                 lr: float = 1e-3, patience: int = 2, k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
+                 seed: int = 0):
+        if mode not in MODES:
+            raise ConfigError(f"tuned interest: mode = {mode!r}; only {', '.join(MODES)} is available so far "
+                              "(a linear head on the frozen, cached embeddings).")
+        check_number(self.part, "temperature", temperature, above=0)
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("k", k),
+                            ("max_pairs", max_pairs), ("seed", seed)):
+            check_number(self.part, name, value, integer=True, minimum=2 if name == "batch_size" else (0 if name == "seed" else 1))
+        check_number(self.part, "lr", lr, above=0)
+        check_number(self.part, "holdout", holdout, above=0, below=1)
+        self.encoder_name, self.encoder_params, self.field = encoder, dict(encoder_params or {}), field
+        self.tuning = {"temperature": temperature, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                       "patience": patience, "k": k, "seed": seed}
+        self.max_pairs, self.holdout = max_pairs, holdout
+        self.columns = [f"tuned_{field}_mean", f"tuned_{field}_max"]
+        self.history_depth = recent
+        self.encoders = [(encoder, self.encoder_params)]
+        self.fit_key = ("tuned_interest", encoder, repr(sorted(self.encoder_params.items())), field, recent, history,
+                        half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout)
+        interest = {"encoder": encoder, "encoder_params": self.encoder_params, "fields": [field], "recent": recent,
+                    "history": history, "half_life_days": half_life_days, "weight_by_value": weight_by_value}
+        self.frozen = InterestScores(**interest)  # the frozen embeddings, shared with `interest` in a context
+        self.space = _TunedSpace(self, **interest)
+        self._encoder = None
+
+    # -- learning ------------------------------------------------------------------------------------
+
+    def fit(self, events: pl.DataFrame, items: pl.DataFrame | None) -> dict[str, np.ndarray]:
+        if items is None or self.field not in items.columns:
+            raise ConfigError(f"tuned interest tunes on the items' text field '{self.field}', but "
+                              f"{'no items table was given' if items is None else 'the items have no such field'}; "
+                              "pass --items with that field or drop tuned_interest from the feature set.")
+        if self._encoder is None:
+            self._encoder = create_encoder(self.encoder_name, self.encoder_params)
+        base = item_embeddings(items.lazy(), self.field, self._encoder, _ReadOnlyCache())
+        contexts, targets, held_out = self.training_pairs(events, base)
+        result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
+        return {"projection": np.round(result.projection.astype(np.float64) * SCALE).astype(np.int32),
+                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+
+    def training_pairs(self, events: pl.DataFrame, base: ItemEmbeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pooled contexts (the interest profile before each event), target rows in `base`, and which
+        pairs are held out: the latest `holdout` share, so early stopping reads the window's future."""
+        pairs, history = next_item_pairs(events, context=self.space.history, max_pairs=self.max_pairs, seed=self.tuning["seed"])
+        profile, _ = InterestScores.profiles(self.space, history, pairs.height, base)
+        targets = pairs.join(base.index(), on="item_id", how="left", maintain_order="left")["_idx"]
+        usable = np.isfinite(profile).all(axis=1) & targets.is_not_null().to_numpy()
+        kept = int(usable.sum())
+        held_out = np.arange(kept) >= kept - int(round(kept * self.holdout))
+        return profile[usable], targets.to_numpy()[usable].astype(np.int64), held_out
+
+    # -- features --------------------------------------------------------------------------------------
+
+    def _renamed(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {f"tuned_{self.field}_{kind}": values[f"interest_{self.field}_{kind}"] for kind in ("mean", "max")}
+
+    def transform(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
+        _, until = learned_state(context, self)
+        values = self.space.transform(requests, context).collect()
+        times = requests.select("_row", "timestamp").collect()
+        values = values.join(times, on="_row", how="left", maintain_order="left")
+        usable = pl.col("timestamp") >= until  # nothing from a head tuned after the request
+        return values.select("_row", *(pl.when(usable).then(pl.col(f"interest_{self.field}_{kind}")).alias(f"tuned_{self.field}_{kind}")
+                                       for kind in ("mean", "max"))).lazy()
+
+    def prepare(self, snapshot) -> dict:
+        _, until = learned_state(snapshot.context, self)
+        return {"space": self.space.prepare(snapshot), "usable": snapshot.at >= until}
+
+    def serve(self, tables, user, idx: np.ndarray) -> dict[str, np.ndarray]:
+        if not tables["usable"]:
+            return {c: np.full(len(idx), np.nan) for c in self.columns}
+        return self._renamed(self.space.serve(tables["space"], user, idx))
+
+    def serve_whole(self, tables, users: list) -> dict:
+        if not tables["usable"]:
+            size = len(tables["space"]["snapshot"].item_ids) + 1
+            return {u: {c: np.full(size, np.nan) for c in self.columns} for u in users}
+        return {u: self._renamed(values) for u, values in self.space.serve_whole(tables["space"], users).items()}
+
+
+@recengine.hookimpl
+def register_feature_extractors(register):
+    register("tuned_interest", TunedInterest,
+             "Interest (cosine to the user's profile, max to recent items) in a text space tuned on what users took next (learned).")
