@@ -65,13 +65,6 @@ def test_events_at_or_after_t_change_no_feature(tiny_bert):
         assert before[column].to_list() == after[column].to_list(), column
 
 
-def test_the_leakage_test_covers_every_builtin_extractor(tiny_bert):
-    from recengine.plugins import registrations
-
-    builtin = {r.factory for r in registrations("feature_extractors").values() if r.plugin.startswith("recengine.")}
-    assert builtin <= {type(e) for e in extractors(tiny_bert)}
-
-
 def test_item_attribute_gap_to_recent_items():
     out = compute_features(REQUESTS, [ItemAttribute(["year"], recent=2)], context(BASE))
     # User 1's last two items before T0 are 2 (1999) and 3 (1942): mean 1970.5.
