@@ -96,8 +96,9 @@ def run_recengine(window: Window, feature_set: FeatureSet, cache: EmbeddingCache
     proposed_by = pl.concat_list([pl.when(pl.col(candidate_columns(n)[0]).is_not_null()).then(pl.lit(n)) for n in names]
                                  ).list.drop_nulls().alias("sources")
     places = ranked.select("user_id", "item_id", "rank", proposed_by)
-    fate = window.truth.join(places, on=["user_id", "item_id"], how="left").with_columns(
-        pl.col("sources").fill_null(pl.lit([], dtype=pl.List(pl.String))))
+    popularity = window.events.group_by("item_id").agg(pl.len().alias("item_events"))
+    fate = window.truth.join(places, on=["user_id", "item_id"], how="left").join(popularity, on="item_id", how="left").with_columns(
+        pl.col("sources").fill_null(pl.lit([], dtype=pl.List(pl.String))), pl.col("item_events").fill_null(0))
     top = ranked.filter(pl.col("rank") <= TOP).select("user_id", "item_id", "score")
     info = {"train_s": trained, "rank_s": time.perf_counter() - started - trained,
             "candidates": rows.height / max(window.requests.height, 1), "sources": names,
@@ -244,6 +245,15 @@ def print_cutoffs(chosen: list[Window], fate: pl.DataFrame, infos: list[list[dic
         pl.len().alias("n"), pl.col("cold").sum().alias("cold")).sort("sources")
     print("truth proposed by each source (rows, cold rows): " + ", ".join(
         f"{s} {n} ({c})" for s, n, c in sources.iter_rows()) + f" of {fate.height} ({fate['cold'].sum()} cold)")
+    buckets = [(0, 0, "cold"), (1, 4, "1-4"), (5, 19, "5-19"), (20, 99, "20-99"), (100, None, "100+")]
+    parts = []
+    for low, high, name in buckets:
+        rows = fate.filter(pl.col("item_events").is_between(low, high if high is not None else 10**12))
+        if rows.height:
+            got = rows.select(pl.col("rank").is_not_null().mean().alias("union"),
+                              (pl.col("rank") <= TOP).fill_null(False).mean().alias("top")).row(0)
+            parts.append(f"{name} {rows.height} ({got[0]:.3f} / {got[1]:.3f})")
+    print("truth by the item's events before c: rows (union recall / top-10 recall): " + ", ".join(parts))
     proposed = fate.filter(pl.col("rank").is_not_null())
     if proposed.height:
         q = proposed["rank"].quantile
