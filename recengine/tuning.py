@@ -10,6 +10,8 @@ and users are embedded.
   corrected by the log of its frequency as a target (logQ), so popular items are not pushed away just
   for being everywhere. Early stopping on a later held-out slice (next-item recall@K against the whole
   catalogue); the returned map is the best one seen, the identity included.
+- `tune_lora`: the `lora` mode: peft adapters on the attention projections of a copy of a transformers
+  encoder's model, the same loss; returns the adapters' weights (the best epoch's), the base untouched.
 
 How a user is embedded is not defined here: the caller passes the contexts already pooled (the
 interest profile, `recengine.features.interest.InterestScores.profiles`), so tuning and the features
@@ -132,8 +134,12 @@ def _info_nce(torch, x, ctx, tgt, log_q, weight, temperature):
     if len(tgt) < 2:
         return None  # no negative to learn from
     f = torch.nn.functional
-    users = f.normalize(ctx @ weight, dim=1)
-    positives = f.normalize(x[tgt] @ weight, dim=1)
+    return _info_nce_vectors(torch, f.normalize(ctx @ weight, dim=1), f.normalize(x[tgt] @ weight, dim=1), tgt, log_q, temperature)
+
+
+def _info_nce_vectors(torch, users, positives, tgt, log_q, temperature):
+    """InfoNCE of unit user vectors against the batch's unit target vectors (row i's target: column i)."""
+    f = torch.nn.functional
     logits = users @ positives.T / temperature - log_q[tgt][None, :]
     # The same item as another pair's target is that pair's positive too, not a negative.
     duplicate = (tgt[:, None] == tgt[None, :]) & ~torch.eye(len(tgt), dtype=torch.bool)
@@ -157,3 +163,124 @@ def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int,
             own = scores.gather(1, tgt[:, None])
             hits += int(((scores > own).sum(dim=1) < k).sum())
     return hits / len(targets)
+
+
+def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out: np.ndarray, *, rank: int = 8,
+              alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), temperature: float = 0.05, epochs: int = 3,
+              batch_size: int = 32, lr: float = 1e-4, patience: int = 1, k: int = 10, seed: int = 0,
+              progress: bool = False, threads: int = 1) -> tuple[dict[str, np.ndarray], TuneResult]:
+    """The `lora` mode: low-rank adapters (peft) on the attention projections `modules` of a copy of a
+    transformers `encoder`'s model, trained by the same InfoNCE. `texts`: the catalogue's (row i, item
+    i); `contexts`: a scipy sparse (pairs x items) matrix of profile weights (a user is the normalised
+    weighted sum of their items' embeddings, as `InterestScores.profiles` pools them); `targets`,
+    `held_out` as in `tune_head`. Returns the adapters' weights by parameter name (the state a part
+    keeps; the base model is never changed) and the run's record; `projection` is left empty."""
+    import torch
+
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
+                          temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                          k=k, seed=seed, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
+def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value")):
+    """A copy of the encoder's model with fresh LoRA adapters (the encoder's own model is untouched)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(encoder._load()).float()
+    return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
+
+
+def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndarray):
+    """Unit embeddings of catalogue rows `rows` through `model`, pooled as the encoder pools."""
+    pad = encoder._tokenizer.pad_token_id or 0
+    width = max(max((len(token_ids[r]) for r in rows), default=1), 1)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(token_ids[r])] = torch.as_tensor(token_ids[r])
+        mask[i, : len(token_ids[r])] = 1
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return torch.nn.functional.normalize(encoder._pool(hidden, mask), dim=1)
+
+
+def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,
+               batch_size, lr, patience, k, seed, progress):
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    shuffler = torch.Generator().manual_seed(seed)
+    model = lora_model(encoder, rank, alpha, modules)
+    model.train()
+    token_ids = encoder.token_ids(texts)
+    contexts = contexts.tocsr()
+    train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    tgt_all = torch.as_tensor(targets.astype(np.int64))
+    log_q = torch.log(torch.bincount(tgt_all[train], minlength=len(texts)).double().clamp(min=1) / max(len(train), 1)).float()
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(adapters, lr=lr)
+
+    def adapter_state() -> dict[str, np.ndarray]:
+        return {name: p.detach().numpy().copy() for name, p in model.named_parameters() if p.requires_grad}
+
+    def recall() -> float:
+        if not len(valid):
+            return 0.0
+        model.eval()
+        with torch.no_grad():
+            catalogue = torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(s, min(s + 256, len(texts))))
+                                   for s in range(0, len(texts), 256)]).numpy()
+        model.train()
+        users = np.asarray(contexts[valid] @ catalogue)
+        return _recall(torch, torch.as_tensor(catalogue), users, targets[valid], torch.eye(catalogue.shape[1]), k)
+
+    best, result = adapter_state(), TuneResult(projection=np.empty((0, 0), dtype=np.float32))
+    result.recalls.append(recall())
+    seen, stale = 0, 0
+    for epoch in range(1, epochs + 1):
+        order = train[torch.randperm(len(train), generator=shuffler).numpy()]
+        bar = tqdm(range(0, len(order), batch_size), desc=f"lora epoch {epoch}", unit="batch", disable=not progress)
+        total, batches = 0.0, 0
+        for start in bar:
+            pairs = order[start : start + batch_size]
+            weights = contexts[pairs]
+            rows = np.unique(np.concatenate([weights.indices, targets[pairs]]))  # each item encoded once per batch
+            vectors = encode_with(torch, model, encoder, token_ids, rows)
+            local = sp_columns(weights, rows)
+            users = torch.nn.functional.normalize(torch.as_tensor(local, dtype=torch.float32) @ vectors, dim=1)
+            tgt = tgt_all[pairs]
+            positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]))]
+            if len(pairs) < 2:
+                continue
+            loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches, seen = total + float(loss.detach()), batches + 1, seen + len(pairs)
+            bar.set_postfix(loss=f"{total / batches:.4f}", pairs_per_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        result.losses.append(total / max(batches, 1))
+        result.recalls.append(recall())
+        if result.recalls[-1] > max(result.recalls[:-1]):
+            best, result.best_epoch, stale = adapter_state(), epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    result.seconds = time.perf_counter() - started
+    result.pairs_per_second = seen / result.seconds if result.seconds else math.inf
+    return best, result
+
+
+def sp_columns(matrix, columns: np.ndarray) -> np.ndarray:
+    """The dense columns `columns` (sorted) of a sparse matrix: a batch's weights over its own items."""
+    return matrix[:, columns].toarray()

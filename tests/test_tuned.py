@@ -143,3 +143,44 @@ def test_modes_not_built_yet_and_bad_settings_stop_at_load():
         TunedInterest(holdout=1.5)
     with pytest.raises(ConfigError, match="no items table"):
         TunedInterest().fit(interactions(n_users=5), None)
+
+
+def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
+    pytest.importorskip("peft")
+    import scipy.sparse as sp
+    import torch
+
+    from recengine.encoders import create_encoder
+    from recengine.features.interest import item_embeddings
+    from recengine.tuning import encode_with, lora_model, next_item_pairs, tune_lora
+
+    encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu"})
+    items = noisy_catalogue()
+    frozen = item_embeddings(items.lazy(), "title", encoder)
+    pairs, history = next_item_pairs(theme_events(n_users=60), context=5, max_pairs=800)
+    seen = history.join(frozen.index(), left_on="h_item", right_on="item_id")
+    contexts = sp.csr_matrix((np.ones(seen.height), (seen["_profile"].to_numpy(), seen["_idx"].to_numpy())),
+                             shape=(pairs.height, len(frozen.item_ids)))
+    targets = pairs.join(frozen.index(), on="item_id", how="left", maintain_order="left")["_idx"].to_numpy()
+    base_weights = {name: value.clone() for name, value in encoder._load().state_dict().items()}
+    adapters, result = tune_lora(encoder, items["title"].to_list(), contexts, targets,
+                                 np.arange(pairs.height) >= pairs.height * 0.8, epochs=4, batch_size=32, lr=5e-3, patience=4, k=5)
+    assert max(result.recalls) > result.recalls[0] + 0.05 and result.best_epoch > 0, (result.recalls, result.losses)
+    assert adapters and all("lora_" in name for name in adapters)
+    assert any(np.abs(value).max() > 0 for name, value in adapters.items() if "lora_B" in name)  # B starts at zero
+    assert result.losses[-1] < result.losses[0] and result.pairs_per_second > 0
+    again, _ = tune_lora(encoder, items["title"].to_list(), contexts, targets, np.arange(pairs.height) >= pairs.height * 0.8,
+                         epochs=result.best_epoch, batch_size=32, lr=5e-3, patience=4, k=5)
+    assert all(np.array_equal(adapters[name], again[name]) for name in adapters)  # one seed: the same adapters
+    after = encoder._load().state_dict()
+    assert all(torch.equal(base_weights[name], after[name]) for name in base_weights)  # the encoder's model untouched
+    # The adapters, loaded into a fresh copy, move the catalogue's embeddings away from the frozen ones.
+    model = lora_model(encoder)
+    fresh = {name: p for name, p in model.named_parameters()}
+    with torch.no_grad():
+        untuned = encode_with(torch, model.eval(), encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).numpy()
+        for name, value in adapters.items():
+            fresh[name].copy_(torch.as_tensor(value))
+        tuned = encode_with(torch, model, encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).numpy()
+    np.testing.assert_allclose(untuned, frozen.matrix, atol=1e-4)
+    assert np.abs(tuned - frozen.matrix).max() > 1e-3
