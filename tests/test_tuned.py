@@ -136,9 +136,9 @@ def test_a_trained_model_carries_the_head_and_ranks_the_same_from_the_saved_stat
         assert saved.rank(user, candidates) == refit.rank(user, candidates)
 
 
-def test_modes_not_built_yet_and_bad_settings_stop_at_load():
-    with pytest.raises(ConfigError, match="only head"):
-        TunedInterest(mode="lora")
+def test_an_unknown_mode_and_bad_settings_stop_at_load():
+    with pytest.raises(ConfigError, match="give one of head, lora"):
+        TunedInterest(mode="full")
     with pytest.raises(ConfigError, match="holdout"):
         TunedInterest(holdout=1.5)
     with pytest.raises(ConfigError, match="no items table"):
@@ -184,3 +184,23 @@ def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
         tuned = encode_with(torch, model, encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).numpy()
     np.testing.assert_allclose(untuned, frozen.matrix, atol=1e-4)
     assert np.abs(tuned - frozen.matrix).max() > 1e-3
+
+
+def test_lora_mode_passes_the_part_contract_and_moves_the_features(tiny_bert):
+    pytest.importorskip("peft")
+    from recengine.testing import check_extractor
+
+    params = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}, "mode": "lora", "recent": 3, "history": 8,
+              "epochs": 2, "batch_size": 32, "lr": 5e-3, "patience": 2, "seed": 1}
+    check_extractor(TunedInterest, params)
+    events, boundary = events_and_boundary()
+    users = events.filter(pl.col("timestamp") >= boundary).group_by("user_id").agg(pl.col("timestamp").max() + timedelta(hours=1))
+    requests = users.sort("user_id").head(6).join(pl.DataFrame({"item_id": [0, 1, 6, 7]}), how="cross")
+    tuned = TunedInterest(**{**params, "recent": 5, "history": 10, "epochs": 3})
+    frozen = InterestScores(encoder_params=tuned.encoder_params, recent=5, history=10)
+    context = FeatureContext.from_frames(events, noisy_catalogue().lazy())
+    fit_learned([tuned, frozen], context, boundary)
+    assert any(name.startswith("lora:") for name in context.learned["TunedInterest"])
+    rows = compute_features(requests, [tuned, frozen], context)
+    assert rows["tuned_title_mean"].drop_nulls().len() == rows.height
+    assert not np.allclose(rows["tuned_title_mean"].to_numpy(), rows["interest_title_mean"].to_numpy())

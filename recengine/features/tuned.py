@@ -23,16 +23,21 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+import hashlib
+
+import scipy.sparse as sp
+
 import recengine
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError
 from recengine.features.interest import InterestScores, ItemEmbeddings, item_embeddings, on_grid
 from recengine.parts import learned_state
 from recengine.plugins import check_number
-from recengine.tuning import next_item_pairs, tune_head
+from recengine.tuning import next_item_pairs, tune_head, tune_lora
 
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
-MODES = ("head",)
+MODES = ("head", "lora")
+LORA = "lora:"  # the state's names of adapter weights
 
 
 def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -64,6 +69,11 @@ class _TunedSpace(InterestScores):
         state, until = learned_state(context, self.owner)
 
         def build() -> TunedEmbeddings:
+            if self.owner.mode == "lora":
+                encoder = self.owner.adapted(state)
+                items = context.item_field(field, "tuned interest")
+                tuned = item_embeddings(items, field, encoder, context.cache, context.progress)
+                return TunedEmbeddings(tuned.item_ids, tuned.matrix, tuned.encoder_id)
             base = self.owner.frozen.embeddings(context, field)
             projection = state["projection"].astype(np.float64) / SCALE
             return TunedEmbeddings(base.item_ids, project(base.matrix, projection), f"{base.encoder_id}+tuned",
@@ -72,6 +82,8 @@ class _TunedSpace(InterestScores):
         return context.memo(("tuned_embeddings", self.owner.fit_key, field, until), build)
 
     def profiles(self, history: pl.DataFrame, n_profiles: int, emb: TunedEmbeddings) -> tuple[np.ndarray, pl.DataFrame]:
+        if emb.projection is None:  # lora: the tuned items themselves, pooled as interest pools
+            return InterestScores.profiles(self, history, n_profiles, emb)
         profile, seen = InterestScores.profiles(self, history, n_profiles, emb.base)
         return project(profile, emb.projection), seen
 
@@ -90,6 +102,33 @@ class _ReadOnlyCache:
         pass
 
 
+class _AdaptedEncoder:
+    """The encoder with tuned LoRA adapters, as an encoder: its id names the adapters' digest, so the
+    embedding cache keeps the tuned catalogue apart from the frozen one and from other tunings."""
+
+    def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int, alpha: int):
+        self.encoder, self.adapters, self.rank, self.alpha = encoder, adapters, rank, alpha
+        self.id = f"{encoder.id}+lora-{rank}-{alpha}:{digest}"
+        self._model = None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        from recengine.tuning import encode_with, lora_model
+
+        if self._model is None:
+            model = lora_model(self.encoder, self.rank, self.alpha)
+            parameters = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.adapters.items():
+                    parameters[name].copy_(torch.as_tensor(value))
+            self._model = model.eval()
+        token_ids = self.encoder.token_ids(list(texts))
+        with torch.no_grad():
+            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).numpy()
+                              for s in range(0, len(token_ids), 256)]) if token_ids else np.zeros((0, 0), dtype=np.float32)
+
+
 class TunedInterest:
     """`tuned_<field>_mean` and `tuned_<field>_max`: interest in a text space tuned on what users took next."""
 
@@ -99,10 +138,13 @@ class TunedInterest:
                  recent: int = 10, history: int = 50, half_life_days: float | None = None, weight_by_value: bool = False,
                  mode: str = "head", temperature: float = 0.05, epochs: int = 10, batch_size: int = 256,
                  lr: float = 1e-3, patience: int = 2, k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16):
         if mode not in MODES:
-            raise ConfigError(f"tuned interest: mode = {mode!r}; only {', '.join(MODES)} is available so far "
-                              "(a linear head on the frozen, cached embeddings).")
+            raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
+                              "on the frozen, cached embeddings; lora: adapters in the encoder's attention).")
+        check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1)
+        check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
+        self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
         check_number(self.part, "temperature", temperature, above=0)
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("k", k),
                             ("max_pairs", max_pairs), ("seed", seed)):
@@ -117,12 +159,13 @@ class TunedInterest:
         self.history_depth = recent
         self.encoders = [(encoder, self.encoder_params)]
         self.fit_key = ("tuned_interest", encoder, repr(sorted(self.encoder_params.items())), field, recent, history,
-                        half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout)
+                        half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout,
+                        repr(sorted(self.lora.items())) if mode == "lora" else None)
         interest = {"encoder": encoder, "encoder_params": self.encoder_params, "fields": [field], "recent": recent,
                     "history": history, "half_life_days": half_life_days, "weight_by_value": weight_by_value}
         self.frozen = InterestScores(**interest)  # the frozen embeddings, shared with `interest` in a context
         self.space = _TunedSpace(self, **interest)
-        self._encoder = None
+        self._encoder, self._adapted = None, {}
 
     # -- learning ------------------------------------------------------------------------------------
 
@@ -131,9 +174,9 @@ class TunedInterest:
             raise ConfigError(f"tuned interest tunes on the items' text field '{self.field}', but "
                               f"{'no items table was given' if items is None else 'the items have no such field'}; "
                               "pass --items with that field or drop tuned_interest from the feature set.")
-        if self._encoder is None:
-            self._encoder = create_encoder(self.encoder_name, self.encoder_params)
-        base = item_embeddings(items.lazy(), self.field, self._encoder, _ReadOnlyCache())
+        base = item_embeddings(items.lazy(), self.field, self.encoder(), _ReadOnlyCache())
+        if self.mode == "lora":
+            return self._fit_lora(events, items, base)
         contexts, targets, held_out = self.training_pairs(events, base)
         result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
         return {"projection": np.round(result.projection.astype(np.float64) * SCALE).astype(np.int32),
@@ -149,6 +192,36 @@ class TunedInterest:
         kept = int(usable.sum())
         held_out = np.arange(kept) >= kept - int(round(kept * self.holdout))
         return profile[usable], targets.to_numpy()[usable].astype(np.int64), held_out
+
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = create_encoder(self.encoder_name, self.encoder_params)
+        return self._encoder
+
+    def _fit_lora(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
+        """Adapters tuned on pairs whose users are the profile weights of their items (interest's)."""
+        pairs, history = next_item_pairs(events, context=self.space.history, max_pairs=self.max_pairs, seed=self.tuning["seed"])
+        seen = history.join(base.index(), left_on="h_item", right_on="item_id", how="inner").sort("_profile", "h_back")
+        weights = sp.csr_matrix((self.space._weights(seen), (seen["_profile"].to_numpy(), seen["_idx"].to_numpy())),
+                                shape=(pairs.height, len(base.item_ids)))
+        targets = pairs.join(base.index(), on="item_id", how="left", maintain_order="left")["_idx"]
+        usable = (np.diff(weights.indptr) > 0) & targets.is_not_null().to_numpy()
+        kept = int(usable.sum())
+        held_out = np.arange(kept) >= kept - int(round(kept * self.holdout))
+        texts = pl.DataFrame({"item_id": base.item_ids}).join(
+            items.select("item_id", pl.col(self.field).cast(pl.String).str.strip_chars()), on="item_id", how="left",
+            maintain_order="left")[self.field].to_list()
+        adapters, result = tune_lora(self.encoder(), texts, weights[usable], targets.to_numpy()[usable].astype(np.int64),
+                                     held_out, rank=self.lora["rank"], alpha=self.lora["alpha"], **self.tuning)
+        return {**{LORA + name: value for name, value in adapters.items()},
+                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+
+    def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
+        adapters = {name.removeprefix(LORA): value for name, value in sorted(state.items()) if name.startswith(LORA)}
+        digest = hashlib.sha256(b"".join(name.encode() + value.tobytes() for name, value in adapters.items())).hexdigest()[:24]
+        if digest not in self._adapted:
+            self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, **self.lora)}
+        return self._adapted[digest]
 
     # -- features --------------------------------------------------------------------------------------
 
