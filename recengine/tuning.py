@@ -168,13 +168,14 @@ def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int,
 def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out: np.ndarray, *, rank: int = 8,
               alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), temperature: float = 0.05, epochs: int = 3,
               batch_size: int = 32, lr: float = 1e-4, patience: int = 1, k: int = 10, seed: int = 0,
-              progress: bool = False, threads: int = 1) -> tuple[dict[str, np.ndarray], TuneResult]:
+              progress: bool = False, threads: int = 1, full: bool = False) -> tuple[dict[str, np.ndarray], TuneResult]:
     """The `lora` mode: low-rank adapters (peft) on the attention projections `modules` of a copy of a
     transformers `encoder`'s model, trained by the same InfoNCE. `texts`: the catalogue's (row i, item
     i); `contexts`: a scipy sparse (pairs x items) matrix of profile weights (a user is the normalised
     weighted sum of their items' embeddings, as `InterestScores.profiles` pools them); `targets`,
     `held_out` as in `tune_head`. Returns the adapters' weights by parameter name (the state a part
-    keeps; the base model is never changed) and the run's record; `projection` is left empty."""
+    keeps; the base model is never changed) and the run's record; `projection` is left empty.
+    `full`: the `full` mode: every weight of the copy trains, and all of them are returned."""
     import torch
 
     was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -183,19 +184,24 @@ def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out
     try:
         return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
                           temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                          k=k, seed=seed, progress=progress)
+                          k=k, seed=seed, progress=progress, full=full)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
 
 
-def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value")):
-    """A copy of the encoder's model with fresh LoRA adapters (the encoder's own model is untouched)."""
+def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), full: bool = False):
+    """A copy of the encoder's model with fresh LoRA adapters, or (`full`) with every weight trainable;
+    the encoder's own model is untouched."""
     import copy
 
+    base = copy.deepcopy(encoder._load()).float()
+    if full:
+        for parameter in base.parameters():
+            parameter.requires_grad_(True)
+        return base
     from peft import LoraConfig, get_peft_model
 
-    base = copy.deepcopy(encoder._load()).float()
     return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
 
 
@@ -213,13 +219,13 @@ def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndar
 
 
 def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,
-               batch_size, lr, patience, k, seed, progress):
+               batch_size, lr, patience, k, seed, progress, full):
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     torch.manual_seed(seed)
     shuffler = torch.Generator().manual_seed(seed)
-    model = lora_model(encoder, rank, alpha, modules)
+    model = lora_model(encoder, rank, alpha, modules, full)
     model.train()
     token_ids = encoder.token_ids(texts)
     contexts = contexts.tocsr()

@@ -137,8 +137,8 @@ def test_a_trained_model_carries_the_head_and_ranks_the_same_from_the_saved_stat
 
 
 def test_an_unknown_mode_and_bad_settings_stop_at_load():
-    with pytest.raises(ConfigError, match="give one of head, lora"):
-        TunedInterest(mode="full")
+    with pytest.raises(ConfigError, match="give one of head, lora, full"):
+        TunedInterest(mode="qlora")
     with pytest.raises(ConfigError, match="holdout"):
         TunedInterest(holdout=1.5)
     with pytest.raises(ConfigError, match="no items table"):
@@ -186,11 +186,12 @@ def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
     assert np.abs(tuned - frozen.matrix).max() > 1e-3
 
 
-def test_lora_mode_passes_the_part_contract_and_moves_the_features(tiny_bert):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_and_full_modes_pass_the_part_contract_and_move_the_features(tiny_bert, mode):
     pytest.importorskip("peft")
     from recengine.testing import check_extractor
 
-    params = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}, "mode": "lora", "recent": 3, "history": 8,
+    params = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}, "mode": mode, "recent": 3, "history": 8,
               "epochs": 2, "batch_size": 32, "lr": 5e-3, "patience": 2, "seed": 1}
     check_extractor(TunedInterest, params)
     events, boundary = events_and_boundary()
@@ -200,7 +201,11 @@ def test_lora_mode_passes_the_part_contract_and_moves_the_features(tiny_bert):
     frozen = InterestScores(encoder_params=tuned.encoder_params, recent=5, history=10)
     context = FeatureContext.from_frames(events, noisy_catalogue().lazy())
     fit_learned([tuned, frozen], context, boundary)
-    assert any(name.startswith("lora:") for name in context.learned["TunedInterest"])
+    prefix = {"lora": "lora:", "full": "weights:"}[mode]
+    assert any(name.startswith(prefix) for name in context.learned["TunedInterest"])
+    if mode == "full":  # every weight of the model, none of them an adapter's
+        assert not any("lora_" in name for name in context.learned["TunedInterest"])
+        assert "weights:embeddings.word_embeddings.weight" in context.learned["TunedInterest"]
     rows = compute_features(requests, [tuned, frozen], context)
     assert rows["tuned_title_mean"].drop_nulls().len() == rows.height
     assert not np.allclose(rows["tuned_title_mean"].to_numpy(), rows["interest_title_mean"].to_numpy())

@@ -36,8 +36,8 @@ from recengine.plugins import check_number
 from recengine.tuning import next_item_pairs, tune_head, tune_lora
 
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
-MODES = ("head", "lora")
-LORA = "lora:"  # the state's names of adapter weights
+MODES = ("head", "lora", "full")
+PREFIX = {"lora": "lora:", "full": "weights:"}  # the state's names of the encoder's tuned weights
 
 
 def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ class _TunedSpace(InterestScores):
         state, until = learned_state(context, self.owner)
 
         def build() -> TunedEmbeddings:
-            if self.owner.mode == "lora":
+            if self.owner.mode in PREFIX:
                 encoder = self.owner.adapted(state)
                 items = context.item_field(field, "tuned interest")
                 tuned = item_embeddings(items, field, encoder, context.cache, context.progress)
@@ -82,7 +82,7 @@ class _TunedSpace(InterestScores):
         return context.memo(("tuned_embeddings", self.owner.fit_key, field, until), build)
 
     def profiles(self, history: pl.DataFrame, n_profiles: int, emb: TunedEmbeddings) -> tuple[np.ndarray, pl.DataFrame]:
-        if emb.projection is None:  # lora: the tuned items themselves, pooled as interest pools
+        if emb.projection is None:  # lora, full: the tuned items themselves, pooled as interest pools
             return InterestScores.profiles(self, history, n_profiles, emb)
         profile, seen = InterestScores.profiles(self, history, n_profiles, emb.base)
         return project(profile, emb.projection), seen
@@ -106,9 +106,9 @@ class _AdaptedEncoder:
     """The encoder with tuned LoRA adapters, as an encoder: its id names the adapters' digest, so the
     embedding cache keeps the tuned catalogue apart from the frozen one and from other tunings."""
 
-    def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int, alpha: int):
-        self.encoder, self.adapters, self.rank, self.alpha = encoder, adapters, rank, alpha
-        self.id = f"{encoder.id}+lora-{rank}-{alpha}:{digest}"
+    def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int, alpha: int, full: bool = False):
+        self.encoder, self.adapters, self.rank, self.alpha, self.full = encoder, adapters, rank, alpha, full
+        self.id = f"{encoder.id}+{'full' if full else f'lora-{rank}-{alpha}'}:{digest}"
         self._model = None
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -117,7 +117,7 @@ class _AdaptedEncoder:
         from recengine.tuning import encode_with, lora_model
 
         if self._model is None:
-            model = lora_model(self.encoder, self.rank, self.alpha)
+            model = lora_model(self.encoder, self.rank, self.alpha, full=self.full)
             parameters = dict(model.named_parameters())
             with torch.no_grad():
                 for name, value in self.adapters.items():
@@ -141,7 +141,8 @@ class TunedInterest:
                  seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16):
         if mode not in MODES:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
-                              "on the frozen, cached embeddings; lora: adapters in the encoder's attention).")
+                              "on the frozen, cached embeddings; lora: adapters in the encoder's attention; full: "
+                              "every weight of the encoder).")
         check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1)
         check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
@@ -160,7 +161,7 @@ class TunedInterest:
         self.encoders = [(encoder, self.encoder_params)]
         self.fit_key = ("tuned_interest", encoder, repr(sorted(self.encoder_params.items())), field, recent, history,
                         half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout,
-                        repr(sorted(self.lora.items())) if mode == "lora" else None)
+                        repr(sorted(self.lora.items())) if mode in PREFIX else None)
         interest = {"encoder": encoder, "encoder_params": self.encoder_params, "fields": [field], "recent": recent,
                     "history": history, "half_life_days": half_life_days, "weight_by_value": weight_by_value}
         self.frozen = InterestScores(**interest)  # the frozen embeddings, shared with `interest` in a context
@@ -175,8 +176,8 @@ class TunedInterest:
                               f"{'no items table was given' if items is None else 'the items have no such field'}; "
                               "pass --items with that field or drop tuned_interest from the feature set.")
         base = item_embeddings(items.lazy(), self.field, self.encoder(), _ReadOnlyCache())
-        if self.mode == "lora":
-            return self._fit_lora(events, items, base)
+        if self.mode in PREFIX:
+            return self._fit_encoder(events, items, base)
         contexts, targets, held_out = self.training_pairs(events, base)
         result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
         return {"projection": np.round(result.projection.astype(np.float64) * SCALE).astype(np.int32),
@@ -198,8 +199,8 @@ class TunedInterest:
             self._encoder = create_encoder(self.encoder_name, self.encoder_params)
         return self._encoder
 
-    def _fit_lora(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
-        """Adapters tuned on pairs whose users are the profile weights of their items (interest's)."""
+    def _fit_encoder(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
+        """Adapters (or, full, every weight) tuned on pairs whose users are the profile weights of their items (interest's)."""
         pairs, history = next_item_pairs(events, context=self.space.history, max_pairs=self.max_pairs, seed=self.tuning["seed"])
         seen = history.join(base.index(), left_on="h_item", right_on="item_id", how="inner").sort("_profile", "h_back")
         weights = sp.csr_matrix((self.space._weights(seen), (seen["_profile"].to_numpy(), seen["_idx"].to_numpy())),
@@ -212,15 +213,17 @@ class TunedInterest:
             items.select("item_id", pl.col(self.field).cast(pl.String).str.strip_chars()), on="item_id", how="left",
             maintain_order="left")[self.field].to_list()
         adapters, result = tune_lora(self.encoder(), texts, weights[usable], targets.to_numpy()[usable].astype(np.int64),
-                                     held_out, rank=self.lora["rank"], alpha=self.lora["alpha"], **self.tuning)
-        return {**{LORA + name: value for name, value in adapters.items()},
+                                     held_out, rank=self.lora["rank"], alpha=self.lora["alpha"], full=self.mode == "full",
+                                     **self.tuning)
+        return {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
                 "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
 
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
-        adapters = {name.removeprefix(LORA): value for name, value in sorted(state.items()) if name.startswith(LORA)}
+        prefix = PREFIX[self.mode]
+        adapters = {name.removeprefix(prefix): value for name, value in sorted(state.items()) if name.startswith(prefix)}
         digest = hashlib.sha256(b"".join(name.encode() + value.tobytes() for name, value in adapters.items())).hexdigest()[:24]
         if digest not in self._adapted:
-            self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, **self.lora)}
+            self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, full=self.mode == "full", **self.lora)}
         return self._adapted[digest]
 
     # -- features --------------------------------------------------------------------------------------
