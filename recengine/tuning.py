@@ -168,19 +168,22 @@ def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int,
 def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out: np.ndarray, *, rank: int = 8,
               alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), temperature: float = 0.05, epochs: int = 3,
               batch_size: int = 32, lr: float = 1e-4, patience: int = 1, k: int = 10, seed: int = 0,
-              progress: bool = False, threads: int = 1, full: bool = False) -> tuple[dict[str, np.ndarray], TuneResult]:
+              progress: bool = False, threads: int | None = 1, full: bool = False) -> tuple[dict[str, np.ndarray], TuneResult]:
     """The `lora` mode: low-rank adapters (peft) on the attention projections `modules` of a copy of a
     transformers `encoder`'s model, trained by the same InfoNCE. `texts`: the catalogue's (row i, item
     i); `contexts`: a scipy sparse (pairs x items) matrix of profile weights (a user is the normalised
     weighted sum of their items' embeddings, as `InterestScores.profiles` pools them); `targets`,
     `held_out` as in `tune_head`. Returns the adapters' weights by parameter name (the state a part
     keeps; the base model is never changed) and the run's record; `projection` is left empty.
-    `full`: the `full` mode: every weight of the copy trains, and all of them are returned."""
+    `full`: the `full` mode: every weight of the copy trains, and all of them are returned. `threads`:
+    torch's CPU threads (None: as set). One by default: on shared cores, threads that wait on each
+    other cost far more than they gain on a small model; a big model on a free machine wants more.
+    """
     import torch
 
     was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or was_threads)
     try:
         return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
                           temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,

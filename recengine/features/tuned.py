@@ -201,6 +201,15 @@ class TunedInterest:
 
     def _fit_encoder(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
         """Adapters (or, full, every weight) tuned on pairs whose users are the profile weights of their items (interest's)."""
+        texts, weights, targets, held_out = self.encoder_pairs(events, items, base)
+        adapters, result = tune_lora(self.encoder(), texts, weights, targets, held_out, rank=self.lora["rank"],
+                                     alpha=self.lora["alpha"], full=self.mode == "full", **self.tuning)
+        return {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
+                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+
+    def encoder_pairs(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings):
+        """The catalogue's texts (rows as `base`'s), each pair's profile weights over them (sparse),
+        target rows and the held-out latest pairs: what `tune_lora` reads."""
         pairs, history = next_item_pairs(events, context=self.space.history, max_pairs=self.max_pairs, seed=self.tuning["seed"])
         seen = history.join(base.index(), left_on="h_item", right_on="item_id", how="inner").sort("_profile", "h_back")
         weights = sp.csr_matrix((self.space._weights(seen), (seen["_profile"].to_numpy(), seen["_idx"].to_numpy())),
@@ -212,11 +221,7 @@ class TunedInterest:
         texts = pl.DataFrame({"item_id": base.item_ids}).join(
             items.select("item_id", pl.col(self.field).cast(pl.String).str.strip_chars()), on="item_id", how="left",
             maintain_order="left")[self.field].to_list()
-        adapters, result = tune_lora(self.encoder(), texts, weights[usable], targets.to_numpy()[usable].astype(np.int64),
-                                     held_out, rank=self.lora["rank"], alpha=self.lora["alpha"], full=self.mode == "full",
-                                     **self.tuning)
-        return {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
-                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+        return texts, weights[usable], targets.to_numpy()[usable].astype(np.int64), held_out
 
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
         prefix = PREFIX[self.mode]
