@@ -35,6 +35,10 @@ def test_every_registered_source_passes_check_source(name, tiny_bert):
     check_source(plugins.get("candidate_sources", name).factory, params_for(name, tiny_bert))
 
 
+def test_the_new_items_variant_of_the_embedding_source_passes_check_source(tiny_bert):
+    check_source(plugins.get("candidate_sources", "embedding").factory, {**params_for("embedding", tiny_bert), "new_items": True})
+
+
 def test_check_extractor_catches_leakage_and_a_serving_path_that_drifts():
     from recengine.features.popularity import ItemPopularity
     from recengine.features.attributes import ItemAttribute

@@ -219,3 +219,16 @@ def test_candidates_never_include_an_item_the_catalogue_lacks():
     assert 6 in without["item_id"].to_list()
     assert 6 not in with_catalogue["item_id"].to_list()
     assert set(with_catalogue["item_id"]) <= set(ITEMS["item_id"])
+
+
+def test_the_new_items_source_proposes_only_items_nobody_took_before_t(tiny_bert):
+    ctx = context(BASE, cache=None)
+    source = EmbeddingSource(k=10, new_items=True, encoder_params={"model": str(tiny_bert), "device": "cpu"})
+    requests = pl.DataFrame({"user_id": [1, 2, 3], "timestamp": [T0, T0, T0 - 300 * DAY]})
+    out = generate(requests, [source], ctx, exclude_seen=False)
+    assert out.filter(pl.col("timestamp") == T0).height == 0  # by T0 every catalogue item had been taken
+    # 300 days before T0 only item 5 had been taken (by user 3, 400 days before): items 1-4 were new.
+    assert set(out.filter(pl.col("user_id") == 3)["item_id"]) == {1, 2, 3, 4}
+    everything = generate(requests, [EmbeddingSource(k=10, encoder_params={"model": str(tiny_bert), "device": "cpu"})],
+                          ctx, exclude_seen=False)
+    assert set(everything.filter(pl.col("user_id") == 1)["item_id"]) == {1, 2, 3, 4, 5}

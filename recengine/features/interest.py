@@ -240,12 +240,14 @@ def _aligned(emb: ItemEmbeddings, snapshot) -> tuple[np.ndarray, np.ndarray]:
 
 
 class EmbeddingSource:
-    """Nearest items to the user's history profile in an encoder's space; reaches never-seen items."""
+    """Nearest items to the user's history profile in an encoder's space; reaches never-seen items.
+    With `new_items = true`, only items nobody had taken before the request: the new releases whose
+    text fits the user, which no behaviour-based source can propose."""
 
     def __init__(self, k: int = 100, encoder: str = "transformers", encoder_params: dict | None = None,
-                 field: str = "title", history: int = 50, half_life_days: float | None = None):
+                 field: str = "title", history: int = 50, half_life_days: float | None = None, new_items: bool = False):
         check_number("embedding source", "k", k, integer=True, minimum=1)
-        self.name, self.k, self.field = "embedding", k, field
+        self.name, self.k, self.field, self.new_items = "embedding", k, field, new_items
         self.scorer = InterestScores(encoder, encoder_params, [field], recent=1, history=history, half_life_days=half_life_days)
         self.encoders = self.scorer.encoders
 
@@ -256,20 +258,33 @@ class EmbeddingSource:
         profile, _ = self.scorer.profiles(history, keyed.height, emb)
         known = ~np.isnan(profile).any(axis=1)
         item_rank = emb.item_ids.rank("ordinal").to_numpy()
+        first = self._first_events(context, emb) if self.new_items else None
+        at_ms = keyed["timestamp"].dt.epoch("ms").to_numpy()
         rows, items, scores = [], [], []
         for start in range(0, keyed.height, 1024):
             block = np.flatnonzero(known[start : start + 1024]) + start
             if not len(block):
                 continue
             sims = profile[block] @ emb.matrix.T  # exact (embeddings on the grid): no BLAS noise to tie-break
+            if first is not None:  # items someone took before the request are not new
+                sims[first[None, :] < at_ms[block, None]] = -np.inf
             at, top = top_k_dense(sims, self.k, item_rank)
-            rows.append(block[at])
-            items.append(top)
-            scores.append(sims[at, top])
+            keep = np.isfinite(sims[at, top])
+            rows.append(block[at][keep])
+            items.append(top[keep])
+            scores.append(sims[at, top][keep])
         if not rows:
             return pl.LazyFrame(schema={"_request": pl.UInt32, "item_id": emb.item_ids.dtype, "score": pl.Float64})
         found = pl.DataFrame({"_p": np.concatenate(rows), "item_id": emb.item_ids.gather(np.concatenate(items)), "score": np.concatenate(scores)})
         return found.join(keyed.with_row_index("_p").select(pl.col("_p").cast(pl.Int64), "_request"), on="_p").drop("_p").lazy()
+
+    @staticmethod
+    def _first_events(context, emb: ItemEmbeddings) -> np.ndarray:
+        """Each embedded item's first event time (epoch ms; the largest int64 for items nobody took)."""
+        first = context.memo("item_first_event", lambda: context.events.group_by("item_id").agg(
+            pl.col("timestamp").min().dt.epoch("ms").alias("_first")).collect())
+        aligned = emb.index().join(first, on="item_id", how="left").sort("_idx")["_first"]
+        return aligned.fill_null(np.iinfo(np.int64).max).to_numpy()
 
 
 @recengine.hookimpl
