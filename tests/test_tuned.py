@@ -20,29 +20,6 @@ from conftest import TINY_VOCAB
 from synthetic import THEMES, WORDS, catalogue, interactions
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """conftest's tiny BERT, with a tokenizer that knows its words: under transformers 5,
-    `BertTokenizerFast(vocab_file=...)` keeps only the special tokens, so every title would be [UNK]s
-    and embed to one vector, leaving nothing to tune."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert-words")
-    words = list(dict.fromkeys(TINY_VOCAB))
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    if len(tokenizer) < len(words):  # transformers 4 reads the file
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    assert len(set(map(tuple, tokenizer(["space dark", "love story"])["input_ids"]))) == 2
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(folder)
-    return folder
-
-
 def part(tiny_bert, **extra) -> TunedInterest:
     params = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}, "recent": 5, "history": 10,
               "epochs": 4, "batch_size": 64, "lr": 0.01, "temperature": 0.1, **extra}
