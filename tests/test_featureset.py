@@ -128,13 +128,13 @@ def test_the_bundled_feature_sets_load_by_name_from_anywhere(tmp_path, monkeypat
     from recengine.featureset import bundled_names
 
     monkeypatch.chdir(tmp_path)  # no features/ folder here
-    assert bundled_names() == ["impressions", "movielens"]
+    assert bundled_names() == ["collaborative", "impressions", "movielens"]
     assert FeatureSet.load("movielens").source_text == (FEATURES / "movielens.toml").read_text()
     from recengine.cli import bundled_feature_set
 
     assert FeatureSet.load(bundled_feature_set("impressions")).name == "impressions"
     with pytest.raises(ConfigError, match="nosuch: no such feature set file, and no bundled feature set of that name. "
-                                          "Give the path of a TOML file, or one of the bundled names: impressions, movielens."):
+                                          "Give the path of a TOML file, or one of the bundled names: collaborative, impressions, movielens."):
         FeatureSet.load("nosuch")
     (tmp_path / "movielens").write_text('name = "mine"\n[candidates.popular]\n')
     assert FeatureSet.load("movielens").name == "mine"  # a file of that name comes first
@@ -157,7 +157,7 @@ def test_a_regular_install_carries_the_bundled_feature_sets(tmp_path):
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "--target", str(target)], check=True, capture_output=True)
-    assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["impressions.toml", "movielens.toml"]
+    assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["collaborative.toml", "impressions.toml", "movielens.toml"]
     assert not (target / "features").exists()
     shown = subprocess.run([sys.executable, "-c", "from recengine.featureset import FeatureSet, resolve; "
                             "print(resolve('movielens'), FeatureSet.load('impressions').name)"],
