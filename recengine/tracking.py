@@ -108,11 +108,13 @@ def training_run(
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, description=description,
                           log_system_metrics=True) as run:
         mlflow.log_params(params)
+        started = time.time()
         try:
-            yield TrainingRun(run.info.run_id, experiment_id, name, time.time())
+            yield TrainingRun(run.info.run_id, experiment_id, name, started)
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
             raise
+        _await_a_system_sample(started)
 
 
 def log_training(
@@ -276,6 +278,16 @@ def _git_tags(path: Path | None) -> dict[str, str]:
         return {}
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def _await_a_system_sample(started: float) -> None:
+    """MLflow's monitor logs a sample only after a whole sampling interval: a run shorter than that
+    (a small data set) would end with none. Hold such a run open until one is logged (a few seconds
+    at most), so every run shows its system metrics."""
+    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or SYSTEM_METRICS_INTERVAL_S)
+    remaining = min(interval + 1.0, 6.0) - (time.time() - started)
+    if remaining > 0:
+        time.sleep(remaining)
 
 
 def _quiet_system_metrics_messages() -> None:
