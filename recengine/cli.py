@@ -296,7 +296,7 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
     import polars as pl
 
     from recengine.batch import align_ids, check_output_file
-    from recengine.data import load_requests, parse_mapping, write_parquet_atomic
+    from recengine.data import TIMESTAMP, load_requests, parse_mapping, write_parquet_atomic
     from recengine.extractors import FeatureContext
     from recengine.model import load_model
 
@@ -310,8 +310,9 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
         _refuse_requests_before_every_event(requests, first, requests_path)
     else:
         last = dataset.events.select(pl.col("timestamp").max()).collect().item()
+        # In the events' time unit (a bare Python datetime would be microseconds): every later join matches.
         requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
-            pl.lit(last + timedelta(seconds=1)).alias("timestamp")).collect()
+            pl.lit(last + timedelta(seconds=1)).cast(TIMESTAMP).alias("timestamp")).collect()
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir), progress=True)
     if learned_state == "saved":
         model.use_saved_state(context)

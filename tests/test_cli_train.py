@@ -56,6 +56,11 @@ def test_train_then_recommend_then_evaluate(project, cli_run):
     seen = interactions().select("user_id", "item_id")
     assert recs.join(seen, on=["user_id", "item_id"]).height == 0
 
+    # Without --requests (the quickstart's and the nightly job's case): every user, just after the last event.
+    everyone = cli_run("recommend", "--model", "model", *data, "--k", "3", "--output", "out/everyone.parquet")
+    assert everyone.exit_code == 0, everyone.output
+    assert pl.read_parquet(project / "out" / "everyone.parquet")["user_id"].n_unique() == interactions()["user_id"].n_unique()
+
     evaluated = cli_run("evaluate", "--model", "model", *data, "--since", "2024-05-01")
     assert evaluated.exit_code == 0, evaluated.output
     assert "ranker" in evaluated.output and "popularity" in evaluated.output
