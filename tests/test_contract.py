@@ -17,6 +17,7 @@ def params_for(name: str, tiny_bert) -> dict:
         "covisitation": {"window": 3, "recent": 5},
         "ease": {"l2": 50.0, "max_items": 40, "history": 10},
         "tuned_interest": {"recent": 3, "history": 8, "half_life_days": 10, "epochs": 2, "batch_size": 32, "lr": 0.01, **encoder},
+        "tuned_embedding": {"k": 15, "history": 8, "epochs": 2, "batch_size": 32, "lr": 0.01, **encoder},
     }.get(name, {})
 
 

@@ -46,7 +46,7 @@ def theme_events(n_users: int = 120, per_user: int = 10, n_items: int = 60, seed
 
 
 def test_tuning_learns_that_users_follow_the_theme_and_the_head_moves_the_space(tiny_bert):
-    tuned = part(tiny_bert, lr=0.05, k=5)
+    tuned = part(tiny_bert, lr=0.05, recall_k=5)
     state = tuned.fit(theme_events(), noisy_catalogue())
     # Users who take "space ..." titles take "space ..." titles next: held-out recall@5 rises well
     # above the frozen space's (0.16 here).
@@ -63,7 +63,7 @@ def events_and_boundary():
 
 
 def features(tiny_bert, events: pl.DataFrame, requests: pl.DataFrame, boundary) -> pl.DataFrame:
-    tuned = part(tiny_bert, lr=0.05, k=5)
+    tuned = part(tiny_bert, lr=0.05, recall_k=5)
     frozen = InterestScores(encoder_params=tuned.encoder_params, recent=5, history=10)
     context = FeatureContext.from_frames(events, noisy_catalogue().lazy())
     fit_learned([tuned, frozen], context, boundary)
@@ -186,3 +186,33 @@ def test_lora_and_full_modes_pass_the_part_contract_and_move_the_features(tiny_b
     rows = compute_features(requests, [tuned, frozen], context)
     assert rows["tuned_title_mean"].drop_nulls().len() == rows.height
     assert not np.allclose(rows["tuned_title_mean"].to_numpy(), rows["interest_title_mean"].to_numpy())
+
+
+def test_the_tuned_source_proposes_the_users_theme_shares_the_extractors_fit_and_nothing_before_the_boundary(tiny_bert):
+    from recengine.candidates import generate
+    from recengine.features.interest import EmbeddingSource
+    from recengine.features.tuned import TunedEmbeddingSource
+
+    events, boundary = events_and_boundary()
+    settings = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}, "recent": 5, "history": 10,
+                "epochs": 4, "batch_size": 64, "lr": 0.05, "temperature": 0.1, "recall_k": 5}
+    extractor, source = TunedInterest(**settings), TunedEmbeddingSource(k=6, **settings)
+    frozen = EmbeddingSource(k=6, encoder_params=settings["encoder_params"], history=10)
+    extractor.key, source.key, frozen.name = "features.tuned_interest", "candidates.tuned_embedding", "embedding"
+    source.name = "tuned_embedding"
+    context = FeatureContext.from_frames(events, noisy_catalogue().lazy())
+    fit_learned([extractor, source, frozen], context, boundary)
+    assert context.learned["candidates.tuned_embedding"] is context.learned["features.tuned_interest"]  # one fit
+    users = events.filter(pl.col("timestamp") >= boundary).group_by("user_id").agg(pl.col("timestamp").max() + timedelta(hours=1))
+    just_before = users.sort("user_id").with_columns(pl.lit(boundary - timedelta(hours=1)).cast(pl.Datetime("ms")).alias("timestamp"))
+    requests = pl.concat([users.sort("user_id"), just_before])
+    rows = generate(requests, [source, frozen], context, exclude_seen=False)
+
+    def on_theme(column: str) -> float:  # share of a source's proposals in the user's own theme
+        found = rows.filter(pl.col(column).is_not_null())
+        return ((found["item_id"] % len(THEMES)) == (found["user_id"] % len(THEMES))).mean()
+
+    assert on_theme("cand_tuned_embedding_score") > on_theme("cand_embedding_score") + 0.1  # here 1.0 against 0.86
+    early = rows.filter(pl.col("timestamp") < boundary)
+    assert early["cand_tuned_embedding_score"].drop_nulls().len() == 0  # a tuning after the request is never read
+    assert early["cand_embedding_score"].drop_nulls().len() > 0

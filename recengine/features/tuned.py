@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError
-from recengine.features.interest import InterestScores, ItemEmbeddings, item_embeddings, on_grid
+from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
 from recengine.parts import learned_state
 from recengine.plugins import check_number
 from recengine.tuning import next_item_pairs, tune_head, tune_lora
@@ -137,7 +137,7 @@ class TunedInterest:
     def __init__(self, encoder: str = "transformers", encoder_params: dict[str, Any] | None = None, field: str = "title",
                  recent: int = 10, history: int = 50, half_life_days: float | None = None, weight_by_value: bool = False,
                  mode: str = "head", temperature: float = 0.05, epochs: int = 10, batch_size: int = 256,
-                 lr: float = 1e-3, patience: int = 2, k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
+                 lr: float = 1e-3, patience: int = 2, recall_k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
                  seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16):
         if mode not in MODES:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
@@ -147,14 +147,14 @@ class TunedInterest:
         check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
         check_number(self.part, "temperature", temperature, above=0)
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("k", k),
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("recall_k", recall_k),
                             ("max_pairs", max_pairs), ("seed", seed)):
             check_number(self.part, name, value, integer=True, minimum=2 if name == "batch_size" else (0 if name == "seed" else 1))
         check_number(self.part, "lr", lr, above=0)
         check_number(self.part, "holdout", holdout, above=0, below=1)
         self.encoder_name, self.encoder_params, self.field = encoder, dict(encoder_params or {}), field
         self.tuning = {"temperature": temperature, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                       "patience": patience, "k": k, "seed": seed}
+                       "patience": patience, "k": recall_k, "seed": seed}  # k: the held-out recall@K that stops early
         self.max_pairs, self.holdout = max_pairs, holdout
         self.columns = [f"tuned_{field}_mean", f"tuned_{field}_max"]
         self.history_depth = recent
@@ -259,6 +259,43 @@ class TunedInterest:
             size = len(tables["space"]["snapshot"].item_ids) + 1
             return {u: {c: np.full(size, np.nan) for c in self.columns} for u in users}
         return {u: self._renamed(values) for u, values in self.space.serve_whole(tables["space"], users).items()}
+
+
+class TunedEmbeddingSource:
+    """`tuned_embedding`: the `embedding` source in the tuned space: the nearest items to the user's
+    tuned profile, never-taken ones included (`new_items = true`: only those). It takes the tuning
+    settings of `tuned_interest` and, given the same ones in one feature set, shares its fit."""
+
+    def __init__(self, k: int = 100, new_items: bool = False, **tuning: Any):
+        self.tuned = TunedInterest(**tuning)
+        self.tuned.key = type(self).__name__  # until the feature set names it: the space must read this part's state
+        self.name, self.k, self.fit_key, self.encoders = "tuned_embedding", k, self.tuned.fit_key, self.tuned.encoders
+        space = self.tuned.space
+        self.finder = EmbeddingSource(k, space.encoder_name, space.encoder_params, field=self.tuned.field,
+                                      history=space.history, half_life_days=space.half_life_days, new_items=new_items)
+        self.finder.scorer = space  # the same search, over tuned item vectors and tuned profiles
+
+    # The feature set names the part's learned state (`key`); the tuned space reads it through `tuned`.
+    @property
+    def key(self) -> str:
+        return self.tuned.key
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self.tuned.key = value
+
+    def fit(self, events: pl.DataFrame, items: pl.DataFrame | None) -> dict[str, np.ndarray]:
+        return self.tuned.fit(events, items)
+
+    def generate(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
+        _, until = learned_state(context, self)
+        return self.finder.generate(requests.filter(pl.col("timestamp") >= until), context)  # nothing from a later tuning
+
+
+@recengine.hookimpl
+def register_candidate_sources(register):
+    register("tuned_embedding", TunedEmbeddingSource,
+             "Nearest items to the user's profile in a text space tuned on what users took next (learned; new_items: only untaken ones).")
 
 
 @recengine.hookimpl
