@@ -18,6 +18,8 @@ proposes at all, and where the rest is lost (never proposed, or proposed and ran
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--cutoffs 10] [--seeds 3]
+    .venv/bin/python benchmarks/movielens.py --no-peers --cutoffs 3 --seeds 3 \\
+        --feature-set features/movielens.toml --feature-set features/tuned.toml    # frozen against tuned
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from recengine.training import train
 
 METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
 KEYS = ["cutoff", "user_id"]
+DEFAULT_FEATURE_SET = Path(__file__).resolve().parents[1] / "features" / "movielens.toml"
 TOP = 10
 
 
@@ -266,9 +269,33 @@ def per_cutoff_ndcg(top: pl.DataFrame, truth: pl.DataFrame, chosen: list[Window]
             for w in chosen]
 
 
+def run_feature_set(path: str, chosen: list[Window], truth: pl.DataFrame, seeds: int, cache: EmbeddingCache):
+    """recengine with one feature set at every cutoff, once per labels seed: the median seed's table row,
+    its top 10, every seed's (metrics, top, fate, infos, seed) and the median seed's fate."""
+    loaded = FeatureSet.load(path)
+    runs = []
+    for seed in range(seeds):
+        feature_set = with_seed(loaded, path, seed)
+        parts, fates, infos = [], [], []
+        for window in chosen:
+            top, fate, info = run_recengine(window, feature_set, cache)
+            parts.append(top), fates.append(fate), infos.append(info)
+            print(f"{Path(path).name} seed {seed}, cutoff {window.label}: trained in {info['train_s']:.1f} s, ranked in "
+                  f"{info['rank_s']:.1f} s, {info['candidates']:.0f} candidates per request, "
+                  f"NDCG@10 {score(top, tagged(window.truth, window))['ndcg@10']:.4f}", flush=True)
+        top = pl.concat(parts)
+        runs.append((score(top, truth), top, pl.concat(fates), infos, seed))
+        print(f"{Path(path).name} seed {seed}: NDCG@10 {runs[-1][0]['ndcg@10']:.4f} over all pairs", flush=True)
+    metrics, top, fate, infos, seed = sorted(runs, key=lambda r: r[0]["ndcg@10"])[len(runs) // 2]
+    setting = Path(path).name + (f", median of {seeds} seeds (seed {seed})" if seeds > 1 else "")
+    return ("recengine", setting, metrics), top, runs, fate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--feature-set", default=str(Path(__file__).resolve().parents[1] / "features" / "movielens.toml"))
+    parser.add_argument("--feature-set", action="append",
+                        help="A feature set to train at every cutoff; repeat it to compare several in one run "
+                             "(each gets its row and its per-cutoff table). Default: features/movielens.toml.")
     parser.add_argument("--cutoffs", type=int, default=len(rolling.QUANTILES),
                         help="Evaluate N of the 10 cutoffs, evenly spaced (fast mode); windows keep their full-protocol ends.")
     parser.add_argument("--seeds", type=int, default=3, help="Training runs with [labels] seed 0..N-1; the median is shown.")
@@ -287,26 +314,13 @@ def main() -> None:
 
     rows: list[tuple[str, str, dict]] = []
     tops: dict[tuple[str, str], pl.DataFrame] = {}
-    if not args.no_recengine:
-        loaded = FeatureSet.load(args.feature_set)
-        cache = EmbeddingCache(DEFAULT_CACHE_DIR)
-        runs = []
-        for seed in range(args.seeds):
-            feature_set = with_seed(loaded, args.feature_set, seed)
-            parts, fates, infos = [], [], []
-            for window in chosen:
-                top, fate, info = run_recengine(window, feature_set, cache)
-                parts.append(top), fates.append(fate), infos.append(info)
-                print(f"recengine seed {seed}, cutoff {window.label}: trained in {info['train_s']:.1f} s, ranked in "
-                      f"{info['rank_s']:.1f} s, {info['candidates']:.0f} candidates per request, "
-                      f"NDCG@10 {score(top, tagged(window.truth, window))['ndcg@10']:.4f}", flush=True)
-            top = pl.concat(parts)
-            runs.append((score(top, truth), top, pl.concat(fates), infos, seed))
-            print(f"recengine seed {seed}: NDCG@10 {runs[-1][0]['ndcg@10']:.4f} over all pairs", flush=True)
-        metrics, top, fate, infos, seed = sorted(runs, key=lambda r: r[0]["ndcg@10"])[len(runs) // 2]
-        setting = Path(args.feature_set).name + (f", median of {args.seeds} seeds (seed {seed})" if args.seeds > 1 else "")
-        rows.append(("recengine", setting, metrics))
-        tops[("recengine", setting)] = top
+    ours: list[tuple[tuple[str, str, dict], list, pl.DataFrame]] = []  # (row, seeds' runs, fate) per feature set
+    cache = EmbeddingCache(DEFAULT_CACHE_DIR)
+    for path in ([] if args.no_recengine else args.feature_set or [str(DEFAULT_FEATURE_SET)]):
+        row, top, runs, fate = run_feature_set(path, chosen, truth, args.seeds, cache)
+        rows.append(row)
+        tops[row[:2]] = top
+        ours.append((row, runs, fate))
 
     if not args.no_peers:
         lambdas = tuple(float(v) for v in args.ease_lambdas.split(","))
@@ -333,22 +347,26 @@ def main() -> None:
     peer_rows = [r for r in rows if r[0] != "recengine"]
     best_peer = max((m["ndcg@10"] for _, _, m in peer_rows), default=float("nan"))
     print_table(rows, best_peer if peer_rows else rows[0][2]["ndcg@10"])
-    if not args.no_recengine:
-        ours_top = tops[(rows[0][0], rows[0][1])]
-        peer_name = max(peer_rows, key=lambda r: r[2]["ndcg@10"]) if peer_rows else None
-        peer_top = tops[(peer_name[0], peer_name[1].removeprefix("best of grid: "))] if peer_name else ours_top
-        per_cutoff = pl.DataFrame({"cutoff": [w.cutoff for w in chosen],
-                                   "ours": per_cutoff_ndcg(ours_top, truth, chosen),
-                                   "peer": per_cutoff_ndcg(peer_top, truth, chosen)})
-        print(f"\nper cutoff (recengine's median seed; NDCG peer = {peer_name[0] if peer_name else 'none'}; "
+    peer_name = max(peer_rows, key=lambda r: r[2]["ndcg@10"]) if peer_rows else None
+    for row, runs, fate in ours:
+        ours_top = tops[row[:2]]
+        reference = (peer_name[0], peer_name[1].removeprefix("best of grid: ")) if peer_name else ours[0][0][:2]
+        per_cutoff = pl.DataFrame({"cutoff": [w.cutoff for w in chosen], "ours": per_cutoff_ndcg(ours_top, truth, chosen),
+                                   "peer": per_cutoff_ndcg(tops[reference], truth, chosen)})
+        print(f"\nper cutoff, {row[1]} (NDCG peer = {peer_name[0] if peer_name else reference[1]}; "
               f"union = every candidate the feature set's sources propose, seen items dropped):")
         print_cutoffs(chosen, fate, [r[3] for r in runs], per_cutoff)
         trained = [info["train_s"] for run in runs for info in run[3]]
-        ours = rows[0][2]
-        print(f"\nrecengine NDCG@10 {ours['ndcg@10']:.4f}" + (f" = {ours['ndcg@10'] / best_peer:.2f}x the best peer "
-              f"({peer_name[0]}, {best_peer:.4f})" if peer_rows else "") + f"; cold recall {ours['cold_recall']:.4f}; "
+        metrics = row[2]
+        print(f"\n{row[1]}: NDCG@10 {metrics['ndcg@10']:.4f}" + (f" = {metrics['ndcg@10'] / best_peer:.2f}x the best peer "
+              f"({peer_name[0]}, {best_peer:.4f})" if peer_rows else "") + f"; cold recall {metrics['cold_recall']:.4f}; "
               f"training per cutoff median {statistics.median(trained):.0f} s, max {max(trained):.0f} s; seeds' NDCG@10: "
               + ", ".join(f"{r[0]['ndcg@10']:.4f}" for r in runs))
+    for row, _, _ in ours[1:]:  # each further feature set against the first, at equal information
+        first = ours[0][0]
+        cold = row[2]["cold_recall"] / first[2]["cold_recall"] if first[2]["cold_recall"] else float("inf")
+        print(f"{row[1]} against {first[1]}: NDCG@10 {row[2]['ndcg@10'] / first[2]['ndcg@10']:.3f}x, cold recall "
+              f"{row[2]['cold_recall']:.4f} against {first[2]['cold_recall']:.4f} ({cold:.2f}x)")
 
 
 if __name__ == "__main__":

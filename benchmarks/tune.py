@@ -1,71 +1,146 @@
-"""Tuning the text space on behaviour (`tuned_interest`, mode head) on the bundled MovieLens: how long
-it takes and what it buys, by the very code `fit` runs.
+"""The tuned text space against the frozen one on MovieLens ml-latest-small, rolling origin: the
+embedding source alone, and what tuning costs.
 
-The window is the events before the `--fraction` quantile of time (what training's
-`[labels] learned_fraction` gives a learned part); pairs are each event and the user's interest profile
-before it, the latest `holdout` share held out. Prints the seconds of each step, pairs/s, the training
-loss per epoch and the held-out next-item recall@K against the whole catalogue before tuning (the
-frozen encoder) and after each epoch. The catalogue's embeddings come from the cache
-(`recengine embed` first, or this run encodes them and does not store them).
+Protocol (`recengine.rolling`, as `benchmarks/movielens.py`): at each cutoff c the tuning (`tuned_embedding`,
+the very part `train` fits) sees only the events before c; the requests are the users with at least 5
+events before c and a catalogue item new to them in [c, next cutoff), which are the truth. Both sources
+propose their top 100 without the user's seen items: NDCG@10, Recall@10 and Recall@100 per (cutoff,
+user), averaged; cold recall@100: of the truth rows whose item had no event before c, the share
+proposed. Rows: the frozen `embedding` source, the tuned one, and each with `new_items = true` (only
+items nobody took before c: the cold items' own candidates). Tuning: seconds, training pairs/s,
+pairs, epochs and the process's peak memory growth while tuning, per cutoff.
 
-    .venv/bin/python benchmarks/tune.py [--fraction 0.8] [--epochs 10] [--history 50] [--max-pairs 100000]
-    .venv/bin/python benchmarks/tune.py --mode lora --history 10 --epochs 1 --batch-size 64 --lr 1e-4 --max-pairs 3000
+    .venv/bin/python benchmarks/tune.py [--cutoffs 10] [--mode head] [--epochs 10] [--max-pairs 100000]
+    .venv/bin/python benchmarks/tune.py --mode lora --cutoffs 3 --max-pairs 3000 --epochs 1 --batch-size 64 --lr 1e-4
 
 The lora and full modes run a transformer forward and backward pass per batch over every item in its
 pairs' histories, and encode the whole catalogue for each held-out recall: on a CPU, sample them small.
+The catalogue's frozen embeddings come from the cache (`recengine embed` first, or the first cutoff
+encodes them).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import threading
 import time
 
-import numpy as np
 import polars as pl
+import psutil
 
+from recengine import rolling
+from recengine.candidates import generate
 from recengine.datasets import movielens
-from recengine.encoders import create_encoder
-from recengine.features.interest import item_embeddings
-from recengine.features.tuned import TunedInterest, _ReadOnlyCache
-from recengine.tuning import tune_head, tune_lora
+from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+from recengine.extractors import FeatureContext, fit_learned
+from recengine.features.interest import EmbeddingSource
+from recengine.features.tuned import TunedEmbeddingSource
+from recengine.metrics import evaluate
+from recengine.tuning import next_item_pairs
+
+KEYS = ["cutoff", "user_id"]
+K = 100
+SOURCES = ("embedding", "tuned_embedding", "embedding new_items", "tuned_embedding new_items")
+
+
+class PeakMemory:
+    """The process's resident memory growth over a block, sampled every 50 ms (torch's allocations are
+    not Python's, so tracemalloc would not see them)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.start = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss - self.start)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss - self.start)
+
+
+def sources(args) -> list[tuple[str, object]]:
+    tuning = {"mode": args.mode, "epochs": args.epochs, "max_pairs": args.max_pairs, "batch_size": args.batch_size,
+              "history": args.history, **({"lr": args.lr} if args.lr else {})}
+    made = []
+    for name in SOURCES:
+        new_items = name.endswith("new_items")
+        part = (TunedEmbeddingSource(k=K, new_items=new_items, **tuning) if name.startswith("tuned")
+                else EmbeddingSource(k=K, history=args.history, new_items=new_items))
+        part.name = name.replace(" ", "_")
+        if name.startswith("tuned"):
+            part.key = "tuned"  # one key, one fit_key: the two tuned sources share one tuning per cutoff
+        made.append((name, part))
+    return made
+
+
+def run_cutoff(window: rolling.Window, parts: list[tuple[str, object]], cache: EmbeddingCache) -> tuple[pl.DataFrame, dict]:
+    """Every source's top 100 for the window's requests (seen items excluded), and the tuning's record."""
+    context = FeatureContext.from_frames(window.events, window.items, cache=cache)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        fit_learned([part for _, part in parts], context, until=window.cutoff)
+    state = context.learned["tuned"]
+    tuned = parts[1][1].tuned
+    pairs, _ = next_item_pairs(window.events, context=1, max_pairs=tuned.max_pairs, seed=tuned.tuning["seed"])
+    info = {"tune_s": time.perf_counter() - started, "pairs": pairs.height, "peak_mb": memory.peak / 2**20,
+            "epochs": len(state["loss"]), "recall_frozen": float(state["recall"][0]), "recall_tuned": float(state["recall"].max())}
+    rows = generate(window.requests, [part for _, part in parts], context, exclude_seen=True)
+    return rows.select(pl.lit(window.cutoff).alias("cutoff"), pl.all()), info
+
+
+def scores(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, dict[str, float]]:
+    out = {}
+    cold = truth.filter(pl.col("cold"))
+    for name in SOURCES:
+        column = f"cand_{name.replace(' ', '_')}_score"
+        ranked = rows.filter(pl.col(column).is_not_null()).select(*KEYS, "item_id", pl.col(column).alias("score"))
+        metrics = evaluate(ranked, truth, KEYS, (10, K))
+        metrics["cold_recall@100"] = cold.join(ranked, on=[*KEYS, "item_id"], how="semi").height / max(cold.height, 1)
+        out[name] = metrics
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fraction", type=float, default=0.8)
+    parser.add_argument("--cutoffs", type=int, default=len(rolling.QUANTILES))
+    parser.add_argument("--mode", choices=["head", "lora", "full"], default="head")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--max-pairs", type=int, default=100_000)
-    parser.add_argument("--mode", choices=["head", "lora", "full"], default="head")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None, help="default: the part's (1e-3)")
-    parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
 
     data = movielens()
-    events, items = data.events.collect(), data.items.collect()
-    window = events.filter(pl.col("timestamp") < events["timestamp"].quantile(args.fraction, interpolation="lower"))
-    extra = {"lr": args.lr} if args.lr else {}
-    part = TunedInterest(mode=args.mode, history=args.history, epochs=args.epochs, max_pairs=args.max_pairs,
-                         batch_size=args.batch_size, **extra)
-    started = time.perf_counter()
-    base = item_embeddings(items.lazy(), part.field, create_encoder(part.encoder_name, part.encoder_params), _ReadOnlyCache())
-    embedded = time.perf_counter()
-    tuning = {**part.tuning, "progress": args.progress}
-    if args.mode == "head":
-        contexts, targets, held_out = part.training_pairs(window, base)
-        paired = time.perf_counter()
-        result = tune_head(base.matrix, contexts, targets, held_out, **tuning)
-    else:
-        texts, weights, targets, held_out = part.encoder_pairs(window, items, base)
-        paired = time.perf_counter()
-        _, result = tune_lora(part.encoder(), texts, weights, targets, held_out, full=args.mode == "full", **tuning)
-    print(f"window: {window.height} events before the {args.fraction:g} quantile; catalogue {base.matrix.shape}")
-    print(f"embeddings {embedded - started:.1f}s, pairs {paired - embedded:.1f}s: {len(targets)} ({int(held_out.sum())} held out)")
-    print(f"tuning {result.seconds:.1f}s, {result.pairs_per_second:.0f} pairs/s, {len(result.losses)} epochs, kept epoch {result.best_epoch}")
-    print("loss per epoch:", np.round(result.losses, 3).tolist())
-    print(f"held-out recall@{part.tuning['k']}: frozen {result.recalls[0]:.4f}, tuned {max(result.recalls):.4f};",
-          "per epoch", np.round(result.recalls[1:], 4).tolist())
+    chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
+    truth = pl.concat([w.truth.select(pl.lit(w.cutoff).alias("cutoff"), pl.all()) for w in chosen])
+    print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs, {truth.select(KEYS).n_unique()} (cutoff, user) "
+          f"pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} cold); tuning mode {args.mode}", flush=True)
+    cache = EmbeddingCache(DEFAULT_CACHE_DIR)
+    parts, found, infos = sources(args), [], []
+    for window in chosen:
+        rows, info = run_cutoff(window, parts, cache)
+        found.append(rows), infos.append(info)
+        print(f"cutoff {window.label}: {window.events.height:,} events, {info['pairs']:,} pairs tuned in {info['tune_s']:.1f} s "
+              f"({info['epochs']} epochs, {info['pairs'] * info['epochs'] / info['tune_s']:.0f} pairs x epochs/s over the whole fit, "
+              f"peak +{info['peak_mb']:.0f} MB), held-out recall@10 {info['recall_frozen']:.4f} -> {info['recall_tuned']:.4f}", flush=True)
+    table = scores(pl.concat(found), truth)
+    metrics = ("ndcg@10", "recall@10", f"recall@{K}", "cold_recall@100")
+    print(f"\n{'source':28}" + "".join(f"{m:>16}" for m in metrics) + f"{'NDCG vs frozen':>16}")
+    for name in SOURCES:
+        frozen = table[name.replace("tuned_", "")]["ndcg@10"]
+        print(f"{name:28}" + "".join(f"{table[name][m]:16.4f}" for m in metrics) + f"{table[name]['ndcg@10'] / frozen:15.2f}x")
+    seconds = [i["tune_s"] for i in infos]
+    print(f"\ntuning ({args.mode}) per cutoff: median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s; "
+          f"peak memory growth median {statistics.median(i['peak_mb'] for i in infos):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ import numpy as np
 import polars as pl
 
 import hashlib
+import inspect
 
 import scipy.sparse as sp
 
 import recengine
+from recengine.adapters import AdaptedEncoder as _AdaptedEncoder, tensors_digest
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
@@ -102,33 +104,6 @@ class _ReadOnlyCache:
         pass
 
 
-class _AdaptedEncoder:
-    """The encoder with tuned LoRA adapters, as an encoder: its id names the adapters' digest, so the
-    embedding cache keeps the tuned catalogue apart from the frozen one and from other tunings."""
-
-    def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int, alpha: int, full: bool = False):
-        self.encoder, self.adapters, self.rank, self.alpha, self.full = encoder, adapters, rank, alpha, full
-        self.id = f"{encoder.id}+{'full' if full else f'lora-{rank}-{alpha}'}:{digest}"
-        self._model = None
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        from recengine.tuning import encode_with, lora_model
-
-        if self._model is None:
-            model = lora_model(self.encoder, self.rank, self.alpha, full=self.full)
-            parameters = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in self.adapters.items():
-                    parameters[name].copy_(torch.as_tensor(value))
-            self._model = model.eval()
-        token_ids = self.encoder.token_ids(list(texts))
-        with torch.no_grad():
-            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).numpy()
-                              for s in range(0, len(token_ids), 256)]) if token_ids else np.zeros((0, 0), dtype=np.float32)
-
-
 class TunedInterest:
     """`tuned_<field>_mean` and `tuned_<field>_max`: interest in a text space tuned on what users took next."""
 
@@ -180,6 +155,7 @@ class TunedInterest:
             return self._fit_encoder(events, items, base)
         contexts, targets, held_out = self.training_pairs(events, base)
         result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
+        self.last_tuning = (result, len(targets))  # the run's seconds, pairs/s and pairs, for `recengine tune`
         return {"projection": np.round(result.projection.astype(np.float64) * SCALE).astype(np.int32),
                 "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
 
@@ -204,6 +180,7 @@ class TunedInterest:
         texts, weights, targets, held_out = self.encoder_pairs(events, items, base)
         adapters, result = tune_lora(self.encoder(), texts, weights, targets, held_out, rank=self.lora["rank"],
                                      alpha=self.lora["alpha"], full=self.mode == "full", **self.tuning)
+        self.last_tuning = (result, len(targets))
         return {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
                 "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
 
@@ -226,7 +203,7 @@ class TunedInterest:
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
         prefix = PREFIX[self.mode]
         adapters = {name.removeprefix(prefix): value for name, value in sorted(state.items()) if name.startswith(prefix)}
-        digest = hashlib.sha256(b"".join(name.encode() + value.tobytes() for name, value in adapters.items())).hexdigest()[:24]
+        digest = tensors_digest(adapters)[:24]  # as an adapter file of these tensors names them
         if digest not in self._adapted:
             self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, full=self.mode == "full", **self.lora)}
         return self._adapted[digest]
@@ -290,6 +267,12 @@ class TunedEmbeddingSource:
     def generate(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
         _, until = learned_state(context, self)
         return self.finder.generate(requests.filter(pl.col("timestamp") >= until), context)  # nothing from a later tuning
+
+
+# Its parameters, as the feature set's checks read them: the source's own and every tuning setting.
+TunedEmbeddingSource.__signature__ = inspect.Signature([
+    *list(inspect.signature(TunedEmbeddingSource.__init__).parameters.values())[1:3],
+    *list(inspect.signature(TunedInterest.__init__).parameters.values())[1:]])
 
 
 @recengine.hookimpl
