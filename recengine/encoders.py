@@ -44,8 +44,18 @@ class Encoder(Protocol):
 
 
 def create_encoder(name: str, params: dict[str, Any] | None = None) -> Encoder:
-    """Build the registered encoder `name` with keyword `params`."""
-    return plugins.create("encoders", name, params)
+    """Build the registered encoder `name` with keyword `params`. With `adapter` among them (a path or
+    an MLflow URI of a file `recengine tune` wrote), the encoder built from the other parameters with
+    the tuned weights applied (`recengine.adapters.AdaptedEncoder`), once the file is checked to have
+    been tuned on that encoder."""
+    params = dict(params or {})
+    adapter = params.pop("adapter", None)
+    base = plugins.create("encoders", name, params)
+    if adapter is None:
+        return base
+    from recengine.adapters import adapted_encoder
+
+    return adapted_encoder(name, params, base, str(adapter))
 
 
 def text_keys(texts: Sequence[str]) -> np.ndarray:

@@ -100,6 +100,13 @@ class InterestScores:
 
         return context.memo(key, build)
 
+    def until(self, context):
+        """The end of the encoder's tuning window when it is an adapted (tuned) encoder, else None: it
+        has seen events up to then, so requests before it get nothing from it (as from a learned part)."""
+        name, params = self.encoders[0]  # (encoder_name may be a subclass's key of its own space)
+        encoder = context.memo(("encoder", name, repr(sorted(params.items()))), lambda: create_encoder(name, params))
+        return getattr(encoder, "until", None)
+
     def transform(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
         keys = requests.select("_row", "user_id", "item_id", "timestamp").collect()
         profiles = keys.select("user_id", "timestamp").unique(maintain_order=True)
@@ -112,6 +119,9 @@ class InterestScores:
                 pl.Series(f"interest_{field}_{kind}", values, dtype=pl.Float64, nan_to_null=True)
                 for kind, values in scores.items()
             )
+        until = self.until(context)
+        if until is not None:  # point in time: nothing from an encoder tuned on events after the request
+            out = out.with_columns(pl.when(keys["timestamp"] >= until).then(pl.col(c)).alias(c) for c in self.columns)
         return out.lazy()
 
     def profiles(self, history: pl.DataFrame, n_profiles: int, emb: ItemEmbeddings) -> tuple[np.ndarray, pl.DataFrame]:
@@ -159,7 +169,8 @@ class InterestScores:
         """Per field: item embeddings in the state's item order (zero rows where an item has no text,
         and one more for unknown items, so index -1 reads "no text"), which items have one, and every
         known user's profile as of the state's time, by `profiles` itself."""
-        tables: dict = {"snapshot": snapshot}
+        until = self.until(snapshot.context)
+        tables: dict = {"snapshot": snapshot, "early": until is not None and snapshot.at < until}
         for field in self.fields:
             emb = self.embeddings(snapshot.context, field)
             key = ("embeddings", self.encoder_name, repr(sorted(self.encoder_params.items())), field)
@@ -176,6 +187,8 @@ class InterestScores:
         """Cosine to the user's profile and the best cosine to a recent item. `sims`, when given, holds
         each field's similarities of `idx` to the user's targets and whether the first is the profile
         (`serve_whole` computes them for many users in one product)."""
+        if tables.get("early"):  # the state's time is before the encoder's tuning window's end
+            return {c: np.full(len(idx), np.nan) for c in self.columns}
         out = {}
         for field in self.fields:
             matrix, has, _ = tables[field]
@@ -252,6 +265,9 @@ class EmbeddingSource:
         self.encoders = self.scorer.encoders
 
     def generate(self, requests, context):
+        until = self.scorer.until(context)
+        if until is not None:  # no candidates from an encoder tuned on events after the request
+            requests = requests.filter(pl.col("timestamp") >= until)
         keyed = requests.collect()
         history = recent_history(keyed.lazy().select("user_id", "timestamp"), context.events, self.scorer.history).collect()
         emb = self.scorer.embeddings(context, self.field)

@@ -1,0 +1,300 @@
+"""A tuned encoder's weights as a file: the adapter (issue #15).
+
+`recengine tune` (and each tuned part of a training) writes what tuning learnt as one safetensors
+file: the LoRA adapters (`lora`), every weight of the model (`full`) or the head's projection
+(`head`, in fixed point, whole multiples of 2^-16), with string metadata naming the base encoder
+(its registered name, its parameters as JSON and its id), the mode, the LoRA rank and alpha, the
+text field, `tuned_until` (the end of the tuning window: the encoder has seen events before it) and
+a sha256 digest of the tensors. Never pickled; written atomically.
+
+`load_adapter` reads one from a local path or an MLflow URI (`runs:/<id>/adapter.safetensors`,
+`models:/...`, `mlflow-artifacts:/...`) and checks the digest. `AdaptedEncoder` is the base encoder
+with the adapter applied: an encoder like any other (`create_encoder(name, {..., "adapter": URI})`),
+whose id names the mode and the digest, so the embedding cache never mixes it with the base model
+or another tuning, and whose `until` tells the parts using it which requests it may serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass, field as _field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recengine.errors import ConfigError, DataError
+
+FORMAT = "recengine-adapter-v1"
+MODES = ("head", "lora", "full")
+SCALE = 2.0**16  # the head's fixed point (recengine.features.tuned.SCALE)
+# Encoder parameters that choose where and how fast it runs, not what it computes: an adapter tuned on
+# a GPU in bf16 applies to the same model on a CPU in fp32.
+RUNTIME_PARAMS = ("device", "precision", "token_budget", "max_batch")
+MLFLOW_SCHEMES = ("runs:", "models:", "mlflow-artifacts:")
+
+
+@dataclass
+class Adapter:
+    """What an adapter file holds: the tensors and the base encoder's reference."""
+
+    tensors: dict[str, np.ndarray]
+    encoder: str
+    encoder_params: dict[str, Any]
+    mode: str
+    until: datetime
+    field: str = "title"
+    base_id: str = ""
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_modules: tuple[str, ...] = ("query", "value")
+    extra: dict[str, str] = _field(default_factory=dict)  # anything else recorded (tuning settings, curves)
+
+    @property
+    def digest(self) -> str:
+        return tensors_digest(self.tensors)
+
+
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 of the tensors in name order: each one's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(path: str | Path, adapter: Adapter) -> Path:
+    """Write `adapter` to `path` as safetensors with its metadata, atomically (a temporary file in
+    the same folder, renamed). Returns the path."""
+    from safetensors.numpy import save
+
+    if adapter.mode not in MODES:
+        raise ConfigError(f"adapter mode {adapter.mode!r}: give one of {', '.join(MODES)}.")
+    path = Path(path)
+    tensors = {name: np.ascontiguousarray(value) for name, value in sorted(adapter.tensors.items())}
+    params = {k: v for k, v in adapter.encoder_params.items() if k != "adapter"}
+    metadata = {
+        "format": FORMAT, "mode": adapter.mode, "encoder": adapter.encoder,
+        "encoder_params": json.dumps(params, sort_keys=True), "base_id": adapter.base_id,
+        "lora_rank": str(adapter.lora_rank), "lora_alpha": str(adapter.lora_alpha),
+        "lora_modules": ",".join(adapter.lora_modules), "field": adapter.field,
+        "tuned_until": _utc(adapter.until).isoformat(), "digest": tensors_digest(tensors),
+        **{k: str(v) for k, v in adapter.extra.items()},
+    }
+    data = save(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".tmp-{uuid.uuid4().hex}.safetensors"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def is_adapter_file(path: str | Path) -> bool:
+    """Whether `path` is a file this module wrote (its header names the format); False for anything else."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > 100_000_000:
+                return False
+            header = json.loads(handle.read(size))
+        return header.get("__metadata__", {}).get("format") == FORMAT
+    except (OSError, ValueError, struct.error, AttributeError):
+        return False
+
+
+def load_adapter(uri: str | Path) -> Adapter:
+    """The adapter at a local path or an MLflow URI, its digest checked. Every problem (missing,
+    damaged, altered) is a DataError naming `uri` and saying what to do."""
+    text = str(uri)
+    if text.startswith(MLFLOW_SCHEMES):
+        with tempfile.TemporaryDirectory() as folder:
+            return _read(_download(text, folder).read_bytes(), text)
+    path = Path(text)
+    if not path.is_file():
+        raise DataError(f"adapter {text}: no such file. Give the path of an adapter file written by `recengine tune` "
+                        "(--output), or its MLflow URI as the command printed it (runs:/RUN_ID/adapter.safetensors).")
+    return _read(path.read_bytes(), text)
+
+
+def _download(uri: str, folder: str) -> Path:
+    import mlflow.artifacts
+
+    from recengine.store import tracking_uri
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder, tracking_uri=tracking_uri()))
+    except Exception as exc:  # MlflowException, OSError: a wrong run id or path, another store
+        raise DataError(f"adapter {uri}: cannot download it from the MLflow store {tracking_uri()} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the run id and "
+                        "the file's path (`recengine tune` prints the URI), and that MLFLOW_TRACKING_URI names the "
+                        "store the tuning was logged in.") from None
+    if local.is_dir():  # a URI naming the run's folder: the adapter inside it
+        found = sorted(local.rglob("*.safetensors"))
+        if len(found) != 1:
+            raise DataError(f"adapter {uri} is a folder holding {len(found)} .safetensors files; give the URI of one "
+                            f"adapter file (e.g. {uri.rstrip('/')}/adapter.safetensors).")
+        local = found[0]
+    return local
+
+
+def _read(data: bytes, source: str) -> Adapter:
+    from safetensors.numpy import load
+
+    damaged = (f"adapter {source} is damaged or not an adapter file ({{}}). Write it again with `recengine tune`, "
+               "or give the URI of the copy logged in MLflow.")
+    try:
+        size = struct.unpack("<Q", data[:8])[0]
+        meta = json.loads(data[8 : 8 + size])["__metadata__"]
+        tensors = load(data)
+    except Exception as exc:  # safetensors' own error, a bad header, a truncated file
+        raise DataError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(damaged.format(f"its metadata does not name the format {FORMAT}"))
+    if tensors_digest(tensors) != meta.get("digest"):
+        raise DataError(f"adapter {source}: its tensors do not match the digest recorded in it "
+                        f"({str(meta.get('digest'))[:16]}...): the file was altered or damaged. Write it again with "
+                        "`recengine tune`, or give the URI of the copy logged in MLflow.")
+    known = {"format", "mode", "encoder", "encoder_params", "base_id", "lora_rank", "lora_alpha", "lora_modules",
+             "field", "tuned_until", "digest"}
+    try:
+        return Adapter(tensors=tensors, encoder=meta["encoder"], encoder_params=json.loads(meta["encoder_params"]),
+                       mode=meta["mode"], until=_naive_utc(datetime.fromisoformat(meta["tuned_until"])),
+                       field=meta.get("field", ""), base_id=meta.get("base_id", ""),
+                       lora_rank=int(meta.get("lora_rank", 8)), lora_alpha=int(meta.get("lora_alpha", 16)),
+                       lora_modules=tuple(m for m in meta.get("lora_modules", "query,value").split(",") if m),
+                       extra={k: v for k, v in meta.items() if k not in known})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DataError(damaged.format(f"metadata {type(exc).__name__}: {exc}")) from None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    # Event times are naive UTC (polars Datetime("ms")): `until` compares with them as one.
+    return _utc(moment).replace(tzinfo=None)
+
+
+class AdaptedEncoder:
+    """The base encoder with tuned weights, as an encoder. `lora` / `full`: the model with the adapters
+    (or every weight) loaded, run in fp32; `head`: the base encoder's unit vectors on the 2^-16 grid,
+    mapped by the projection, L2-normalised and put back on the grid, as the tuned part computes them.
+    Its id is the base id, the mode and the tensors' digest, so the embedding cache keeps it apart from
+    the base model and from every other tuning. `until`: the tuning window's end (None: not known)."""
+
+    def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int = 8, alpha: int = 16,
+                 full: bool = False, *, mode: str | None = None, until: datetime | None = None,
+                 modules: tuple[str, ...] = ("query", "value")):
+        self.encoder, self.adapters, self.rank, self.alpha, self.full = encoder, adapters, rank, alpha, full
+        self.mode = mode or ("full" if full else "lora")
+        self.full = self.mode == "full"
+        self.until, self.modules = until, tuple(modules)
+        kind = {"head": "head", "full": "full"}.get(self.mode, f"lora-{rank}-{alpha}")
+        self.id = f"{encoder.id}+{kind}:{digest}"
+        self._model = None
+
+    @classmethod
+    def from_adapter(cls, encoder, adapter: Adapter) -> "AdaptedEncoder":
+        return cls(encoder, adapter.tensors, adapter.digest[:24], adapter.lora_rank, adapter.lora_alpha,
+                   mode=adapter.mode, until=adapter.until, modules=adapter.lora_modules)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self.mode == "head":
+            return self._encode_head(texts)
+        import torch
+
+        from recengine.tuning import encode_with, lora_model
+
+        if self._model is None:
+            model = lora_model(self.encoder, self.rank, self.alpha, self.modules, full=self.full)
+            parameters = dict(model.named_parameters())
+            missing = sorted(set(self.adapters) - set(parameters))
+            if missing:
+                raise ConfigError(f"adapted encoder {self.id}: the base model has no parameters {missing[:3]}: the "
+                                  "adapter was tuned on another model. Give the encoder the model it was tuned on.")
+            with torch.no_grad():
+                for name, value in self.adapters.items():
+                    parameters[name].copy_(torch.as_tensor(value))
+            self._model = model.eval()
+        token_ids = self.encoder.token_ids(list(texts))
+        with torch.no_grad():
+            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).numpy()
+                              for s in range(0, len(token_ids), 256)]) if token_ids else np.zeros((0, 0), dtype=np.float32)
+
+    def _encode_head(self, texts: list[str]) -> np.ndarray:
+        from recengine.features.interest import on_grid
+
+        base = on_grid(self.encoder.encode(list(texts)))
+        mapped = base @ (self.adapters["projection"].astype(np.float64) / SCALE)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # On the grid, every value is exact in float32: the cache and the tuned part hold the same numbers.
+            return on_grid(mapped / np.linalg.norm(mapped, axis=1, keepdims=True)).astype(np.float32)
+
+
+def adapted_encoder(name: str, params: dict[str, Any], base, uri: str) -> AdaptedEncoder:
+    """`base` (the encoder `name` built from `params`) with the adapter at `uri`, after checking that the
+    adapter was tuned on that encoder: the same id, or the same name and parameters (apart from
+    where it runs: RUNTIME_PARAMS)."""
+    adapter = load_adapter(uri)
+    recorded = {k: v for k, v in adapter.encoder_params.items() if k not in RUNTIME_PARAMS}
+    given = {k: v for k, v in params.items() if k not in RUNTIME_PARAMS and k != "adapter"}
+    same = adapter.encoder == name and (adapter.base_id == base.id or recorded == given)
+    if not same:
+        raise ConfigError(
+            f"adapter {uri} was tuned on encoder '{adapter.encoder}' with {json.dumps(adapter.encoder_params, sort_keys=True)} "
+            f"(id {adapter.base_id}), but it is given to encoder '{name}' with {json.dumps(given, sort_keys=True)} "
+            f"(id {base.id}). Give the encoder the base model the adapter was tuned on, or tune one for this model "
+            "with `recengine tune`.")
+    return AdaptedEncoder.from_adapter(base, adapter)
+
+
+def part_adapter(part, state: dict[str, np.ndarray], until: datetime) -> Adapter:
+    """The adapter of a tuned part (`recengine.features.tuned.TunedInterest`) from its learned state."""
+    from recengine.features.tuned import PREFIX
+
+    if part.mode in PREFIX:
+        prefix = PREFIX[part.mode]
+        tensors = {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
+    else:
+        tensors = {"projection": np.asarray(state["projection"], dtype=np.int32)}
+    encoder = part.encoder()
+    return Adapter(tensors=tensors, encoder=part.encoder_name, encoder_params=part.encoder_params, mode=part.mode,
+                   until=_naive_utc(until), field=part.field, base_id=encoder.id, lora_rank=part.lora["rank"],
+                   lora_alpha=part.lora["alpha"], extra={"settings": json.dumps(tuning_params(part), sort_keys=True)})
+
+
+def tuning_params(part) -> dict[str, Any]:
+    """Every setting of a tuned part, flat, as MLflow parameters (the tuning run's and its adapter's)."""
+    space = part.space
+    params = {"mode": part.mode, "encoder": part.encoder_name,
+              "encoder_params": json.dumps(part.encoder_params, sort_keys=True), "field": part.field,
+              "recent": space.recent, "history": space.history, "half_life_days": space.half_life_days,
+              "weight_by_value": space.weight_by_value, "max_pairs": part.max_pairs, "holdout": part.holdout,
+              **{("recall_k" if k == "k" else k): v for k, v in part.tuning.items() if k != "progress"}}
+    if part.mode != "head":
+        params.update(lora_rank=part.lora["rank"], lora_alpha=part.lora["alpha"])
+    return params
+
+
+def tuned_part(part):
+    """The tuned part behind `part` (`tuned_interest` itself, or the one inside `tuned_embedding`), else None."""
+    from recengine.features.tuned import TunedInterest
+
+    part = getattr(part, "tuned", part)
+    return part if isinstance(part, TunedInterest) else None
