@@ -387,6 +387,103 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
                f"requests written to {report.output} in {report.seconds:.1f} s ({report.rows / report.seconds:,.0f} rows/s)")
 
 
+@cli.command()
+@data_options
+@click.option("--mode", type=click.Choice(["head", "lora", "full"]), default="head", show_default=True,
+              help="head: a linear map on the frozen, cached embeddings (seconds on a CPU); lora: adapters in the "
+                   "encoder's attention; full: every weight (lora and full want a GPU on a large log).")
+@click.option("--field", default="title", show_default=True, help="The items' text field to tune on.")
+@click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name (the base model).")
+@click.option("--encoder-param", "encoder_params", multiple=True, help="Base encoder parameter key=value (repeatable), e.g. model=PATH.")
+@click.option("--param", "params", multiple=True,
+              help="Tuning setting key=value (repeatable): epochs, batch_size, lr, temperature, patience, recall_k, "
+                   "max_pairs, holdout, seed, lora_rank, lora_alpha, recent, history, half_life_days, weight_by_value.")
+@click.option("--until", type=click.DateTime(), help="Tune on the events before this time (UTC) [default: after the last event].")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("adapter.safetensors"), show_default=True,
+              help="The adapter file to write (an existing adapter file is replaced; any other file is refused).")
+@click.option("--experiment", default="recengine-tuning", show_default=True, help="MLflow experiment to log the run in.")
+@click.option("--run-name", help="MLflow run name [default: tune MODE FIELD].")
+@_friendly_errors
+def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, encoder_params, params, until, output,
+         experiment, run_name) -> None:
+    """Tune a text encoder on what users took next; write the adapter file and log the run to MLflow."""
+    import time
+
+    import mlflow
+    import polars as pl
+
+    from recengine import plugins
+    from recengine.adapters import is_adapter_file, part_adapter, save_adapter, tuning_params
+    from recengine.errors import ConfigError, DataError
+    from recengine.store import tracking_uri
+    from recengine.tracking import log_tuning, tuning_run
+
+    if output.is_dir() or (output.exists() and not is_adapter_file(output)):
+        raise ConfigError(f"--output {output} exists and is {'a folder' if output.is_dir() else 'not an adapter file'}; "
+                          "recengine tune replaces only adapter files it wrote. Give another path, e.g. "
+                          "--output adapter.safetensors.")
+    base_params, settings = parse_params(encoder_params), parse_params(params)
+    if "adapter" in base_params:
+        raise ConfigError("--encoder-param adapter=...: tuning starts from a base encoder; leave the adapter out "
+                          "(tune the base model again on the events you want it to learn from).")
+    taken = sorted(set(settings) & {"mode", "field", "encoder", "encoder_params"})
+    if taken:
+        raise ConfigError(f"--param {taken[0]}=...: give it with --{taken[0].replace('_', '-')} instead.")
+    part = plugins.create("feature_extractors", "tuned_interest",
+                          {"encoder": encoder, "encoder_params": base_params, "field": field, "mode": mode, **settings})
+    dataset = load_dataset(events, items, users, columns, timestamp_unit)
+    if dataset.items is None:
+        raise DataError("recengine tune learns from the items' text, and no items file was given; pass --items "
+                        f"with a text field '{field}'.")
+    log = dataset.events.select("user_id", "item_id", "timestamp").collect()
+    last = log["timestamp"].max()
+    until = until or last + timedelta(milliseconds=1)
+    window = log.filter(pl.col("timestamp") < until)
+    if window.height == 0:
+        raise DataError(f"--until {until}: no event is before it (the first is at {log['timestamp'].min()}); give a "
+                        "later time, or leave --until out to tune on every event.")
+    catalogue = dataset.items.collect()
+    part.tuning = {**part.tuning, "progress": True}  # a bar per epoch with loss and pairs/s (the part's fit is silent)
+    click.echo(f"tuning {mode} on {field} with {encoder} on {window.height:,} events before {until}")
+    with tuning_run(experiment, run_name or f"tune {mode} {field}", {"dataset": dataset.name}) as run_id:
+        started = time.perf_counter()
+        state = part.fit(window, catalogue)
+        seconds = time.perf_counter() - started
+        result, pairs = part.last_tuning
+        adapter = part_adapter(part, state, until)
+        written = save_adapter(output, adapter)
+        k = part.tuning["k"]
+        log_tuning(mlflow, {**tuning_params(part), "tuned_until": until.isoformat(), "pairs": pairs,
+                            "events": window.height, "dataset": dataset.name, "best_epoch": result.best_epoch},
+                   state, written, {"tune_seconds": seconds, "tune_pairs_per_s": result.pairs_per_second})
+    uri = f"runs:/{run_id}/{written.name}"
+    recall = state["recall"]
+    click.echo(f"tuned on {pairs:,} pairs in {seconds:.1f} s ({result.pairs_per_second:,.0f} pairs/s in training steps); "
+               f"held-out recall@{k}: {recall[0]:.4f} frozen, {recall.max():.4f} tuned (epoch {result.best_epoch})")
+    click.echo(f"adapter:     {written} ({mode}, digest {adapter.digest[:16]})")
+    click.echo(f"run id:      {run_id} (experiment '{experiment}', store {tracking_uri()})")
+    click.echo(f"adapter URI: {uri}")
+    adapted = {**base_params, "adapter": uri}
+    click.echo("Use it in a feature set (interest features and embedding candidates in the tuned space):\n"
+               f"  [features.interest]\n  encoder = \"{encoder}\"\n  encoder_params = {_toml_inline(adapted)}\n"
+               f"  fields = [\"{field}\"]\n"
+               f"  [candidates.embedding]\n  encoder = \"{encoder}\"\n  encoder_params = {_toml_inline(adapted)}\n"
+               f"  field = \"{field}\"")
+    click.echo(f"It has seen the events before {until}: requests before then get null features and no candidates from it.")
+    boundary = log["timestamp"].quantile(0.5, interpolation="lower")
+    if until > boundary:
+        click.echo(f"For a ranker to learn from it, tune on the events before its training requests, e.g. --until "
+                   f"{boundary:%Y-%m-%dT%H:%M:%S} (the median event, [labels] learned_fraction's default boundary).")
+    embed_params = " ".join(f"--param {k}={v}" for k, v in adapted.items())
+    click.echo(f"next: recengine embed --field {field} --encoder {encoder} {embed_params}   "
+               "(caches the tuned catalogue), then recengine train --feature-set YOUR.toml")
+
+
+def _toml_inline(values: dict[str, Any]) -> str:
+    """A TOML inline table (strings, numbers and booleans as JSON writes them, which TOML reads alike)."""
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }"
+
+
 def bundled_feature_set(name: str = "movielens") -> Path:
     """The bundled feature set NAME's file, shipped inside the package (the repository's features/NAME.toml)."""
     from recengine.featureset import bundled

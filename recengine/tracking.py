@@ -152,12 +152,84 @@ def _log(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun,
     mlflow.log_text(result.importance.write_csv(), "feature_importance.csv")
     _log_figures(mlflow, result, run.name, feature_set)
     _log_datasets(mlflow, run.run_id, result, feature_set)
+    _log_learned_parts(mlflow, result, feature_set, run)
     model_info = _log_model(mlflow, result)
     logged = LoggedRun(run.run_id, run.experiment_id, model_info.model_uri, None, None, False, run.name)
     if model_name:
         logged = _register(mlflow, logged, model_name, result, feature_set, promote)
     mlflow.log_metrics({"time/logging_s": time.perf_counter() - clock, "time/total_s": time.time() - run.started})
     return logged
+
+
+# -- tuning runs (issue #15) -------------------------------------------------------------------------
+
+@contextmanager
+def tuning_run(experiment: str = "recengine-tuning", run_name: str | None = None, tags: dict[str, str] | None = None):
+    """An MLflow run for one `recengine tune`, in the project's store; yields the run's id. A failure
+    ends it FAILED with the message in the `error` tag."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(experiment_id=_experiment(mlflow, experiment), run_name=run_name, tags=tags) as run:
+        try:
+            yield run.info.run_id
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
+            raise
+
+
+def log_tuning(mlflow, params: dict[str, Any], state: dict[str, Any], adapter: Path | None = None,
+               metrics: dict[str, float] | None = None) -> None:
+    """One tuning in the active run: its settings; `tune_loss` per epoch (steps 1, 2, ...) and the held-out
+    `tune_recall_at_K` (step 0: the frozen encoder's, then after each epoch), curves in the MLflow UI;
+    `metrics` (seconds, pairs/s); the adapter file as an artifact."""
+    from mlflow.entities import Metric
+
+    mlflow.log_params({k: ("none" if v is None else v) for k, v in params.items()})
+    now, run_id = int(time.time() * 1000), mlflow.active_run().info.run_id
+    k = params.get("recall_k", 10)
+    curves = [Metric("tune_loss", float(v), now, step) for step, v in enumerate(state["loss"], 1)]
+    curves += [Metric(f"tune_recall_at_{k}", float(v), now, step) for step, v in enumerate(state["recall"])]
+    for start in range(0, len(curves), 1000):  # log_batch's limit per call
+        mlflow.MlflowClient().log_batch(run_id, metrics=curves[start : start + 1000])
+    if metrics:
+        mlflow.log_metrics(metrics)
+    if adapter is not None:
+        mlflow.log_artifact(str(adapter))
+
+
+def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun) -> None:
+    """A child run of the training's per learned state that holds tuning curves (parts sharing one fit:
+    one run), logged by `log_tuning`, with the tuned part's adapter file (the state the model carries,
+    tuned on every training event)."""
+    from datetime import datetime
+
+    from recengine.adapters import part_adapter, save_adapter, tuned_part, tuning_params
+
+    states = result.model.learned
+    curved = [key for key in sorted(states) if "loss" in states[key] and "recall" in states[key]]
+    if not curved:
+        return
+    parts = {p.key: p for p in [*feature_set.build_sources(), *feature_set.build_extractors()]}
+    tables = {f"{section}.{name}": values for section in ("candidates", "features")
+              for name, values in getattr(feature_set, section).items()}
+    until = datetime.fromisoformat(result.model.spec["learned_until"])
+    logged: list[int] = []
+    for key in curved:
+        state = states[key]
+        if id(state) in logged:
+            continue
+        logged.append(id(state))
+        keys = [k for k in curved if states[k] is state]
+        tuned = tuned_part(parts.get(key))
+        params = tuning_params(tuned) if tuned is not None else {k: json.dumps(v) for k, v in tables.get(key, {}).items()}
+        with mlflow.start_run(experiment_id=run.experiment_id, run_name=f"{run.name} / {' + '.join(keys)}", nested=True,
+                              tags={"learned_parts": ",".join(keys), "learned_until": until.isoformat()}):
+            with tempfile.TemporaryDirectory() as folder:
+                adapter = None
+                if tuned is not None:
+                    adapter = save_adapter(Path(folder) / "adapter.safetensors", part_adapter(tuned, state, until))
+                log_tuning(mlflow, {**params, "tuned_until": until.isoformat()}, state, adapter)
 
 
 def _experiment(mlflow, name: str) -> str:

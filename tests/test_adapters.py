@@ -1,0 +1,231 @@
+"""Adapter files (#15): a tuned encoder's weights as safetensors with the base model's reference, an
+encoder like any other (`create_encoder(..., {"adapter": path or MLflow URI})`), its own MLflow run
+(`recengine tune`), loaded in a fresh process to the same embeddings, and point in time."""
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recengine.adapters import Adapter, AdaptedEncoder, is_adapter_file, load_adapter, save_adapter, tensors_digest
+from recengine.encoders import create_encoder
+from recengine.errors import ConfigError, DataError
+
+from synthetic import catalogue, interactions
+from test_tuned import noisy_catalogue, theme_events
+
+
+def base_params(tiny_bert) -> dict:
+    return {"model": str(tiny_bert), "device": "cpu"}
+
+
+def head_adapter(tiny_bert, until=datetime(2024, 3, 1), seed=0) -> Adapter:
+    """A head adapter: a map near the identity, in the part's fixed point."""
+    rng = np.random.default_rng(seed)
+    projection = np.round((np.eye(32) + rng.normal(0, 0.3, (32, 32))) * 2**16).astype(np.int32)
+    base = create_encoder("transformers", base_params(tiny_bert))
+    return Adapter({"projection": projection}, "transformers", base_params(tiny_bert), "head", until, field="title",
+                   base_id=base.id)
+
+
+def test_an_adapter_round_trips_with_its_digest_and_metadata(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = {"encoder.layer.0.attention.self.query.lora_A.default.weight": rng.normal(size=(8, 32)).astype(np.float32),
+               "encoder.layer.0.attention.self.query.lora_B.default.weight": rng.normal(size=(32, 8)).astype(np.float32)}
+    adapter = Adapter(tensors, "transformers", {"model": "m", "device": "cuda", "adapter": "dropped"}, "lora",
+                      datetime(2024, 5, 1, 12, 30), field="genres", base_id="base-id", lora_rank=8, lora_alpha=16)
+    path = save_adapter(tmp_path / "a.safetensors", adapter)
+    assert is_adapter_file(path) and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left
+    assert not path.read_bytes().startswith(b"\x80")  # not a pickle: an 8-byte header size, then JSON
+    loaded = load_adapter(path)
+    assert loaded.digest == tensors_digest(tensors) and loaded.mode == "lora" and loaded.field == "genres"
+    assert loaded.encoder == "transformers" and loaded.encoder_params == {"model": "m", "device": "cuda"}
+    assert loaded.until == datetime(2024, 5, 1, 12, 30) and (loaded.lora_rank, loaded.lora_alpha) == (8, 16)
+    assert all(np.array_equal(loaded.tensors[name], tensors[name]) for name in tensors)
+    again = load_adapter(save_adapter(tmp_path / "b.safetensors", loaded))  # saved again, the same adapter
+    assert again.digest == loaded.digest and again.extra == loaded.extra and again.until == loaded.until
+
+
+def test_damaged_truncated_altered_and_missing_files_say_what_to_do(tmp_path, tiny_bert):
+    good = save_adapter(tmp_path / "good.safetensors", head_adapter(tiny_bert)).read_bytes()
+    altered = bytearray(good)
+    altered[-3] ^= 0xFF  # a byte of the tensors: safetensors reads it, the digest does not match
+    cases = {"truncated.safetensors": (good[: len(good) // 2], "damaged or not an adapter file"),
+             "garbage.safetensors": (b"not an adapter at all", "damaged or not an adapter file"),
+             "altered.safetensors": (bytes(altered), "do not match the digest")}
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=expected) as caught:
+            load_adapter(tmp_path / name)
+        message = str(caught.value)
+        assert str(tmp_path / name) in message and "recengine tune" in message and "\n" not in message
+    with pytest.raises(DataError, match="no such file"):
+        create_encoder("transformers", {**base_params(tiny_bert), "adapter": str(tmp_path / "missing.safetensors")})
+
+
+def test_an_adapter_given_to_another_base_model_is_refused_naming_both(tmp_path, tiny_bert):
+    path = save_adapter(tmp_path / "a.safetensors", head_adapter(tiny_bert))
+    with pytest.raises(ConfigError) as caught:
+        create_encoder("transformers", {"device": "cpu", "adapter": str(path)})  # the packaged MiniLM
+    message = str(caught.value)
+    assert "tiny-bert" in message and "all-MiniLM-L6-v2" in message and str(path) in message
+    # Where it runs is not what it computes: the same model on another device or precision is accepted.
+    assert create_encoder("transformers", {"model": str(tiny_bert), "precision": "fp32", "adapter": str(path)}).until
+
+
+def test_the_adapted_id_differs_from_the_base_and_from_another_tuning_and_the_head_maps_as_the_part_does(tmp_path, tiny_bert):
+    from recengine.features.interest import on_grid
+    from recengine.features.tuned import project
+
+    base = create_encoder("transformers", base_params(tiny_bert))
+    one = create_encoder("transformers", {**base_params(tiny_bert),
+                                          "adapter": str(save_adapter(tmp_path / "1.safetensors", head_adapter(tiny_bert)))})
+    two = create_encoder("transformers", {**base_params(tiny_bert),
+                                          "adapter": str(save_adapter(tmp_path / "2.safetensors", head_adapter(tiny_bert, seed=1)))})
+    assert isinstance(one, AdaptedEncoder) and len({base.id, one.id, two.id}) == 3 and one.id.startswith(base.id)
+    assert one.until == datetime(2024, 3, 1)
+    titles = noisy_catalogue()["title"].to_list()
+    projection = head_adapter(tiny_bert).tensors["projection"].astype(np.float64) / 2**16
+    expected = project(on_grid(base.encode(titles)), projection)
+    assert np.array_equal(one.encode(titles).astype(np.float64), expected)
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_bert, tmp_path_factory):
+    """`recengine tune --mode lora` through the real CLI on the theme log, into a fresh project folder's store."""
+    from click.testing import CliRunner
+
+    from recengine.cli import cli
+
+    folder = tmp_path_factory.mktemp("project")
+    theme_events(n_users=60).write_parquet(folder / "events.parquet")
+    noisy_catalogue().write_parquet(folder / "items.parquet")
+    args = ["tune", "--events", "events.parquet", "--items", "items.parquet", "--mode", "lora",
+            "--encoder-param", f"model={tiny_bert}", "--encoder-param", "device=cpu", "--param", "epochs=4",
+            "--param", "batch_size=32", "--param", "lr=0.005", "--param", "patience=4", "--param", "recall_k=5",
+            "--param", "max_pairs=800", "--param", "recent=5", "--param", "history=10"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    uri = next(line.split()[-1] for line in result.output.splitlines() if line.startswith("adapter URI:"))
+    return folder, uri, result.output
+
+
+def test_recengine_tune_logs_a_run_with_settings_curves_and_the_adapter(tuned_run):
+    import mlflow
+
+    folder, uri, output = tuned_run
+    assert uri.startswith("runs:/") and uri.endswith("/adapter.safetensors") and is_adapter_file(folder / "adapter.safetensors")
+    assert 'encoder_params = { model = "' in output and f'adapter = "{uri}"' in output and "next: recengine embed" in output
+    client = mlflow.MlflowClient(f"sqlite:///{folder}/mlruns/mlflow.db")
+    run_id = uri.split("/")[1]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "recengine-tuning"
+    params = run.data.params
+    assert params["mode"] == "lora" and params["epochs"] == "4" and params["lora_rank"] == "8" and int(params["pairs"]) > 100
+    assert params["tuned_until"].startswith("20") and json.loads(params["encoder_params"])["device"] == "cpu"
+    losses = client.get_metric_history(run_id, "tune_loss")
+    assert [m.step for m in losses] == list(range(1, len(losses) + 1)) and len(losses) >= 2
+    recalls = client.get_metric_history(run_id, "tune_recall_at_5")
+    assert [m.step for m in recalls] == list(range(len(losses) + 1))  # step 0: the frozen encoder
+    assert max(m.value for m in recalls) > recalls[0].value
+    assert run.data.metrics["tune_seconds"] > 0 and run.data.metrics["tune_pairs_per_s"] > 0
+    assert [a.path for a in client.list_artifacts(run_id)] == ["adapter.safetensors"]
+
+
+FRESH = """
+import sys, numpy as np, polars as pl
+from recengine.encoders import create_encoder
+encoder = create_encoder("transformers", {"model": sys.argv[1], "device": "cpu", "adapter": sys.argv[2]})
+titles = pl.read_parquet("items.parquet")["title"].to_list()
+np.save(sys.argv[3], encoder.encode(titles))
+print(encoder.id)
+"""
+
+
+def test_an_adapter_logged_to_mlflow_loads_in_a_fresh_process_and_gives_the_same_embeddings(tuned_run, tiny_bert):
+    folder, uri, _ = tuned_run
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's store: ./mlruns
+    done = subprocess.run([sys.executable, "-c", FRESH, str(tiny_bert), uri, "fresh.npy"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = np.load(folder / "fresh.npy")
+    here = create_encoder("transformers", {**base_params(tiny_bert), "adapter": str(folder / "adapter.safetensors")})
+    titles = noisy_catalogue()["title"].to_list()
+    assert done.stdout.strip().splitlines()[-1] == here.id
+    assert fresh.tobytes() == here.encode(titles).tobytes()
+    frozen = create_encoder("transformers", base_params(tiny_bert)).encode(titles)
+    assert np.abs(fresh - frozen).max() > 1e-3  # tuned: not the base model's embeddings
+
+
+def test_requests_before_the_tuning_windows_end_get_nothing_from_an_adapted_encoder(tmp_path, tiny_bert):
+    from recengine.candidates import generate
+    from recengine.extractors import FeatureContext, compute_features
+    from recengine.features.interest import EmbeddingSource, InterestScores
+    from recengine.serving import Snapshot
+
+    events, items = interactions(n_users=30), catalogue(60)
+    events = events.filter(pl.col("item_id") < 60).with_columns(pl.col("timestamp").cast(pl.Datetime("ms")))
+    until = events["timestamp"].quantile(0.5, interpolation="lower")
+    path = save_adapter(tmp_path / "a.safetensors", head_adapter(tiny_bert, until=until))
+    params = {**base_params(tiny_bert), "adapter": str(path)}
+    context = FeatureContext.from_frames(events, items.lazy())
+    users = pl.DataFrame({"user_id": [0, 1, 2, 3]})
+    times = pl.Series([until - timedelta(hours=1), until + timedelta(days=400)], dtype=pl.Datetime("ms"))
+    requests = users.join(pl.DataFrame({"timestamp": times}), how="cross").join(pl.DataFrame({"item_id": [0, 1, 7]}), how="cross")
+    rows = compute_features(requests, [InterestScores(encoder_params=params, recent=5)], context)
+    before, after = rows.filter(pl.col("timestamp") < until), rows.filter(pl.col("timestamp") >= until)
+    assert before["interest_title_mean"].null_count() == before.height and before["interest_title_max"].null_count() == before.height
+    assert after["interest_title_mean"].null_count() == 0 and after["interest_title_max"].null_count() == 0
+    source = EmbeddingSource(k=5, encoder_params=params)
+    found = generate(requests.select("user_id", "timestamp").unique().sort("user_id", "timestamp"), [source], context)
+    assert found["timestamp"].unique().to_list() == [times[1]]  # candidates only for the later requests
+    # Serving: a state before the window's end answers null, one after it the cosines.
+    scorer = InterestScores(encoder_params=params, recent=5)
+    early = Snapshot(FeatureContext.from_frames(events.filter(pl.col("timestamp") < until - timedelta(days=1)), items.lazy()), 5)
+    late = Snapshot(context, 5)
+    idx = np.array([0, 1, 7])
+    assert np.isnan(scorer.serve(scorer.prepare(early), 0, idx)["interest_title_mean"]).all()
+    assert np.isfinite(scorer.serve(scorer.prepare(late), 0, idx)["interest_title_mean"]).all()
+
+
+def test_a_training_with_a_tuned_part_logs_a_child_run_with_the_curves_and_the_adapter(tmp_path, tiny_bert, monkeypatch):
+    import mlflow
+
+    from recengine.data import Dataset
+    from recengine.featureset import FeatureSet
+    from recengine.tracking import log_training, training_run
+    from recengine.training import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fs = FeatureSet.from_dict({
+        "name": "tuned",
+        "candidates": {"popular": {"k": 30}},
+        "features": {"tuned_interest": {"encoder_params": base_params(tiny_bert), "recent": 5, "history": 10, "epochs": 2,
+                                        "batch_size": 64},
+                     "item_popularity": {"windows_days": [7]}},
+        "labels": {"samples_per_user": 2, "learned_fraction": 0.5},
+        "ranker": {"num_boost_round": 20, "early_stopping_rounds": 5, "min_data_in_leaf": 10},
+    })
+    with training_run(fs, "tuned") as run:
+        result = train(Dataset(interactions(n_users=60).lazy(), catalogue().lazy()), fs, progress=False, say=lambda _: None)
+        log_training(result, fs, "tuned")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    children = client.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert len(children) == 1
+    child = children[0]
+    assert child.data.tags["learned_parts"] == "features.tuned_interest" and child.data.params["mode"] == "head"
+    state = result.model.learned["features.tuned_interest"]
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "tune_loss")] == pytest.approx(list(state["loss"]))
+    assert len(client.get_metric_history(child.info.run_id, "tune_recall_at_10")) == len(state["recall"])
+    adapter = load_adapter(f"runs:/{child.info.run_id}/adapter.safetensors")
+    assert adapter.mode == "head" and np.array_equal(adapter.tensors["projection"], state["projection"])
+    assert adapter.until == datetime.fromisoformat(result.model.spec["learned_until"])
