@@ -229,7 +229,7 @@ CONFIG_CASES: list[Case] = [
     _train_with("[features.interest]\nencoder_params = { max_lenght = 8 }\n", "config-encoder-param-misspelt",
                 ["[features.interest]", "max_lenght", "did you mean 'max_length'"]),
     Case("config-feature-set-unknown-name", ["train", "--feature-set", "nosuch"], lambda folder: None,
-         ["nosuch", "no bundled feature set", "collaborative, impressions, movielens"]),
+         ["nosuch", "no bundled feature set", "collaborative, impressions, movielens, tuned"]),
     Case("config-embed-param-out-of-range", ["embed", "--items", "items.csv", "--param", "max_length=0"], write_valid,
          ["transformers encoder", "max_length = 0", "1 or more"]),
 ]

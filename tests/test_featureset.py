@@ -10,12 +10,18 @@ from recengine.featureset import FeatureSet
 FEATURES = Path(__file__).resolve().parents[1] / "features"
 
 
-@pytest.mark.parametrize("name", ["movielens", "impressions"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in FEATURES.glob("*.toml")))
 def test_bundled_feature_sets_load(name):
     feature_set = FeatureSet.load(FEATURES / f"{name}.toml")
     assert feature_set.name == name
     assert feature_set.build_extractors() and feature_set.build_sources()
     assert feature_set.ranker["objective"] == "lambdarank" and feature_set.source_text
+
+
+def test_the_tuned_feature_sets_parts_share_one_tuning():
+    parts = [*FeatureSet.load(FEATURES / "tuned.toml").build_extractors(), *FeatureSet.load(FEATURES / "tuned.toml").build_sources()]
+    keys = {part.fit_key for part in parts if "tuned" in type(part).__name__.lower()}
+    assert len(keys) == 1, keys  # one fit (extractors.fit_learned fits each fit_key once)
 
 
 def test_unknown_extractor_lists_the_available_ones():
@@ -128,7 +134,7 @@ def test_the_bundled_feature_sets_load_by_name_from_anywhere(tmp_path, monkeypat
     from recengine.featureset import bundled_names
 
     monkeypatch.chdir(tmp_path)  # no features/ folder here
-    assert bundled_names() == ["collaborative", "impressions", "movielens"]
+    assert bundled_names() == ["collaborative", "impressions", "movielens", "tuned"]
     assert FeatureSet.load("movielens").source_text == (FEATURES / "movielens.toml").read_text()
     from recengine.cli import bundled_feature_set
 
@@ -157,7 +163,7 @@ def test_a_regular_install_carries_the_bundled_feature_sets(tmp_path):
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "--target", str(target)], check=True, capture_output=True)
-    assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["collaborative.toml", "impressions.toml", "movielens.toml"]
+    assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["collaborative.toml", "impressions.toml", "movielens.toml", "tuned.toml"]
     assert not (target / "features").exists()
     shown = subprocess.run([sys.executable, "-c", "from recengine.featureset import FeatureSet, resolve; "
                             "print(resolve('movielens'), FeatureSet.load('impressions').name)"],
