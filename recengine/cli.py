@@ -450,6 +450,10 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
         state = part.fit(window, catalogue)
         seconds = time.perf_counter() - started
         result, pairs = part.last_tuning
+        if pairs < 2:  # nothing was learnt: no adapter, and the run ends FAILED saying why
+            raise DataError(f"only {pairs} next-item pair(s) in the events before {until} (a pair is a user's event after "
+                            f"an earlier one of theirs, on an item with a '{field}' text); tuning learns from many "
+                            "thousands. Give more events, or a later --until.")
         adapter = part_adapter(part, state, until)
         written = save_adapter(output, adapter)
         k = part.tuning["k"]

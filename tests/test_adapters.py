@@ -229,3 +229,22 @@ def test_a_training_with_a_tuned_part_logs_a_child_run_with_the_curves_and_the_a
     adapter = load_adapter(f"runs:/{child.info.run_id}/adapter.safetensors")
     assert adapter.mode == "head" and np.array_equal(adapter.tensors["projection"], state["projection"])
     assert adapter.until == datetime.fromisoformat(result.model.spec["learned_until"])
+
+
+def test_tune_refuses_to_replace_another_file_and_a_log_without_pairs(tmp_path, tiny_bert, monkeypatch):
+    from click.testing import CliRunner
+
+    from recengine.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pl.DataFrame({"user_id": [1, 2], "item_id": [0, 1], "timestamp": ["2024-01-01", "2024-01-02"]}).write_csv("events.csv")
+    noisy_catalogue().write_csv("items.csv")
+    (tmp_path / "notes.txt").write_text("mine")
+    data = ["tune", "--events", "events.csv", "--items", "items.csv", "--encoder-param", f"model={tiny_bert}"]
+    refused = CliRunner().invoke(cli, [*data, "--output", "notes.txt"])
+    assert refused.exit_code == 2 and "Error: --output notes.txt exists and is not an adapter file" in refused.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    empty = CliRunner().invoke(cli, data)
+    assert empty.exit_code == 2 and "only 0 next-item pair(s)" in empty.output and "Traceback" not in empty.output
+    assert not (tmp_path / "adapter.safetensors").exists()
