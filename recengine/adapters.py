@@ -120,15 +120,20 @@ def is_adapter_file(path: str | Path) -> bool:
 def load_adapter(uri: str | Path) -> Adapter:
     """The adapter at a local path or an MLflow URI, its digest checked. Every problem (missing,
     damaged, altered) is a DataError naming `uri` and saying what to do."""
+    return parse_adapter(adapter_bytes(uri), str(uri))
+
+
+def adapter_bytes(uri: str | Path) -> bytes:
+    """The adapter file at a local path or an MLflow URI, as bytes, unchecked (`load_adapter` checks)."""
     text = str(uri)
     if text.startswith(MLFLOW_SCHEMES):
         with tempfile.TemporaryDirectory() as folder:
-            return _read(_download(text, folder).read_bytes(), text)
+            return _download(text, folder).read_bytes()
     path = Path(text)
     if not path.is_file():
         raise DataError(f"adapter {text}: no such file. Give the path of an adapter file written by `recengine tune` "
                         "(--output), or its MLflow URI as the command printed it (runs:/RUN_ID/adapter.safetensors).")
-    return _read(path.read_bytes(), text)
+    return path.read_bytes()
 
 
 def _download(uri: str, folder: str) -> Path:
@@ -152,7 +157,7 @@ def _download(uri: str, folder: str) -> Path:
     return local
 
 
-def _read(data: bytes, source: str) -> Adapter:
+def parse_adapter(data: bytes, source: str) -> Adapter:
     from safetensors.numpy import load
 
     damaged = (f"adapter {source} is damaged or not an adapter file ({{}}). Write it again with `recengine tune`, "

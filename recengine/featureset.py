@@ -189,9 +189,10 @@ class FeatureSet:
             for name, params in parts.items():
                 if "encoder" not in params and "encoder_params" not in params:
                     continue
+                # `adapter` (tuned weights, recengine.adapters) applies to any encoder: create_encoder takes it.
+                encoder_params = {k: v for k, v in dict(params.get("encoder_params") or {}).items() if k != "adapter"}
                 try:
-                    plugins.check_params(plugins.get("encoders", params.get("encoder", "transformers")),
-                                         dict(params.get("encoder_params") or {}))
+                    plugins.check_params(plugins.get("encoders", params.get("encoder", "transformers")), encoder_params)
                 except RecengineError as exc:
                     raise ConfigError(f"{source}: [{table}.{name}]: {exc}") from None
 

@@ -36,16 +36,20 @@ from recengine.store import tracking_uri
 from recengine.topk import top_k
 
 SPEC_FORMAT = 1
-MODEL_FILE, SPEC_FILE, LEARNED_DIR = "model.txt", "spec.json", "learned"
+MODEL_FILE, SPEC_FILE, LEARNED_DIR, ADAPTER_DIR = "model.txt", "spec.json", "learned", "adapters"
 LEARNED_STATES = ("refit", "saved")  # how ranking gets learned parts' states: fit on its events, or the model's
 
 
 class RankerModel:
     """A LightGBM booster and the spec that says which features it reads, in which order."""
 
-    def __init__(self, booster: lgb.Booster, spec: dict[str, Any], learned: dict[str, dict[str, np.ndarray]] | None = None):
+    def __init__(self, booster: lgb.Booster, spec: dict[str, Any], learned: dict[str, dict[str, np.ndarray]] | None = None,
+                 adapters: dict[str, str] | None = None):
         # `learned`: the learned parts' states (arrays by part key), fit on the training events.
+        # `adapters`: the feature set's adapter references (a path or an MLflow URI) -> the copy in the
+        # model folder that a loaded model reads instead, so it needs no other store or file.
         self.booster, self.spec, self.learned = booster, spec, dict(learned or {})
+        self.adapters = dict(adapters or {})
 
     @property
     def features(self) -> list[str]:
@@ -54,7 +58,8 @@ class RankerModel:
     def feature_set(self):
         from recengine.featureset import FeatureSet
 
-        return FeatureSet.from_dict(self.spec["feature_set"], f"the model's feature set '{self.spec['feature_set']['name']}'")
+        raw = _with_adapters(self.spec["feature_set"], self.adapters)
+        return FeatureSet.from_dict(raw, f"the model's feature set '{self.spec['feature_set']['name']}'")
 
     def check_plugins(self) -> None:
         """Every part the model was trained with must be registered now, by a plugin of the same version."""
@@ -110,7 +115,7 @@ class RankerModel:
     def digest(self) -> str:
         """sha256 of the model's content (its trees and spec): equal for the same model however loaded."""
         content = hashlib.sha256(self.booster.model_to_string().encode())
-        content.update(json.dumps({k: v for k, v in self.spec.items() if k != "files"}, sort_keys=True, default=str).encode())
+        content.update(json.dumps({k: v for k, v in self.spec.items() if k not in ("files", "adapters")}, sort_keys=True, default=str).encode())
         return content.hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -126,13 +131,20 @@ class RankerModel:
         try:
             text = self.booster.model_to_string().encode()
             _write_synced(staging / MODEL_FILE, text)
-            files = {MODEL_FILE: _sha256(text)}
+            files, adapters = {MODEL_FILE: _sha256(text)}, {}
             for key in sorted(self.learned):
                 (staging / LEARNED_DIR).mkdir(exist_ok=True)
                 data = arrays_to_npz(self.learned[key])
                 _write_synced(staging / LEARNED_DIR / f"{key}.npz", data)
                 files[f"{LEARNED_DIR}/{key}.npz"] = _sha256(data)
-            spec = {**self.spec, "files": files}
+            for reference in adapter_references(self.spec["feature_set"]):
+                data = self._adapter_bytes(reference)
+                name = f"{ADAPTER_DIR}/{_sha256(data)[:24]}.safetensors"
+                (staging / ADAPTER_DIR).mkdir(exist_ok=True)
+                _write_synced(staging / name, data)
+                files[name] = _sha256(data)
+                adapters[reference] = name
+            spec = {**self.spec, "files": files, "adapters": adapters}
             _write_synced(staging / SPEC_FILE, json.dumps(spec, indent=2, default=str).encode())
             _move_into_place(staging, path)
         finally:
@@ -158,7 +170,18 @@ class RankerModel:
                               f"{len(spec['features'])}: the two files are from different models; {_DAMAGED}")
         learned = {name[len(LEARNED_DIR) + 1:-len(".npz")]: _read_arrays(path / name, digest)
                    for name, digest in spec.get("files", {}).items() if name.startswith(f"{LEARNED_DIR}/")}
-        return cls(booster, spec, learned)
+        for reference, name in spec.get("adapters", {}).items():
+            _read_checked(path / name, spec["files"].get(name, ""))
+        adapters = {reference: str((path / name).resolve()) for reference, name in spec.get("adapters", {}).items()}
+        return cls(booster, spec, learned, adapters)
+
+    def _adapter_bytes(self, reference: str) -> bytes:
+        """The adapter file a feature-set reference names (or this model's copy of it), checked."""
+        from recengine.adapters import adapter_bytes, parse_adapter
+
+        data = adapter_bytes(self.adapters.get(reference, reference))
+        parse_adapter(data, reference)  # digest and format, or a DataError saying what is wrong
+        return data
 
 
 _DAMAGED = "the model folder is damaged: train the model again (recengine train --output) or download it again."
@@ -179,11 +202,39 @@ def arrays_to_npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _read_arrays(file: Path, digest: str) -> dict[str, np.ndarray]:
-    """A learned state written by `arrays_to_npz`, checked against its digest; objects are refused."""
+def adapter_references(raw: Any) -> list[str]:
+    """Every `adapter` value (a path or an MLflow URI) in a feature set's parameters, sorted, once each."""
+    if isinstance(raw, dict):
+        found = [raw["adapter"]] if isinstance(raw.get("adapter"), str) else []
+        return sorted({*found, *(ref for value in raw.values() for ref in adapter_references(value))})
+    if isinstance(raw, list):
+        return sorted({ref for value in raw for ref in adapter_references(value)})
+    return []
+
+
+def _with_adapters(raw: Any, adapters: dict[str, str]) -> Any:
+    """The feature set with each adapter reference replaced by the model's own copy."""
+    if not adapters:
+        return raw
+    if isinstance(raw, dict):
+        return {key: (adapters.get(value, value) if key == "adapter" and isinstance(value, str) else _with_adapters(value, adapters))
+                for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_with_adapters(value, adapters) for value in raw]
+    return raw
+
+
+def _read_checked(file: Path, digest: str) -> bytes:
+    """A file of the model folder, checked against the digest spec.json records for it."""
     data = file.read_bytes() if file.is_file() else b""
     if _sha256(data) != digest:
         raise ConfigError(f"{file}: missing, or its content does not match the sha256 in {file.parents[1] / SPEC_FILE}; {_DAMAGED}")
+    return data
+
+
+def _read_arrays(file: Path, digest: str) -> dict[str, np.ndarray]:
+    """A learned state written by `arrays_to_npz`, checked against its digest; objects are refused."""
+    data = _read_checked(file, digest)
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return {name: arrays[name] for name in arrays.files}
 

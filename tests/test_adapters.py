@@ -248,3 +248,59 @@ def test_tune_refuses_to_replace_another_file_and_a_log_without_pairs(tmp_path, 
     empty = CliRunner().invoke(cli, data)
     assert empty.exit_code == 2 and "only 0 next-item pair(s)" in empty.output and "Traceback" not in empty.output
     assert not (tmp_path / "adapter.safetensors").exists()
+
+
+CARRIED = """
+import json, sys
+import polars as pl
+from recengine import Ranker
+events, items = pl.read_parquet(sys.argv[2]), pl.read_parquet(sys.argv[3])
+ranker = Ranker.load(sys.argv[1], events, items)
+raw = json.dumps(ranker.model.feature_set().to_dict())
+print(json.dumps({"ranked": [[int(i), s] for i, s in ranker.rank(3, list(range(40)))], "local": sys.argv[1] in raw}))
+"""
+
+
+def test_a_ranker_carries_the_adapter_its_feature_set_names_and_loads_without_the_store(tuned_run, tiny_bert, tmp_path):
+    """A feature set naming an adapter by `runs:/` URI: the saved model holds a copy, so the model,
+    moved elsewhere, loads and ranks in a fresh process whose MLflow store has never seen the run."""
+    import shutil
+
+    from recengine.data import Dataset
+    from recengine.featureset import FeatureSet
+    from recengine.model import RankerModel
+    from recengine.ranker import Ranker
+    from recengine.training import train
+
+    folder, uri, _ = tuned_run
+    encoder = {**base_params(tiny_bert), "adapter": uri}
+    fs = FeatureSet.from_dict({
+        "name": "adapted",
+        "candidates": {"popular": {"k": 30}, "embedding": {"k": 20, "encoder_params": encoder, "history": 10}},
+        "features": {"interest": {"encoder_params": encoder, "recent": 5, "history": 10}, "item_popularity": {"windows_days": [7]}},
+        "labels": {"samples_per_user": 2},
+        "ranker": {"num_boost_round": 20, "early_stopping_rounds": 5, "min_data_in_leaf": 10},
+    })
+    events, items = theme_events(n_users=60), noisy_catalogue()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # the store holding the tuning run
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        model = train(Dataset(events.lazy(), items.lazy()), fs, progress=False, say=lambda _: None).model
+        model.save(tmp_path / "model")
+        here = Ranker(model, events, items).rank(3, list(range(40)))
+    spec = json.loads((tmp_path / "model" / "spec.json").read_text())
+    copy = spec["adapters"][uri]
+    assert copy.startswith("adapters/") and (tmp_path / "model" / copy).read_bytes() == (folder / "adapter.safetensors").read_bytes()
+    assert RankerModel.load(tmp_path / "model").digest() == model.digest()
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "model", moved)
+    events.write_parquet(tmp_path / "events.parquet"), items.write_parquet(tmp_path / "items.parquet")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db"}  # a store without the tuning run
+    done = subprocess.run([sys.executable, "-c", CARRIED, str(moved.resolve()), "events.parquet", "items.parquet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["local"] and answer["ranked"] == [[int(i), s] for i, s in here]
+    (moved / copy).write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match="does not match the sha256"):
+        RankerModel.load(moved)

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-import hashlib
 import inspect
 
 import scipy.sparse as sp
