@@ -68,7 +68,7 @@ class PeakMemory:
 
 def sources(args) -> list[tuple[str, object]]:
     tuning = {"mode": args.mode, "epochs": args.epochs, "max_pairs": args.max_pairs, "batch_size": args.batch_size,
-              "history": args.history, **({"lr": args.lr} if args.lr else {})}
+              "history": args.history, "hard_negatives": args.hard_negatives, **({"lr": args.lr} if args.lr else {})}
     made = []
     for name in SOURCES:
         new_items = name.endswith("new_items")
@@ -117,13 +117,14 @@ def main() -> None:
     parser.add_argument("--max-pairs", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None, help="default: the part's (1e-3)")
+    parser.add_argument("--hard-negatives", type=int, default=0, help="per pair: the target's nearest items in the frozen space")
     args = parser.parse_args()
 
     data = movielens()
     chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
     truth = pl.concat([w.truth.select(pl.lit(w.cutoff).alias("cutoff"), pl.all()) for w in chosen])
     print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs, {truth.select(KEYS).n_unique()} (cutoff, user) "
-          f"pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} cold); tuning mode {args.mode}", flush=True)
+          f"pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} cold); tuning mode {args.mode}, {args.hard_negatives} hard negatives per pair", flush=True)
     cache = EmbeddingCache(DEFAULT_CACHE_DIR)
     parts, found, infos = sources(args), [], []
     for window in chosen:

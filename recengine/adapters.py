@@ -291,7 +291,7 @@ def tuning_params(part) -> dict[str, Any]:
               "encoder_params": json.dumps(part.encoder_params, sort_keys=True), "field": part.field,
               "recent": space.recent, "history": space.history, "half_life_days": space.half_life_days,
               "weight_by_value": space.weight_by_value, "max_pairs": part.max_pairs, "holdout": part.holdout,
-              **{("recall_k" if k == "k" else k): v for k, v in part.tuning.items() if k != "progress"}}
+              **{{"k": "recall_k", "hard": "hard_negatives"}.get(k, k): v for k, v in part.tuning.items() if k != "progress"}}
     if part.mode != "head":
         params.update(lora_rank=part.lora["rank"], lora_alpha=part.lora["alpha"])
     return params

@@ -396,7 +396,7 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
 @click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name (the base model).")
 @click.option("--encoder-param", "encoder_params", multiple=True, help="Base encoder parameter key=value (repeatable), e.g. model=PATH.")
 @click.option("--param", "params", multiple=True,
-              help="Tuning setting key=value (repeatable): epochs, batch_size, lr, temperature, patience, recall_k, "
+              help="Tuning setting key=value (repeatable): epochs, batch_size, lr, temperature, patience, recall_k, hard_negatives, "
                    "max_pairs, holdout, seed, lora_rank, lora_alpha, recent, history, half_life_days, weight_by_value.")
 @click.option("--until", type=click.DateTime(), help="Tune on the events before this time (UTC) [default: after the last event].")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("adapter.safetensors"), show_default=True,

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from recengine.pit import recent_history
+from recengine.topk import top_k_dense
 
 
 def next_item_pairs(events: pl.DataFrame, context: int = 10, max_pairs: int = 100_000, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -43,6 +44,21 @@ def next_item_pairs(events: pl.DataFrame, context: int = 10, max_pairs: int = 10
     pairs = ordered.with_row_index("_profile").with_columns(pl.col("_profile").cast(pl.Int64))
     history = recent_history(pairs.lazy().select("user_id", "timestamp"), events.lazy(), context).collect()
     return pairs, history.with_columns(pl.col("_profile").cast(pl.Int64))
+
+
+def hard_negatives(items: np.ndarray, count: int, block: int = 1024) -> np.ndarray:
+    """(n, count) rows: each item's `count` nearest other items in the frozen space. Offered as extra
+    negatives of a pair whose target is that item: the near misses in-batch negatives rarely are.
+    Ties go to the smaller row (rows are the caller's order), so the table is the same on any machine."""
+    vectors = np.asarray(items, dtype=np.float64)
+    found = np.empty((len(vectors), count), dtype=np.int64)
+    order = np.arange(len(vectors))
+    for start in range(0, len(vectors), block):
+        sims = vectors[start : start + block] @ vectors.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # never the item itself
+        rows, cols = top_k_dense(sims, count, order)
+        found[start + rows, np.arange(len(rows)) - np.searchsorted(rows, rows)] = cols
+    return found
 
 
 @dataclass
@@ -61,12 +77,14 @@ class TuneResult:
 
 def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held_out: np.ndarray, *,
               temperature: float = 0.05, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3,
-              patience: int = 2, k: int = 10, seed: int = 0, progress: bool = False, threads: int = 1) -> TuneResult:
+              patience: int = 2, k: int = 10, seed: int = 0, progress: bool = False, threads: int = 1,
+              hard: int = 0) -> TuneResult:
     """A linear map W (d x d) so that normalise(context @ W) points at normalise(items[target] @ W).
 
     `items`: (n, d) frozen item embeddings; `contexts`: (m, d) pooled user contexts; `targets`: (m,)
     row of each pair's next item in `items`; `held_out`: (m,) bool, the pairs early stopping reads
     (the latest ones: the caller splits by time). Repeatable: one seed gives the same W on one machine.
+    `hard`: hard negatives per pair, the target's nearest items in the frozen space (`hard_negatives`).
     `threads`: torch's CPU threads while tuning. The head's products are small: on 2 busy cores one
     thread ran 20x faster than two, and a fixed count keeps the sums' order the same on any machine.
     """
@@ -77,13 +95,13 @@ def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held
     torch.set_num_threads(threads)
     try:
         return _tune_head(torch, items, contexts, targets, held_out, temperature=temperature, epochs=epochs,
-                          batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed, progress=progress)
+                          batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed, progress=progress, hard=hard)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
 
 
-def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress) -> TuneResult:
+def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress, hard) -> TuneResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -95,6 +113,7 @@ def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs
     tgt = torch.as_tensor(targets[train].astype(np.int64))
     # logQ: how often each item is a target, i.e. how often the in-batch sampler offers it as a negative.
     log_q = torch.log(torch.bincount(tgt, minlength=len(x)).double().clamp(min=1) / max(len(tgt), 1)).float()
+    near = torch.as_tensor(hard_negatives(items, hard)) if hard else None
     weight = torch.nn.Parameter(torch.eye(x.shape[1]))
     optimizer = torch.optim.Adam([weight], lr=lr)
     best = weight.detach().clone()
@@ -107,7 +126,7 @@ def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs
         total, batches, epoch_started = 0.0, 0, time.perf_counter()
         for start in bar:
             rows = order[start : start + batch_size]
-            loss = _info_nce(torch, x, ctx[rows], tgt[rows], log_q, weight, temperature)
+            loss = _info_nce(torch, x, ctx[rows], tgt[rows], log_q, weight, temperature, None if near is None else near[tgt[rows]])
             if loss is None:
                 continue
             optimizer.zero_grad()
@@ -132,21 +151,28 @@ def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs
     return result
 
 
-def _info_nce(torch, x, ctx, tgt, log_q, weight, temperature):
-    """Mean InfoNCE of a batch: each context against every target in the batch, its own the positive."""
+def _info_nce(torch, x, ctx, tgt, log_q, weight, temperature, hard_ids=None):
+    """Mean InfoNCE of a batch: each context against every target in the batch, its own the positive,
+    and against its own hard negatives (`hard_ids`: (batch, h) item rows) if given."""
     if len(tgt) < 2:
         return None  # no negative to learn from
     f = torch.nn.functional
-    return _info_nce_vectors(torch, f.normalize(ctx @ weight, dim=1), f.normalize(x[tgt] @ weight, dim=1), tgt, log_q, temperature)
+    hard = None if hard_ids is None else f.normalize(x[hard_ids] @ weight, dim=2)
+    return _info_nce_vectors(torch, f.normalize(ctx @ weight, dim=1), f.normalize(x[tgt] @ weight, dim=1), tgt, log_q,
+                             temperature, hard, hard_ids)
 
 
-def _info_nce_vectors(torch, users, positives, tgt, log_q, temperature):
-    """InfoNCE of unit user vectors against the batch's unit target vectors (row i's target: column i)."""
+def _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard=None, hard_ids=None):
+    """InfoNCE of unit user vectors against the batch's unit target vectors (row i's target: column i)
+    and, optionally, each row's own hard negatives (`hard`: (batch, h, d) unit vectors of `hard_ids`)."""
     f = torch.nn.functional
     logits = users @ positives.T / temperature - log_q[tgt][None, :]
     # The same item as another pair's target is that pair's positive too, not a negative.
     duplicate = (tgt[:, None] == tgt[None, :]) & ~torch.eye(len(tgt), dtype=torch.bool)
     logits = logits.masked_fill(duplicate, float("-inf"))
+    if hard is not None:  # not sampled by popularity, so no logQ correction; never the target itself
+        extra = (users[:, None, :] * hard).sum(dim=2) / temperature
+        logits = torch.cat([logits, extra.masked_fill(hard_ids == tgt[:, None], float("-inf"))], dim=1)
     return f.cross_entropy(logits, torch.arange(len(tgt)))
 
 
@@ -171,7 +197,7 @@ def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int,
 def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out: np.ndarray, *, rank: int = 8,
               alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), temperature: float = 0.05, epochs: int = 3,
               batch_size: int = 32, lr: float = 1e-4, patience: int = 1, k: int = 10, seed: int = 0,
-              progress: bool = False, threads: int | None = 1, full: bool = False) -> tuple[dict[str, np.ndarray], TuneResult]:
+              progress: bool = False, threads: int | None = 1, full: bool = False, hard: int = 0) -> tuple[dict[str, np.ndarray], TuneResult]:
     """The `lora` mode: low-rank adapters (peft) on the attention projections `modules` of a copy of a
     transformers `encoder`'s model, trained by the same InfoNCE. `texts`: the catalogue's (row i, item
     i); `contexts`: a scipy sparse (pairs x items) matrix of profile weights (a user is the normalised
@@ -190,7 +216,7 @@ def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out
     try:
         return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
                           temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                          k=k, seed=seed, progress=progress, full=full)
+                          k=k, seed=seed, progress=progress, full=full, hard=hard)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
@@ -225,7 +251,7 @@ def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndar
 
 
 def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,
-               batch_size, lr, patience, k, seed, progress, full):
+               batch_size, lr, patience, k, seed, progress, full, hard):
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -238,6 +264,12 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
     train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     tgt_all = torch.as_tensor(targets.astype(np.int64))
     log_q = torch.log(torch.bincount(tgt_all[train], minlength=len(texts)).double().clamp(min=1) / max(len(train), 1)).float()
+    near = None
+    if hard:  # mined once in the frozen space
+        with torch.no_grad():
+            frozen = torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(s, min(s + 256, len(texts))))
+                                for s in range(0, len(texts), 256)]).numpy()
+        near = hard_negatives(frozen, hard)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(adapters, lr=lr)
 
@@ -265,7 +297,8 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
         for start in bar:
             pairs = order[start : start + batch_size]
             weights = contexts[pairs]
-            rows = np.unique(np.concatenate([weights.indices, targets[pairs]]))  # each item encoded once per batch
+            negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
+            rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))  # each item encoded once per batch
             vectors = encode_with(torch, model, encoder, token_ids, rows)
             local = sp_columns(weights, rows)
             users = torch.nn.functional.normalize(torch.as_tensor(local, dtype=torch.float32) @ vectors, dim=1)
@@ -273,7 +306,9 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
             positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]))]
             if len(pairs) < 2:
                 continue
-            loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature)
+            hard_vectors = vectors[torch.as_tensor(np.searchsorted(rows, negatives))] if near is not None else None
+            loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard_vectors,
+                                     torch.as_tensor(negatives) if near is not None else None)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -216,3 +216,28 @@ def test_the_tuned_source_proposes_the_users_theme_shares_the_extractors_fit_and
     early = rows.filter(pl.col("timestamp") < boundary)
     assert early["cand_tuned_embedding_score"].drop_nulls().len() == 0  # a tuning after the request is never read
     assert early["cand_embedding_score"].drop_nulls().len() > 0
+
+
+def test_hard_negatives_are_each_items_nearest_others_and_tuning_with_them_learns_the_theme(tiny_bert):
+    from recengine.tuning import hard_negatives
+
+    rng = np.random.default_rng(0)
+    items = np.round(rng.normal(size=(50, 8)) * 4) / 4  # coarse values: many tied cosines
+    items[7] = items[3]  # a duplicate: each is the other's nearest, itself never
+    items /= np.linalg.norm(items, axis=1, keepdims=True)  # unit vectors, as embeddings are
+    near = hard_negatives(items, 4, block=16)
+    for row in range(len(items)):
+        sims = np.round(items @ items[row], 9)
+        sims[row] = -np.inf
+        expected = np.lexsort((np.arange(len(items)), -sims))[:4]  # best first, ties to the smaller row
+        assert near[row].tolist() == expected.tolist(), row
+    assert near[3][0] == 7 and near[7][0] == 3
+    tuned = part(tiny_bert, lr=0.05, recall_k=5, hard_negatives=3)
+    state = tuned.fit(theme_events(), noisy_catalogue())
+    assert state["recall"].max() > state["recall"][0] + 0.1 and state["loss"][-1] < state["loss"][0]
+    again = tuned.fit(theme_events(), noisy_catalogue())
+    assert np.array_equal(state["projection"], again["projection"])
+    plain = part(tiny_bert, lr=0.05, recall_k=5).fit(theme_events(), noisy_catalogue())
+    assert not np.array_equal(state["projection"], plain["projection"])  # the extra negatives changed the tuning
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        TunedInterest(hard_negatives=-1)

@@ -112,7 +112,7 @@ class TunedInterest:
                  recent: int = 10, history: int = 50, half_life_days: float | None = None, weight_by_value: bool = False,
                  mode: str = "head", temperature: float = 0.05, epochs: int = 10, batch_size: int = 256,
                  lr: float = 1e-3, patience: int = 2, recall_k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
-                 seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16):
+                 seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16, hard_negatives: int = 0):
         if mode not in MODES:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
                               "on the frozen, cached embeddings; lora: adapters in the encoder's attention; full: "
@@ -122,13 +122,13 @@ class TunedInterest:
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
         check_number(self.part, "temperature", temperature, above=0)
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("recall_k", recall_k),
-                            ("max_pairs", max_pairs), ("seed", seed)):
-            check_number(self.part, name, value, integer=True, minimum=2 if name == "batch_size" else (0 if name == "seed" else 1))
+                            ("max_pairs", max_pairs), ("seed", seed), ("hard_negatives", hard_negatives)):
+            check_number(self.part, name, value, integer=True, minimum=2 if name == "batch_size" else (0 if name in ("seed", "hard_negatives") else 1))
         check_number(self.part, "lr", lr, above=0)
         check_number(self.part, "holdout", holdout, above=0, below=1)
         self.encoder_name, self.encoder_params, self.field = encoder, dict(encoder_params or {}), field
         self.tuning = {"temperature": temperature, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                       "patience": patience, "k": recall_k, "seed": seed}  # k: the held-out recall@K that stops early
+                       "patience": patience, "k": recall_k, "seed": seed, "hard": hard_negatives}  # k: the held-out recall@K that stops early
         self.max_pairs, self.holdout = max_pairs, holdout
         self.columns = [f"tuned_{field}_mean", f"tuned_{field}_max"]
         self.history_depth = recent
