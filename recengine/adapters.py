@@ -239,7 +239,7 @@ class AdaptedEncoder:
             self._model = model.eval()
         token_ids = self.encoder.token_ids(list(texts))
         with torch.no_grad():
-            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).numpy()
+            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).cpu().numpy()
                               for s in range(0, len(token_ids), 256)]) if token_ids else np.zeros((0, 0), dtype=np.float32)
 
     def _encode_head(self, texts: list[str]) -> np.ndarray:
