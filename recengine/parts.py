@@ -80,8 +80,13 @@ def learned_state(context: Any, part: Any) -> tuple[dict[str, Any], Any]:
 
     key = getattr(part, "key", type(part).__name__)
     if key not in context.learned:
-        last = context.events.select(pl.col("timestamp").max()).collect().item()
-        fit_learned([part], context, until=(last or datetime(1970, 1, 1)) + timedelta(milliseconds=1), keep=True)
+        # At the boundary the context's other parts were fit at, if any: moving it would change what
+        # they may serve.
+        until = context.learned_until
+        if until is None:
+            last = context.events.select(pl.col("timestamp").max()).collect().item()
+            until = (last or datetime(1970, 1, 1)) + timedelta(milliseconds=1)
+        fit_learned([part], context, until=until, keep=True)
     return context.learned[key], context.learned_until
 
 

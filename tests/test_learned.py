@@ -60,6 +60,23 @@ def test_an_event_at_or_after_the_boundary_changes_no_learned_feature():
     assert not before.equals(ease_columns(pl.concat([events, early]), requests, boundary))
 
 
+def test_a_part_missing_from_a_fitted_context_is_fit_at_its_boundary_which_stays_put():
+    """A learned part the context holds no state for is fit on demand, at the boundary the others were
+    fit at: not on every event (a leak for requests after the boundary), and without moving it."""
+    from recengine.parts import learned_state
+
+    events = Dataset(interactions(n_users=80).lazy()).events.collect()
+    boundary = events["timestamp"].quantile(0.5, interpolation="lower")
+    source, extractor = feature_set().build_sources()[1], feature_set().build_extractors()[0]
+    context = FeatureContext.from_frames(events, catalogue().lazy())
+    fit_learned([source], context, boundary)
+    state, until = learned_state(context, extractor)
+    assert until == boundary == context.learned_until
+    alone = FeatureContext.from_frames(events, catalogue().lazy())
+    fit_learned([extractor], alone, boundary)
+    assert all(np.array_equal(state[name], alone.learned[extractor.key][name]) for name in state)
+
+
 def test_the_rankers_requests_come_after_the_learned_window_and_the_model_carries_its_state():
     events, items = interactions(n_users=80), catalogue()
     result = train(Dataset(events.lazy(), items.lazy()), feature_set(), progress=False, say=lambda _: None)
