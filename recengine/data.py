@@ -433,6 +433,8 @@ def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         frame.write_parquet(partial)
+        with open(partial, "rb") as handle:  # on disk before the rename makes it the file: a crash leaves the old or the new
+            os.fsync(handle.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ It needs only lightgbm, numpy and pandas, so a service can load the model withou
 The artifact `ranker` is the model folder recengine wrote (model.txt + spec.json).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +23,14 @@ class LightGBMRanker(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         folder = Path(context.artifacts["ranker"])
         self.spec = json.loads((folder / "spec.json").read_text())
-        self.booster = lgb.Booster(model_file=str(folder / "model.txt"))
+        text = (folder / "model.txt").read_bytes()
+        # The digest recengine recorded: a truncated or swapped model.txt must not score (LightGBM
+        # may read a damaged file without complaint, or crash the process).
+        expected = self.spec.get("files", {}).get("model.txt")
+        if expected is not None and hashlib.sha256(text).hexdigest() != expected:
+            raise ValueError(f"{folder / 'model.txt'}: its content does not match the sha256 in spec.json; the logged "
+                             "model is damaged: log it again (recengine train) or download it again.")
+        self.booster = lgb.Booster(model_str=text.decode())
 
     # The DataFrame hint tells MLflow not to infer a schema from it (the logged signature serves) and
     # keeps it from warning "Add type hints" at every log and load.

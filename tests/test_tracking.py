@@ -171,6 +171,21 @@ def test_models_load_by_alias_and_as_pyfunc_and_score_alike(runs):
     assert np.allclose(pyfunc.predict(rows.select(by_version.features).to_pandas())["score"].to_numpy(), expected)
 
 
+def test_a_pyfunc_model_with_a_damaged_model_file_refuses_to_load(runs, tmp_path):
+    import shutil
+
+    import mlflow
+
+    folder, _, logged, *_ = runs
+    model_id = logged[0].model_uri.removeprefix("models:/")
+    copy = tmp_path / "model"
+    shutil.copytree(folder / "mlruns" / "artifacts" / "models" / model_id / "artifacts", copy)
+    text = (copy / "artifacts" / "ranker" / "model.txt").read_bytes()
+    (copy / "artifacts" / "ranker" / "model.txt").write_bytes(text[: len(text) // 2])
+    with pytest.raises(Exception, match="does not match the sha256 in spec.json"):
+        mlflow.pyfunc.load_model(str(copy))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
