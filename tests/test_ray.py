@@ -3,13 +3,12 @@ on a local Ray of 2 CPUs with an actor pool of 1 (one CPU stays free for the rea
 an actor or a driver killed mid-job loses and duplicates nothing; a simulated cluster of several Ray
 nodes on this machine spreads the chunks over its nodes."""
 
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,10 +30,13 @@ OBJECT_STORE = 150 << 20
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, local_cluster):
     folder = tmp_path_factory.mktemp("ray")
     events = interactions(n_users=120, per_user=20)
-    result = train(Dataset(events.lazy(), catalogue().lazy()), feature_set(num_boost_round=20), progress=False, say=lambda _: None)
+    # One LightGBM thread: on a small shared machine its OpenMP threads spin against everything else
+    # (measured on 2 busy cores: 12-16 s to train this model with two, 0.5 s with one).
+    ranker = feature_set(num_boost_round=20, num_threads=1)
+    result = train(Dataset(events.lazy(), catalogue().lazy()), ranker, progress=False, say=lambda _: None)
     result.model.save(folder / "model")
     events.write_parquet(folder / "events.parquet")
     catalogue().write_parquet(folder / "items.parquet")
@@ -47,10 +49,29 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+def local_cluster():
+    """A local Ray of 2 CPUs (a scoring actor, and a CPU left for the read and shuffle tasks), started as
+    the head of a `ray.cluster_utils.Cluster`, so that the simulated-cluster test adds a node to it
+    instead of starting a second Ray."""
+    from ray.cluster_utils import Cluster
+
+    # Workers started for every driver that connects (the killed-driver test's is a second one), and
+    # the first two loaded with what the job's tasks import, while the model trains: as on a cluster
+    # that is already up, the tests time the jobs, not Ray's start.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": OBJECT_STORE,
+                                                            "include_dashboard": False,
+                                                            "_system_config": {"enable_worker_prestart": True}})
+    ray.init(address=cluster.address, log_to_driver=False)
+    warm = [ray.remote(lambda: importlib.import_module("recengine.distributed") and None).remote() for _ in range(2)]
+    yield cluster
+    ray.get(warm)
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(local_cluster):
+    return local_cluster.address
 
 
 @pytest.fixture(scope="module")
@@ -123,84 +144,92 @@ def test_a_folder_of_parts_with_timestamps_and_request_ids(setup, local_ray, tmp
     assert ran.output.read_bytes() == local.output.read_bytes()
 
 
-def test_an_actor_killed_mid_job_is_restarted_and_its_chunk_retried(setup, local_ray, reference, tmp_path):
+def test_an_actor_killed_mid_job_is_restarted_and_its_chunk_retried(setup, local_ray, reference, tmp_path, monkeypatch):
+    # The scoring actor is SIGKILLed on its second chunk (its first is finished), once: mid-job at the
+    # same point on every run. The scorer is the job's own, its class defined here so that Ray ships
+    # it to the actor by value; a marker file records the kill, so the restarted actor goes on.
+    from recengine import distributed
+
     folder, model, events = setup
-    manifest = tmp_path / ".ray.parquet.parts" / "manifest.json"
-    killed = []
+    driver, marker = os.getpid(), tmp_path / "killed"
 
-    def kill_an_actor_after_the_first_chunk():
-        while _chunks_done(manifest) < 1:
-            time.sleep(0.01)
-        pid = _actor_pids()[0]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+    class KilledOnItsSecondChunk(distributed._ChunkScorer):
+        def __call__(self, batch):
+            if os.getpid() != driver:  # not the driver's dry run
+                self.calls = getattr(self, "calls", 0) + 1
+                if self.calls == 2 and not marker.exists():
+                    marker.write_text(str(os.getpid()))
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
 
-    killer = threading.Thread(target=kill_an_actor_after_the_first_chunk, daemon=True)
-    killer.start()
+    monkeypatch.setattr(distributed, "_ChunkScorer", KilledOnItsSecondChunk)
     ran = rank_on_ray(model, folder / "candidates.parquet", tmp_path / "ray.parquet", context_of(events), k=5,
                       chunk_rows=300, progress=False, actors=1)
-    killer.join(timeout=5)
-    assert killed and ran.chunks > 10
+    assert marker.exists() and int(marker.read_text()) != driver and ran.chunks > 10
+    assert sum(ran.nodes.values()) == ran.chunks  # every chunk's result recorded once
     assert ran.output.read_bytes() == reference.output.read_bytes()
 
 
 RUN = """
+import os
+import signal
 import sys
 import polars as pl
 import ray
+from recengine import batch
 from recengine.distributed import rank_on_ray
 from recengine.extractors import FeatureContext
 from recengine.model import RankerModel
-folder, out, address = sys.argv[1:]
+folder, out, address, die_after = sys.argv[1:]
+finish = batch._Manifest.finish
+
+def finish_then_die(manifest, chunk, rows):
+    # SIGKILL right after the manifest records its `die_after`th chunk: mid-job, the same point every run.
+    finish(manifest, chunk, rows)
+    if len(manifest.rows) == int(die_after):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+batch._Manifest.finish = finish_then_die
 ray.init(address=address, log_to_driver=False)
 context = FeatureContext.from_frames(pl.read_parquet(f"{folder}/events.parquet"), pl.read_parquet(f"{folder}/items.parquet"))
-report = rank_on_ray(RankerModel.load(f"{folder}/model"), f"{folder}/candidates.parquet", out, context, k=5,
-                     chunk_rows=300, progress=False, actors=1)
-print("skipped", report.skipped)
+rank_on_ray(RankerModel.load(f"{folder}/model"), f"{folder}/candidates.parquet", out, context, k=5,
+            chunk_rows=300, progress=False, actors=1)
 """
 
 
 def test_a_driver_killed_mid_job_resumes_skipping_finished_chunks(setup, local_ray, reference, tmp_path):
+    # The driver, in its own process, is killed after two chunks are recorded; the same job run again
+    # (here, in this process, on the same Ray) skips them and writes the local job's output.
     folder, model, events = setup
     script = tmp_path / "run.py"
     script.write_text(RUN)
     target = tmp_path / "ray.parquet"
     manifest = tmp_path / ".ray.parquet.parts" / "manifest.json"
-    command = [sys.executable, str(script), str(folder), str(target), local_ray]
-    job = subprocess.Popen(command)
-    while job.poll() is None and _chunks_done(manifest) < 2:
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    assert job.wait() == -signal.SIGKILL and not target.exists()
-    done = _chunks_done(manifest)
-    assert 2 <= done < reference.chunks
-    finished = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert int(finished.stdout.split()[-1]) >= done
+    killed = subprocess.run([sys.executable, str(script), str(folder), str(target), local_ray, "2"])
+    assert killed.returncode == -signal.SIGKILL and not target.exists()
+    assert _chunks_done(manifest) == 2
+    ran = rank_on_ray(model, folder / "candidates.parquet", target, context_of(events), k=5, chunk_rows=300,
+                      progress=False, actors=1)
+    assert ran.skipped == 2 and sum(ran.nodes.values()) == ran.chunks - 2 == reference.chunks - 2
     assert target.read_bytes() == reference.output.read_bytes()
     assert not (tmp_path / ".ray.parquet.parts").exists()
 
 
-def test_a_simulated_cluster_spreads_the_chunks_over_its_nodes(setup, reference, tmp_path):
-    # Last in the module: it replaces the module's local Ray with a cluster of three Ray nodes on
-    # this machine (a head that only drives, and two workers of 2 CPUs, one scoring actor each).
-    from ray.cluster_utils import Cluster
-
+def test_a_simulated_cluster_spreads_the_chunks_over_its_nodes(setup, local_cluster, reference, tmp_path):
+    # A second Ray node on this machine joins the local Ray (the head, 2 CPUs: a scoring actor, and the
+    # read and shuffle tasks), with 1 CPU for a second scoring actor; Ray spreads the actors over the
+    # nodes. One node added, not more: each costs seconds to start.
     folder, model, events = setup
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20,
-                                                            "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=100 << 20) for _ in range(2)]
+    added = local_cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
+        local_cluster.wait_for_nodes()
         ran = rank_on_ray(model, folder / "candidates.parquet", tmp_path / "ray.parquet", context_of(events), k=5,
                           chunk_rows=300, progress=False, actors=2)
-        assert sorted(ran.nodes) == sorted(node.node_id for node in workers)
+        assert sorted(ran.nodes) == sorted([local_cluster.head_node.node_id, added.node_id])
         assert min(ran.nodes.values()) >= 2 and sum(ran.nodes.values()) == ran.chunks
         assert ran.output.read_bytes() == reference.output.read_bytes()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        local_cluster.remove_node(added)
 
 
 def _chunks_done(manifest: Path) -> int:
@@ -209,15 +238,3 @@ def _chunks_done(manifest: Path) -> int:
     except (FileNotFoundError, ValueError):
         return 0
 
-
-def _actor_pids() -> list[int]:
-    """This machine's processes running the scoring actor (Ray names them after the class)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if "_ScoreChunks" in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return sorted(pids)
