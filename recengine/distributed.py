@@ -22,7 +22,10 @@ local job.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
 import resource
 import tempfile
 import time
@@ -107,14 +110,20 @@ def rank_on_ray(
     output = Path(output)
     check_output_file(output)
     model.check_plugins()
-    input_path = Path(input_path)
-    rows, keys = _checked_input(input_path, generate, columns or {}, context)
-    total = rows.select(pl.len()).collect().item()
+    input_path = input_uri(input_path) or Path(input_path)
+    if isinstance(input_path, str):
+        checked = _checked_uri(input_path, generate, columns or {}, context)
+    else:
+        checked = _checked_input(input_path, generate, columns or {}, context)
+    total, first, empty, keys, digest = checked
     scorer = _ChunkScorer(model, model.feature_set(), keys, context, generate, k)
-    scorer(rows.head(1).collect())  # the local job's dry run: fails before any file is made
+    scorer(first)  # the local job's dry run: fails before any file is made
     chunks = max(1, math.ceil(total / chunk_rows))
     work = work_folder(output)
-    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
+    # The local job's fingerprint (so either engine finishes the other's job); a URI's digest is taken
+    # through its filesystem, and the local one of an empty file stands in for it meanwhile.
+    fingerprint = _fingerprint(model, os.devnull if digest else input_path, k, chunk_rows, chunks, generate, columns, context)
+    manifest = _Manifest(work, {**fingerprint, "input": digest} if digest else fingerprint)
     todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
     skipped, nodes, peak = chunks - len(todo), Counter(), 0.0
     connect()  # after the checks: bad input never waits for a Ray to start
@@ -139,7 +148,6 @@ def rank_on_ray(
         bar.close()
         # A chunk no user hashed to has no rows, so no group came back for it: the local job's part
         # for an empty chunk is the scorer's output for no rows.
-        empty = rows.head(0).collect()
         for chunk in todo:
             if not manifest.done(chunk, part_path(work, chunk)):
                 from recengine.data import write_parquet_atomic
@@ -153,19 +161,91 @@ def rank_on_ray(
 
 def _checked_input(path: Path, generate: bool, columns: dict[str, str], context: FeatureContext):
     """The local job's checks, on the driver, before anything is written. A folder is checked file by
-    file (Ray reads it as one table); its rows are counted and dry-run as one table."""
+    file (Ray reads it as one table); its rows are counted and dry-run as one table. Returns the rows'
+    count, the first row, no rows (the frame of an empty chunk), the keys, and no digest (the local
+    job's fingerprint takes it)."""
     if not path.is_dir():
-        return _validated_input(path, generate, columns, context)
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise DataError(f"{path}: the folder holds no .parquet files; --engine ray reads a parquet file or a folder "
-                        "of them. Convert the input to parquet or give the file's path.")
-    checked = [_validated_input(file, generate, columns, context) for file in files]
-    keys = checked[0][1]
-    return pl.concat([rows for rows, _ in checked], how="vertical_relaxed"), keys
+        rows, keys = _validated_input(path, generate, columns, context)
+    else:
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: the folder holds no .parquet files; --engine ray reads a parquet file or a "
+                            "folder of them. Convert the input to parquet or give the file's path.")
+        checked = [_validated_input(file, generate, columns, context) for file in files]
+        keys = checked[0][1]
+        rows = pl.concat([rows for rows, _ in checked], how="vertical_relaxed")
+    return rows.select(pl.len()).collect().item(), rows.head(1).collect(), rows.head(0).collect(), keys, None
 
 
-def _scored(ray, input_path: Path, scorer: _ChunkScorer, todo: list[int], chunks: int, columns: dict[str, str],
+def input_uri(path: str | Path) -> str | None:
+    """`path` as a URI of a filesystem pyarrow reads (file://, s3://, gs://, hdfs://...), or None for a
+    local path. A URI that went through `Path` lost a slash ("s3:/bucket/key"): it is put back."""
+    text = str(path)
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/(/?)(.*)$", text)
+    if not match or (isinstance(path, Path) and path.exists()):
+        return None
+    scheme, slashes, rest = match.groups()
+    if slashes:
+        return text
+    return f"file:///{rest}" if scheme.lower() == "file" else f"{scheme}://{rest}"
+
+
+def _checked_uri(uri: str, generate: bool, columns: dict[str, str], context: FeatureContext):
+    """`_checked_input` for a URI: each file is streamed once through its filesystem into the digest
+    (the local job's: names relative to a folder, and bytes, in name order) and, a parquet file, into
+    a temporary local copy that the local job's reader checks; errors name the URI, not the copy."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(root)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--input {uri}: cannot be read ({exc}); check the URI and the credentials, or copy the "
+                        "input to a local path.") from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"--input {uri}: no such file or folder. Check the URI.")
+    folder = info.type == pafs.FileType.Directory
+    if folder:
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        names = sorted((f.path[len(root.rstrip("/")) + 1:] for f in found if f.type == pafs.FileType.File),
+                       key=lambda name: name.split("/"))  # the order of the local job's sorted Paths
+    else:
+        names = [""]
+    if not any(name.endswith(".parquet") for name in names) and folder:
+        raise DataError(f"{uri}: the folder holds no .parquet files; --engine ray reads a parquet file or a folder "
+                        "of them. Convert the input to parquet or give the file's URI.")
+    digest, total, first, empty, keys = hashlib.sha256(), 0, None, None, None
+    with tempfile.TemporaryDirectory(prefix="recengine-input-") as temp:
+        for name in names:
+            source = f"{root.rstrip('/')}/{name}" if folder else root
+            if folder:
+                digest.update(name.encode() + b"\0")
+            if folder and not name.endswith(".parquet"):
+                _stream(filesystem, source, digest, None)
+                continue
+            local = Path(temp) / (Path(name).name if folder else Path(root).name)
+            _stream(filesystem, source, digest, local)
+            try:
+                rows, found_keys = _validated_input(local, generate, columns, context)
+                total += rows.select(pl.len()).collect().item()
+                if first is None:
+                    first, empty, keys = rows.head(1).collect(), rows.head(0).collect(), found_keys
+            except DataError as exc:
+                where = f"{uri.rstrip('/')}/{name}" if folder else uri
+                raise DataError(str(exc).replace(str(local), where)) from None
+            local.unlink()
+    return total, first, empty, keys, digest.hexdigest()
+
+
+def _stream(filesystem, source: str, digest, copy: Path | None) -> None:
+    """A file's bytes into `digest`, and into the local file `copy` when one is given."""
+    with filesystem.open_input_stream(source) as stream, open(copy or os.devnull, "wb") as out:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+
+
+def _scored(ray, input_path: Path | str, scorer: _ChunkScorer, todo: list[int], chunks: int, columns: dict[str, str],
             work: Path, actors: int, cpus_per_actor: float, threads: int):
     """The Ray Data pipeline: read, normalise and assign chunks (tasks), group by chunk (a shuffle),
     score each chunk and write its part (an actor pool). Yields one row per chunk scored."""

@@ -97,13 +97,43 @@ def test_ray_output_is_the_local_jobs_byte_for_byte(setup, local_ray, reference,
 
 
 def test_the_cli_runs_the_same_job_on_ray(setup, local_ray, reference, cli_run, tmp_path):
+    # The input given as a URI (file:// here; s3:// and the like the same way): Ray and the driver's
+    # checks read it through pyarrow's filesystem.
     folder, _, _ = setup
+    uri = (folder / "candidates.parquet").resolve().as_uri()
     args = ["rank", "--model", str(folder / "model"), "--events", str(folder / "events.parquet"), "--items",
-            str(folder / "items.parquet"), "--input", str(folder / "candidates.parquet"), "--k", "5", "--chunk-rows", "300"]
+            str(folder / "items.parquet"), "--input", uri, "--k", "5", "--chunk-rows", "300"]
     result = cli_run(*args, "--output", str(tmp_path / "ray.parquet"), "--engine", "ray")
     assert result.exit_code == 0, result.output
     assert f"in {reference.chunks} chunk(s)" in result.output
     assert (tmp_path / "ray.parquet").read_bytes() == reference.output.read_bytes()
+
+
+def test_an_input_uri_is_checked_and_digested_as_the_local_path_is(setup, tmp_path):
+    # No Ray needed: the driver's own reads of a URI. Its digest is the local job's for the same bytes
+    # (so a job started on the local path can be finished from the URI), its errors name the URI.
+    from recengine.batch import _file_digest
+    from recengine.distributed import _checked_uri, input_uri
+    from recengine.errors import DataError
+
+    folder, _, events = setup
+    parts = tmp_path / "parts"
+    (parts / "day=2").mkdir(parents=True)
+    rows = pl.read_parquet(folder / "candidates.parquet")
+    rows.head(100).write_parquet(parts / "a.parquet")
+    rows.slice(100).write_parquet(parts / "day=2" / "b.parquet")
+    (parts / "_SUCCESS").write_text("")
+    for path in (parts, parts / "a.parquet"):
+        total, first, empty, keys, digest = _checked_uri(path.as_uri(), False, {}, context_of(events))
+        assert digest == _file_digest(path) and keys == ["user_id", "timestamp"]
+        assert total == (rows.height if path == parts else 100) and first.height == 1 and empty.height == 0
+    assert input_uri(Path(parts.as_uri())) == parts.as_uri()  # the CLI's Path("file:///x") is "file:/x"
+    with pytest.raises(DataError, match="missing.parquet: no such file"):
+        _checked_uri((tmp_path / "missing.parquet").as_uri(), False, {}, context_of(events))
+    rows.with_columns(pl.lit(None).alias("item_id")).write_parquet(tmp_path / "nulls.parquet")
+    with pytest.raises(DataError) as bad:
+        _checked_uri((tmp_path / "nulls.parquet").as_uri(), False, {}, context_of(events))
+    assert (tmp_path / "nulls.parquet").as_uri() in str(bad.value) and "recengine-input-" not in str(bad.value)
 
 
 def test_embed_on_ray_encodes_only_what_the_cache_lacks(local_ray, tiny_bert, tmp_path):
