@@ -87,7 +87,8 @@ def child(model_uri: str, input_path: str, output: str, chunk_rows: int) -> None
     print(json.dumps({"rows": report.rows, "job_s": job, "floor_s": floor, "peak_mib": peak_job, "chunks": report.chunks}))
 
 
-def child_ray(model_uri: str, input_path: str, output: str, chunk_rows: int, nodes: int, cpus: int, threads: int) -> None:
+def child_ray(model_uri: str, input_path: str, output: str, chunk_rows: int, nodes: int, cpus: int, threads: int,
+              share_state: bool = True) -> None:
     """The Ray job on a local Ray (`nodes` 0) or a simulated cluster of `nodes` nodes; prints JSON."""
     import ray
 
@@ -116,10 +117,11 @@ def child_ray(model_uri: str, input_path: str, output: str, chunk_rows: int, nod
         actors = max(1, cpus - 1)
     started = time.perf_counter()  # Ray is up: from here on, the job's own cost
     report = rank_on_ray(model, input_path, output, context, k=10, chunk_rows=chunk_rows, progress=False,
-                         actors=actors, threads=threads)
+                         actors=actors, threads=threads, share_state=share_state)
     job = time.perf_counter() - started
     print(json.dumps({"rows": report.rows, "job_s": job, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "actor_mib": report.actor_peak_mib, "chunks": report.chunks, "actors": report.actors,
+                      "first_chunk_s": report.first_chunk_s,
                       "nodes": sorted(report.nodes.values())}))
     ray.shutdown()
     if cluster is not None:
@@ -133,11 +135,16 @@ def compare_engines(args) -> None:
         for size in args.sizes:
             source = Path(tmp) / f"candidates-{size}.parquet"
             make_input(source, size, later=timedelta(hours=1) if args.point_in_time else timedelta(0))
-            outputs = {name: Path(tmp) / f"{name}-{size}.parquet" for name in ("local", "ray", "cluster")}
+            # The Ray job once per --serving-state mode (shared: built on the driver, shipped through the
+            # object store; per-actor: each actor builds its own), the simulated cluster in the first mode.
+            modes = ["shared", "per-actor"] if args.serving_state == "both" else [args.serving_state]
+            engines = ["local", *(f"ray/{mode}" for mode in modes), *([f"cluster/{modes[0]}"] if args.nodes else [])]
+            outputs = {name: Path(tmp) / f"{name.replace('/', '-')}-{size}.parquet" for name in engines}
             runs: dict[str, list[dict]] = {name: [] for name in outputs}
             for _ in range(args.repeats):
                 for name, out in outputs.items():
-                    extra = [] if name == "local" else ["--child-ray", str(args.nodes if name == "cluster" else 0)]
+                    extra = [] if name == "local" else ["--child-ray", str(args.nodes if name.startswith("cluster") else 0),
+                                                        "--serving-state", name.split("/")[1]]
                     done = subprocess.run([sys.executable, __file__, "--model", args.model, "--ray-cpus", str(args.ray_cpus),
                                            "--ray-threads", str(args.ray_threads), "--child", str(source), str(out),
                                            str(args.chunk_rows), *extra], capture_output=True, text=True)
@@ -147,21 +154,22 @@ def compare_engines(args) -> None:
                     print(f"done: {size:,} rows, {name}: {runs[name][-1]['job_s']:.1f} s", flush=True)
             median = {name: sorted(r, key=lambda x: x["job_s"])[len(r) // 2] for name, r in runs.items()}
             local = outputs["local"].read_bytes()
-            same = {name: outputs[name].read_bytes() == local for name in ("ray", "cluster")}
+            same = {name: outputs[name].read_bytes() == local for name in engines[1:]}
             table.append((size, median, same))
 
     print(f"\nmedian of {args.repeats} run(s); Ray times exclude starting Ray; {args.ray_cpus} CPUs for the local Ray, "
           f"{args.nodes} simulated nodes of {args.ray_cpus} CPUs; LightGBM threads per actor: {args.ray_threads}")
-    print(f"{'rows':>12} {'engine':>8} {'actors':>6} {'rows/s':>10} {'time/local':>10} {'same bytes':>10} "
-          f"{'driver MiB':>10} {'actor MiB':>9}  chunks per node")
+    print(f"{'rows':>12} {'engine':>17} {'actors':>6} {'rows/s':>10} {'time/local':>10} {'start-up s':>10} "
+          f"{'same bytes':>10} {'driver MiB':>10} {'actor MiB':>9}  chunks per node")
     for size, median, same in table:
         base = median["local"]["job_s"]
         for name, r in median.items():
-            print(f"{size:>12,} {name:>8} {r.get('actors', 0):>6} {r['rows'] / r['job_s']:>10,.0f} {r['job_s'] / base:>9.2f}x "
-                  f"{('yes' if same.get(name, True) else 'NO'):>10} {r['peak_mib']:>10.0f} {r.get('actor_mib', 0):>9.0f}  "
+            print(f"{size:>12,} {name:>17} {r.get('actors', 0):>6} {r['rows'] / r['job_s']:>10,.0f} {r['job_s'] / base:>9.2f}x "
+                  f"{r.get('first_chunk_s', 0):>10.1f} {('yes' if same.get(name, True) else 'NO'):>10} {r['peak_mib']:>10.0f} {r.get('actor_mib', 0):>9.0f}  "
                   f"{r.get('nodes', '')}")
     size, median, _ = table[-1]
-    per_core = median["ray"]["rows"] / median["ray"]["job_s"] / args.ray_cpus
+    ray_run = median[engines[1]]
+    per_core = ray_run["rows"] / ray_run["job_s"] / args.ray_cpus
     cores = 1e9 / 3600 / per_core
     print(f"\nprojection: {per_core:,.0f} rows/s per core (the local Ray's rows/s over its {args.ray_cpus} cores) -> "
           f"1 billion rows in one hour needs {math.ceil(cores)} cores, e.g. {math.ceil(cores / 16)} node(s) of 16 cores "
@@ -181,12 +189,16 @@ def main() -> None:
                         help="ray: compare the local job, the Ray job and a simulated Ray cluster on the same rows.")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (and of each simulated node).")
     parser.add_argument("--ray-threads", type=int, default=2, help="LightGBM threads in each scoring actor.")
-    parser.add_argument("--nodes", type=int, default=2, help="Nodes of the simulated cluster.")
+    parser.add_argument("--nodes", type=int, default=2, help="Nodes of the simulated cluster (0: no cluster run).")
+    parser.add_argument("--serving-state", choices=["shared", "per-actor", "both"], default="shared",
+                        help="With --engine ray: the serving state built once on the driver and shared through the "
+                             "object store, or built by each actor; both: measure the two on the same rows.")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-ray", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and args.child_ray is not None:
-        child_ray(args.model, *args.child[:2], int(args.child[2]), args.child_ray, args.ray_cpus, args.ray_threads)
+        child_ray(args.model, *args.child[:2], int(args.child[2]), args.child_ray, args.ray_cpus, args.ray_threads,
+                  share_state=args.serving_state != "per-actor")
         return
     if args.child:
         child(args.model, *args.child[:2], chunk_rows=int(args.child[2]))

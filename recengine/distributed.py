@@ -55,6 +55,7 @@ class RayJobReport(JobReport):
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> chunks its actors scored
     actors: int = 0
     actor_peak_mib: float = 0.0  # the largest peak resident memory of a scoring actor
+    first_chunk_s: float = 0.0  # from the job's start to its first chunk recorded: the start-up
 
 
 def _ray():
@@ -125,7 +126,7 @@ def rank_on_ray(
     fingerprint = _fingerprint(model, os.devnull if digest else input_path, k, chunk_rows, chunks, generate, columns, context)
     manifest = _Manifest(work, {**fingerprint, "input": digest} if digest else fingerprint)
     todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
-    skipped, nodes, peak = chunks - len(todo), Counter(), 0.0
+    skipped, nodes, peak, first = chunks - len(todo), Counter(), 0.0, 0.0
     connect()  # after the checks: bad input never waits for a Ray to start
     pool = actors or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     if todo:
@@ -139,6 +140,7 @@ def rank_on_ray(
                    unit_scale=True, disable=not progress)
         try:
             for result in dataset.iter_rows():
+                first = first or time.perf_counter() - started
                 manifest.finish(int(result["chunk"]), int(result["rows"]))
                 nodes[result["node"]] += 1
                 peak = max(peak, float(result["peak_mib"]))
@@ -156,7 +158,7 @@ def rank_on_ray(
                 manifest.finish(chunk, 0)
     requests = merge_parts(work, chunks, output, keys)
     return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output,
-                        dict(sorted(nodes.items())), pool, peak)
+                        dict(sorted(nodes.items())), pool, peak, first)
 
 
 def _checked_input(path: Path, generate: bool, columns: dict[str, str], context: FeatureContext):
