@@ -350,8 +350,9 @@ def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: date
 @cli.command()
 @model_option
 @data_options
-@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
-              help="Candidates (user_id, item_id[, timestamp][, request_id]) or, with --generate, requests.")
+@click.option("--input", "input_path", required=True,
+              help="Candidates (user_id, item_id[, timestamp][, request_id]) or, with --generate, requests: a parquet "
+                   "file or folder; with --engine ray also a URI (file://, s3://...).")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Parquet file for the top k per request.")
 @click.option("--generate", is_flag=True, help="The input is requests: the model's candidate sources propose the items.")
 @click.option("--k", default=10, show_default=True, help="Items kept per request.")
@@ -377,6 +378,8 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     if learned_state == "saved":
         model.use_saved_state(context)
     job = rank_file
+    if engine == "local":
+        input_path = _local_input(input_path)
     if engine == "ray":
         from recengine.distributed import connect, rank_on_ray as job
 
@@ -481,6 +484,18 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
     embed_params = " ".join(f"--param {k}={v}" for k, v in adapted.items())
     click.echo(f"next: recengine embed --field {field} --encoder {encoder} {embed_params}   "
                "(caches the tuned catalogue), then recengine train --feature-set YOUR.toml")
+
+
+def _local_input(text: str) -> Path:
+    """The local engine reads local files: a URI gets a message saying what to do instead."""
+    import re
+
+    from recengine.errors import DataError
+
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text) and not Path(text).exists():
+        raise DataError(f"--input {text}: a URI, and the local engine reads local files only. Run with --engine ray "
+                        "(Ray Data reads file://, s3://, gs:// and other filesystems), or copy the input to a local path.")
+    return Path(text)
 
 
 def _toml_inline(values: dict[str, Any]) -> str:

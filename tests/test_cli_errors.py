@@ -199,6 +199,10 @@ MODEL_CASES: list[Case] = [
          _with_files(named_dot_csv=NAMED), ["named.csv", "'user_id'", "not integers", "'u1'"], needs_model=True),
     Case("rank-string-user-ids", ["rank", "--model", "model", *DATA, "--input", "named.csv", "--output", "out.parquet"],
          _with_files(named_dot_csv=NAMED), ["named.csv", "'user_id'", "not integers"], needs_model=True),
+    Case("rank-local-engine-with-a-uri", ["rank", "--model", "model", *DATA, "--input", "s3://bucket/candidates.parquet",
+                                          "--output", "out.parquet"],
+         _with_files(), ["--input s3://bucket/candidates.parquet", "local engine reads local files", "--engine ray"],
+         needs_model=True),
 ]
 
 # -- feature sets and parameters, encoders and the embedding cache ------------------------------------
