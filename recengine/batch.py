@@ -65,6 +65,8 @@ def rank_file(
     check_output_file(output)
     model.check_plugins()
     rows, keys = _validated_input(input_path, generate, columns or {}, context)
+    if generate:
+        refuse_requests_before_every_event(rows, context, input_path)
     total = rows.select(pl.len()).collect().item()
     feature_set = model.feature_set()
     # A dry run on one row: a feature set the data cannot serve fails here, before any file is made.
@@ -188,6 +190,18 @@ def _validated_input(path, generate: bool, columns: dict[str, str], context: Fea
     """The input, checked before anything is written: required columns, no nulls, parseable times.
     Without a timestamp column, requests are ranked as of just after the last known event."""
     return validated_rows(path, generate, columns, _now(context), context.events.collect_schema())
+
+
+def refuse_requests_before_every_event(rows: pl.LazyFrame, context: FeatureContext, source) -> None:
+    """Generated candidates come only from events before a request: requests all at or before the first
+    event would give an empty output, which must not pass for a result."""
+    first = context.events.select(pl.col("timestamp").min()).collect().item()
+    latest = rows.select(pl.col("timestamp").max()).collect().item()
+    if first is not None and latest is not None and latest <= first:
+        raise DataError(
+            f"{source}: every request is at or before the first event ({first}; the latest request is at {latest}); "
+            "candidates and features use only events before a request, so none of them can get any. Give request "
+            "times after the first event, or leave the timestamp column out to rank as of just after the last event.")
 
 
 def validated_rows(path, generate: bool, columns: dict[str, str], now: datetime, events: pl.Schema) -> tuple[pl.LazyFrame, list[str]]:

@@ -39,7 +39,7 @@ import polars as pl
 
 from recengine.batch import (
     JobReport, _ChunkScorer, _fingerprint, _Manifest, _now, _validated_input, check_output_file, chunk_of,
-    merge_parts, part_path, validated_rows, work_folder,
+    merge_parts, part_path, refuse_requests_before_every_event, validated_rows, work_folder,
 )
 from recengine.errors import ConfigError, DataError, RecengineError
 from recengine.extractors import FeatureContext
@@ -176,6 +176,8 @@ def _checked_input(path: Path, generate: bool, columns: dict[str, str], context:
         checked = [_validated_input(file, generate, columns, context) for file in files]
         keys = checked[0][1]
         rows = pl.concat([rows for rows, _ in checked], how="vertical_relaxed")
+    if generate:
+        refuse_requests_before_every_event(rows, context, path)
     return rows.select(pl.len()).collect().item(), rows.head(1).collect(), rows.head(0).collect(), keys, None
 
 
