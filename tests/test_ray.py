@@ -268,3 +268,15 @@ def _chunks_done(manifest: Path) -> int:
     except (FileNotFoundError, ValueError):
         return 0
 
+
+
+def test_requests_all_before_the_first_event_are_refused_before_any_work(setup, local_ray, tmp_path):
+    from recengine.errors import DataError
+
+    folder, model, events = setup
+    early = pl.DataFrame({"user_id": [1, 2], "timestamp": [events["timestamp"].min() - timedelta(days=1)] * 2})
+    early.write_parquet(tmp_path / "early.parquet")
+    with pytest.raises(DataError, match="every request is at or before the first event"):
+        rank_on_ray(model, tmp_path / "early.parquet", tmp_path / "out.parquet", context_of(events), k=5, generate=True,
+                    progress=False, actors=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["early.parquet"]  # nothing written
