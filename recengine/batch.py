@@ -294,6 +294,7 @@ class _Manifest:
     def __init__(self, folder: Path, fingerprint: dict[str, str]):
         self.path = folder / "manifest.json"
         folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _exclusive(folder)
         state: dict[str, Any] = {}
         if self.path.exists():
             state = json.loads(self.path.read_text())
@@ -315,6 +316,21 @@ class _Manifest:
         temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows,
                                     "updated": datetime.now().isoformat(timespec="seconds")}))
         os.replace(temp, self.path)
+
+
+def _exclusive(folder: Path):
+    """An exclusive lock on the job's folder, held while the job runs (the kernel drops it when the
+    process ends, killed or not): two jobs writing one output would mix their parts."""
+    import fcntl
+
+    handle = open(folder / "lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataError(f"another rank job is writing this output right now (its parts are in {folder}); wait for it "
+                        "to finish, or give this job another --output.") from None
+    return handle
 
 
 def _mismatch(folder: Path, old: Any, new: dict[str, str]) -> str:

@@ -229,3 +229,20 @@ def test_string_ids_in_the_input_are_aligned_with_integer_events(setup, tmp_path
     with pytest.raises(DataError, match=r"named\.csv: column 'user_id' holds ids that are not integers \(row 0: 'u"):
         rank_file(model, tmp_path / "named.csv", tmp_path / "c.parquet", context_of(events), progress=False)
     assert not (tmp_path / "c.parquet").exists()
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(setup, tmp_path):
+    from recengine.batch import _exclusive, work_folder
+    from recengine.errors import DataError
+
+    folder, model, events = setup
+    output = tmp_path / "ranked.parquet"
+    work = work_folder(output)
+    work.mkdir()
+    running = _exclusive(work)  # what a running job holds (the kernel drops it if that job dies)
+    with pytest.raises(DataError, match="another rank job is writing this output"):
+        rank_file(model, folder / "candidates.parquet", output, context_of(events), k=5, chunk_rows=700, progress=False)
+    assert not output.exists() and sorted(p.name for p in work.iterdir()) == ["lock"]
+    running.close()
+    done = rank_file(model, folder / "candidates.parquet", output, context_of(events), k=5, chunk_rows=700, progress=False)
+    assert done.output.exists() and not work.exists()
