@@ -178,7 +178,7 @@ def parse_adapter(data: bytes, source: str) -> Adapter:
              "field", "tuned_until", "digest"}
     try:
         return Adapter(tensors=tensors, encoder=meta["encoder"], encoder_params=json.loads(meta["encoder_params"]),
-                       mode=meta["mode"], until=_naive_utc(datetime.fromisoformat(meta["tuned_until"])),
+                       mode=meta["mode"], until=naive_utc(datetime.fromisoformat(meta["tuned_until"])),
                        field=meta.get("field", ""), base_id=meta.get("base_id", ""),
                        lora_rank=int(meta.get("lora_rank", 8)), lora_alpha=int(meta.get("lora_alpha", 16)),
                        lora_modules=tuple(m for m in meta.get("lora_modules", "query,value").split(",") if m),
@@ -191,7 +191,7 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
-def _naive_utc(moment: datetime) -> datetime:
+def naive_utc(moment: datetime) -> datetime:
     # Event times are naive UTC (polars Datetime("ms")): `until` compares with them as one.
     return _utc(moment).replace(tzinfo=None)
 
@@ -267,39 +267,3 @@ def adapted_encoder(name: str, params: dict[str, Any], base, uri: str) -> Adapte
             f"(id {base.id}). Give the encoder the base model the adapter was tuned on, or tune one for this model "
             "with `recengine tune`.")
     return AdaptedEncoder.from_adapter(base, adapter)
-
-
-def part_adapter(part, state: dict[str, np.ndarray], until: datetime) -> Adapter:
-    """The adapter of a tuned part (`recengine.features.tuned.TunedInterest`) from its learned state."""
-    from recengine.features.tuned import PREFIX
-
-    if part.mode in PREFIX:
-        prefix = PREFIX[part.mode]
-        tensors = {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
-    else:
-        tensors = {"projection": np.asarray(state["projection"], dtype=np.int32)}
-    encoder = part.encoder()
-    return Adapter(tensors=tensors, encoder=part.encoder_name, encoder_params=part.encoder_params, mode=part.mode,
-                   until=_naive_utc(until), field=part.field, base_id=encoder.id, lora_rank=part.lora["rank"],
-                   lora_alpha=part.lora["alpha"], extra={"settings": json.dumps(tuning_params(part), sort_keys=True)})
-
-
-def tuning_params(part) -> dict[str, Any]:
-    """Every setting of a tuned part, flat, as MLflow parameters (the tuning run's and its adapter's)."""
-    space = part.space
-    params = {"mode": part.mode, "encoder": part.encoder_name,
-              "encoder_params": json.dumps(part.encoder_params, sort_keys=True), "field": part.field,
-              "recent": space.recent, "history": space.history, "half_life_days": space.half_life_days,
-              "weight_by_value": space.weight_by_value, "max_pairs": part.max_pairs, "holdout": part.holdout,
-              **{{"k": "recall_k", "hard": "hard_negatives"}.get(k, k): v for k, v in part.tuning.items() if k != "progress"}}
-    if part.mode != "head":
-        params.update(lora_rank=part.lora["rank"], lora_alpha=part.lora["alpha"])
-    return params
-
-
-def tuned_part(part):
-    """The tuned part behind `part` (`tuned_interest` itself, or the one inside `tuned_embedding`), else None."""
-    from recengine.features.tuned import TunedInterest
-
-    part = getattr(part, "tuned", part)
-    return part if isinstance(part, TunedInterest) else None

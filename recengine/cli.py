@@ -416,7 +416,7 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
     import polars as pl
 
     from recengine import plugins
-    from recengine.adapters import is_adapter_file, part_adapter, save_adapter, tuning_params
+    from recengine.adapters import is_adapter_file, save_adapter
     from recengine.errors import ConfigError, DataError
     from recengine.store import tracking_uri
     from recengine.tracking import log_tuning, tuning_run
@@ -457,10 +457,10 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
             raise DataError(f"only {pairs} next-item pair(s) in the events before {until} (a pair is a user's event after "
                             f"an earlier one of theirs, on an item with a '{field}' text); tuning learns from many "
                             "thousands. Give more events, or a later --until.")
-        adapter = part_adapter(part, state, until)
+        adapter = part.adapter(state, until)
         written = save_adapter(output, adapter)
         k = part.tuning["k"]
-        log_tuning(mlflow, {**tuning_params(part), "tuned_until": until.isoformat(), "pairs": pairs,
+        log_tuning(mlflow, {**part.settings(), "tuned_until": until.isoformat(), "pairs": pairs,
                             "events": window.height, "dataset": dataset.name, "best_epoch": result.best_epoch},
                    state, written, {"tune_seconds": seconds, "tune_pairs_per_s": result.pairs_per_second})
     uri = f"runs:/{run_id}/{written.name}"

@@ -204,7 +204,7 @@ def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run
     tuned on every training event)."""
     from datetime import datetime
 
-    from recengine.adapters import part_adapter, save_adapter, tuned_part, tuning_params
+    from recengine.adapters import save_adapter
 
     states = result.model.learned
     curved = [key for key in sorted(states) if "loss" in states[key] and "recall" in states[key]]
@@ -221,14 +221,16 @@ def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run
             continue
         logged.append(id(state))
         keys = [k for k in curved if states[k] is state]
-        tuned = tuned_part(parts.get(key))
-        params = tuning_params(tuned) if tuned is not None else {k: json.dumps(v) for k, v in tables.get(key, {}).items()}
+        part = parts.get(key)
+        # A part that tunes an encoder says so by exporting its state as an adapter (and its settings).
+        tuned = part if callable(getattr(part, "adapter", None)) and callable(getattr(part, "settings", None)) else None
+        params = tuned.settings() if tuned is not None else {k: json.dumps(v) for k, v in tables.get(key, {}).items()}
         with mlflow.start_run(experiment_id=run.experiment_id, run_name=f"{run.name} / {' + '.join(keys)}", nested=True,
                               tags={"learned_parts": ",".join(keys), "learned_until": until.isoformat()}):
             with tempfile.TemporaryDirectory() as folder:
                 adapter = None
                 if tuned is not None:
-                    adapter = save_adapter(Path(folder) / "adapter.safetensors", part_adapter(tuned, state, until))
+                    adapter = save_adapter(Path(folder) / "adapter.safetensors", tuned.adapter(state, until))
                 log_tuning(mlflow, {**params, "tuned_until": until.isoformat()}, state, adapter)
 
 

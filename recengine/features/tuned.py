@@ -17,18 +17,18 @@ batch and serving agree to the bit. Null for requests before the window's end.
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import polars as pl
-
-import inspect
-
 import scipy.sparse as sp
 
 import recengine
-from recengine.adapters import AdaptedEncoder as _AdaptedEncoder, tensors_digest
+from recengine.adapters import Adapter, AdaptedEncoder as _AdaptedEncoder, naive_utc, tensors_digest
 from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
@@ -199,6 +199,29 @@ class TunedInterest:
             maintain_order="left")[self.field].to_list()
         return texts, weights[usable], targets.to_numpy()[usable].astype(np.int64), held_out
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting, flat, as MLflow parameters (the tuning run's) and an adapter's record."""
+        space = self.space
+        params = {"mode": self.mode, "encoder": self.encoder_name,
+                  "encoder_params": json.dumps(self.encoder_params, sort_keys=True), "field": self.field,
+                  "recent": space.recent, "history": space.history, "half_life_days": space.half_life_days,
+                  "weight_by_value": space.weight_by_value, "max_pairs": self.max_pairs, "holdout": self.holdout,
+                  **{{"k": "recall_k", "hard": "hard_negatives"}.get(k, k): v for k, v in self.tuning.items() if k != "progress"}}
+        if self.mode != "head":
+            params.update(lora_rank=self.lora["rank"], lora_alpha=self.lora["alpha"])
+        return params
+
+    def adapter(self, state: dict[str, np.ndarray], until: datetime) -> Adapter:
+        """The adapter file's content for a learned state: what `recengine tune` writes and training logs."""
+        if self.mode in PREFIX:
+            tensors = {name.removeprefix(PREFIX[self.mode]): value for name, value in state.items()
+                       if name.startswith(PREFIX[self.mode])}
+        else:
+            tensors = {"projection": np.asarray(state["projection"], dtype=np.int32)}
+        return Adapter(tensors=tensors, encoder=self.encoder_name, encoder_params=self.encoder_params, mode=self.mode,
+                       until=naive_utc(until), field=self.field, base_id=self.encoder().id, lora_rank=self.lora["rank"],
+                       lora_alpha=self.lora["alpha"], extra={"settings": json.dumps(self.settings(), sort_keys=True)})
+
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
         prefix = PREFIX[self.mode]
         adapters = {name.removeprefix(prefix): value for name, value in sorted(state.items()) if name.startswith(prefix)}
@@ -262,6 +285,12 @@ class TunedEmbeddingSource:
 
     def fit(self, events: pl.DataFrame, items: pl.DataFrame | None) -> dict[str, np.ndarray]:
         return self.tuned.fit(events, items)
+
+    def settings(self) -> dict[str, Any]:
+        return self.tuned.settings()
+
+    def adapter(self, state: dict[str, np.ndarray], until: datetime) -> Adapter:
+        return self.tuned.adapter(state, until)
 
     def generate(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
         _, until = learned_state(context, self)
