@@ -103,8 +103,6 @@ def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held
 
 
 def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress, hard) -> TuneResult:
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     torch.manual_seed(seed)
     shuffler = torch.Generator().manual_seed(seed)
@@ -117,39 +115,66 @@ def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs
     near = torch.as_tensor(hard_negatives(items, hard)) if hard else None
     weight = torch.nn.Parameter(torch.eye(x.shape[1]))
     optimizer = torch.optim.Adam([weight], lr=lr)
-    best = weight.detach().clone()
-    result = TuneResult(projection=best.numpy())
-    result.recalls.append(_recall(torch, x, contexts[valid], targets[valid], best, k))
+    result = TuneResult(projection=np.empty((0, 0), dtype=np.float32))
+
+    def batches() -> list:
+        order = torch.randperm(len(tgt), generator=shuffler)
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def step(rows) -> float | None:
+        loss = _info_nce(torch, x, ctx[rows], tgt[rows], log_q, weight, temperature, None if near is None else near[tgt[rows]])
+        return None if loss is None else _descend(optimizer, loss)
+
+    best = _fit_epochs(result, epochs=epochs, patience=patience, batches=batches, step=step,
+                       evaluate=lambda: _recall(torch, x, contexts[valid], targets[valid], weight.detach(), k),
+                       snapshot=lambda: weight.detach().clone(), desc="tuning", progress=progress)
+    result.projection = best.numpy().astype(np.float32)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _descend(optimizer, loss) -> float:
+    """One optimiser step on `loss`; its value."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _fit_epochs(result: TuneResult, *, epochs: int, patience: int, batches, step, evaluate, snapshot, desc: str,
+                progress: bool):
+    """The epochs every mode runs: each epoch's `batches()` (in a seeded order) through `step(batch)`
+    (the loss after one optimiser step, None for a batch it skipped) under a progress bar with the mean
+    loss and pairs/s; `evaluate()` (the held-out recall) before the first epoch and after each. Returns
+    the best epoch's `snapshot()`, stopping after `patience` epochs without a better recall, and fills
+    `result`'s losses, recalls, best epoch and training pairs/s."""
+    from tqdm.auto import tqdm
+
+    best = snapshot()
+    result.recalls.append(evaluate())
     seen, stale, training = 0, 0, 0.0  # training: seconds in training steps, for pairs/s
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(tgt), generator=shuffler)
-        bar = tqdm(range(0, len(order), batch_size), desc=f"tuning epoch {epoch}", unit="batch", disable=not progress)
-        total, batches, epoch_started = 0.0, 0, time.perf_counter()
-        for start in bar:
-            rows = order[start : start + batch_size]
-            loss = _info_nce(torch, x, ctx[rows], tgt[rows], log_q, weight, temperature, None if near is None else near[tgt[rows]])
+        bar = tqdm(batches(), desc=f"{desc} epoch {epoch}", unit="batch", disable=not progress)
+        total, count, epoch_started = 0.0, 0, time.perf_counter()
+        for batch in bar:
+            loss = step(batch)
             if loss is None:
                 continue
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, batches, seen = total + float(loss.detach()), batches + 1, seen + len(rows)
+            total, count, seen = total + loss, count + 1, seen + len(batch)
             rate = seen / (training + time.perf_counter() - epoch_started)
-            bar.set_postfix(loss=f"{total / batches:.4f}", pairs_per_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{total / count:.4f}", pairs_per_s=f"{rate:.1f}")
         bar.close()
         training += time.perf_counter() - epoch_started
-        result.losses.append(total / max(batches, 1))
-        result.recalls.append(_recall(torch, x, contexts[valid], targets[valid], weight.detach(), k))
+        result.losses.append(total / max(count, 1))
+        result.recalls.append(evaluate())
         if result.recalls[-1] > max(result.recalls[:-1]):
-            best, result.best_epoch, stale = weight.detach().clone(), epoch, 0
+            best, result.best_epoch, stale = snapshot(), epoch, 0
         else:
             stale += 1
             if stale >= patience:
                 break
-    result.projection = best.numpy().astype(np.float32)
-    result.seconds = time.perf_counter() - started
     result.pairs_per_second = seen / training if training else math.inf
-    return result
+    return best
 
 
 def _info_nce(torch, x, ctx, tgt, log_q, weight, temperature, hard_ids=None):
@@ -259,10 +284,14 @@ def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndar
     return torch.nn.functional.normalize(encoder._pool(hidden, mask), dim=1)
 
 
+def encode_catalogue(torch, model, encoder, token_ids: list[list[int]], block: int = 256) -> np.ndarray:
+    """Unit embeddings (numpy, float32) of every tokenised text through `model`, `block` at a time."""
+    return torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(start, min(start + block, len(token_ids))))
+                      for start in range(0, len(token_ids), block)]).cpu().numpy()
+
+
 def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,
                batch_size, lr, patience, k, seed, progress, full, hard):
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     torch.manual_seed(seed)
     shuffler = torch.Generator().manual_seed(seed)
@@ -277,9 +306,7 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
     near = None
     if hard:  # mined once in the frozen space
         with torch.no_grad():
-            frozen = torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(s, min(s + 256, len(texts))))
-                                for s in range(0, len(texts), 256)]).cpu().numpy()
-        near = hard_negatives(frozen, hard)
+            near = hard_negatives(encode_catalogue(torch, model, encoder, token_ids), hard)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(adapters, lr=lr)
 
@@ -291,52 +318,35 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
             return 0.0
         model.eval()
         with torch.no_grad():
-            catalogue = torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(s, min(s + 256, len(texts))))
-                                   for s in range(0, len(texts), 256)]).cpu().numpy()
+            catalogue = encode_catalogue(torch, model, encoder, token_ids)
         model.train()
         users = np.asarray(contexts[valid] @ catalogue)
         return _recall(torch, torch.as_tensor(catalogue), users, targets[valid], torch.eye(catalogue.shape[1]), k)
 
-    best, result = adapter_state(), TuneResult(projection=np.empty((0, 0), dtype=np.float32))
-    result.recalls.append(recall())
-    seen, stale, training = 0, 0, 0.0  # training: seconds in training steps, for pairs/s
-    for epoch in range(1, epochs + 1):
+    def batches() -> list:
         order = train[torch.randperm(len(train), generator=shuffler).numpy()]
-        bar = tqdm(range(0, len(order), batch_size), desc=f"lora epoch {epoch}", unit="batch", disable=not progress)
-        total, batches, epoch_started = 0.0, 0, time.perf_counter()
-        for start in bar:
-            pairs = order[start : start + batch_size]
-            weights = contexts[pairs]
-            negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
-            rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))  # each item encoded once per batch
-            vectors = encode_with(torch, model, encoder, token_ids, rows)
-            local = sp_columns(weights, rows)
-            users = torch.nn.functional.normalize(torch.as_tensor(local, dtype=torch.float32, device=device) @ vectors, dim=1)
-            tgt = tgt_all[pairs]
-            positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]), device=device)]
-            if len(pairs) < 2:
-                continue
-            hard_vectors = vectors[torch.as_tensor(np.searchsorted(rows, negatives), device=device)] if near is not None else None
-            loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard_vectors,
-                                     torch.as_tensor(negatives, device=device) if near is not None else None)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, batches, seen = total + float(loss.detach()), batches + 1, seen + len(pairs)
-            rate = seen / (training + time.perf_counter() - epoch_started)
-            bar.set_postfix(loss=f"{total / batches:.4f}", pairs_per_s=f"{rate:.1f}")
-        bar.close()
-        training += time.perf_counter() - epoch_started
-        result.losses.append(total / max(batches, 1))
-        result.recalls.append(recall())
-        if result.recalls[-1] > max(result.recalls[:-1]):
-            best, result.best_epoch, stale = adapter_state(), epoch, 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def step(pairs) -> float | None:
+        weights = contexts[pairs]
+        negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
+        rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))  # each item encoded once per batch
+        vectors = encode_with(torch, model, encoder, token_ids, rows)
+        local = sp_columns(weights, rows)
+        users = torch.nn.functional.normalize(torch.as_tensor(local, dtype=torch.float32, device=device) @ vectors, dim=1)
+        tgt = tgt_all[pairs]
+        positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]), device=device)]
+        if len(pairs) < 2:
+            return None
+        hard_vectors = vectors[torch.as_tensor(np.searchsorted(rows, negatives), device=device)] if near is not None else None
+        loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard_vectors,
+                                 torch.as_tensor(negatives, device=device) if near is not None else None)
+        return _descend(optimizer, loss)
+
+    result = TuneResult(projection=np.empty((0, 0), dtype=np.float32))
+    best = _fit_epochs(result, epochs=epochs, patience=patience, batches=batches, step=step, evaluate=recall,
+                       snapshot=adapter_state, desc="lora", progress=progress)
     result.seconds = time.perf_counter() - started
-    result.pairs_per_second = seen / training if training else math.inf
     return best, result
 
 
