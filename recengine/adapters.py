@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import tempfile
-import uuid
 from dataclasses import dataclass, field as _field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from recengine.encoders import atomic_write_bytes
 from recengine.errors import ConfigError, DataError
 
 FORMAT = "recengine-adapter-v1"
@@ -89,18 +88,8 @@ def save_adapter(path: str | Path, adapter: Adapter) -> Path:
         "tuned_until": _utc(adapter.until).isoformat(), "digest": tensors_digest(tensors),
         **{k: str(v) for k, v in adapter.extra.items()},
     }
-    data = save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".tmp-{uuid.uuid4().hex}.safetensors"
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
 
@@ -224,7 +213,7 @@ class AdaptedEncoder:
             return self._encode_head(texts)
         import torch
 
-        from recengine.tuning import encode_with, lora_model
+        from recengine.tuning import encode_catalogue, lora_model
 
         if self._model is None:
             model = lora_model(self.encoder, self.rank, self.alpha, self.modules, full=self.full)
@@ -238,9 +227,10 @@ class AdaptedEncoder:
                     parameters[name].copy_(torch.as_tensor(value))
             self._model = model.eval()
         token_ids = self.encoder.token_ids(list(texts))
+        if not token_ids:
+            return np.zeros((0, 0), dtype=np.float32)
         with torch.no_grad():
-            return np.vstack([encode_with(torch, self._model, self.encoder, token_ids, np.arange(s, min(s + 256, len(token_ids)))).cpu().numpy()
-                              for s in range(0, len(token_ids), 256)]) if token_ids else np.zeros((0, 0), dtype=np.float32)
+            return encode_catalogue(torch, self._model, self.encoder, token_ids)
 
     def _encode_head(self, texts: list[str]) -> np.ndarray:
         from recengine.features.interest import on_grid

@@ -103,7 +103,7 @@ class EmbeddingCache:
         folder.mkdir(parents=True, exist_ok=True)
         meta = folder / "encoder.json"
         if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
+            atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
         _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, vectors)
         self._load(encoder_id).update(zip(keys.tolist(), vectors))
         shards = sorted(folder.glob("shard-*.npz"))
@@ -131,7 +131,7 @@ def _repair_owner(folder: Path, encoder_id: str) -> None:
     if not meta.exists() or _owner(folder) is not None:
         return
     try:
-        _atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
+        atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
     except OSError as exc:
         print(f"recengine: embedding cache file {meta} is damaged and cannot be rewritten ({exc}); "
               "the cache is not used for this encoder until it is fixed or deleted.", file=sys.stderr)
@@ -196,7 +196,8 @@ def _write_shard(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
         np.savez(handle, keys=keys.astype(_KEY), vectors=vectors.astype(np.float32))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` as the file `path`, all or nothing (see `_atomic_file`)."""
     with _atomic_file(path, "") as handle:
         handle.write(data)
 
