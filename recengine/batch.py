@@ -245,16 +245,18 @@ def align_ids(rows: pl.LazyFrame, events: pl.Schema, source: str) -> pl.LazyFram
     return rows
 
 
-def _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context) -> dict[str, str]:
+def _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context,
+                 input_digest: str | None = None) -> dict[str, str]:
     """What makes two runs the same job, part by part, each a digest of content (not of sizes or
-    times, which an edited file can keep), so a mismatch can say what changed."""
+    times, which an edited file can keep), so a mismatch can say what changed. `input_digest`: the
+    input's, when the caller took it already (a URI, read through its filesystem)."""
     arguments = {"k": k, "chunk_rows": chunk_rows, "chunks": chunks, "split": "by-user", "generate": generate,
                  "columns": sorted((columns or {}).items()),
                  # Set before the job only when the model's saved learned states are used (else refit).
                  "learned_until": context.learned_until}
     return {
         "model": model.digest(),
-        "input": _file_digest(Path(input_path)),
+        "input": input_digest or _file_digest(Path(input_path)),
         "events": _frame_digest(context.events),
         "impressions": _frame_digest(context.impressions),
         "items": _frame_digest(context.items),

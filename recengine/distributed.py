@@ -121,10 +121,9 @@ def rank_on_ray(
     scorer(first)  # the local job's dry run: fails before any file is made
     chunks = max(1, math.ceil(total / chunk_rows))
     work = work_folder(output)
-    # The local job's fingerprint (so either engine finishes the other's job); a URI's digest is taken
-    # through its filesystem, and the local one of an empty file stands in for it meanwhile.
-    fingerprint = _fingerprint(model, os.devnull if digest else input_path, k, chunk_rows, chunks, generate, columns, context)
-    manifest = _Manifest(work, {**fingerprint, "input": digest} if digest else fingerprint)
+    # The local job's fingerprint (so either engine finishes the other's job); a URI's digest was taken
+    # through its filesystem while it was checked.
+    manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context, digest))
     todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
     skipped, nodes, peak, first = chunks - len(todo), Counter(), 0.0, 0.0
     connect()  # after the checks: bad input never waits for a Ray to start
