@@ -94,18 +94,20 @@ class InterestScores:
         key = ("embeddings", self.encoder_name, repr(sorted(self.encoder_params.items())), field)
 
         def build() -> ItemEmbeddings:
-            encoder = context.memo(("encoder", key[1], key[2]), lambda: create_encoder(self.encoder_name, self.encoder_params))
             items = context.item_field(field, "interest scores and embedding candidates")
-            return item_embeddings(items, field, encoder, context.cache, context.progress)
+            return item_embeddings(items, field, self.encoder(context), context.cache, context.progress)
 
         return context.memo(key, build)
+
+    def encoder(self, context):
+        """The part's encoder, built once per context (an adapter file is read once)."""
+        name, params = self.encoders[0]  # (encoder_name may be a subclass's key of its own space)
+        return context.memo(("encoder", name, repr(sorted(params.items()))), lambda: create_encoder(name, params))
 
     def until(self, context):
         """The end of the encoder's tuning window when it is an adapted (tuned) encoder, else None: it
         has seen events up to then, so requests before it get nothing from it (as from a learned part)."""
-        name, params = self.encoders[0]  # (encoder_name may be a subclass's key of its own space)
-        encoder = context.memo(("encoder", name, repr(sorted(params.items()))), lambda: create_encoder(name, params))
-        return getattr(encoder, "until", None)
+        return getattr(self.encoder(context), "until", None)
 
     def transform(self, requests: pl.LazyFrame, context) -> pl.LazyFrame:
         keys = requests.select("_row", "user_id", "item_id", "timestamp").collect()
