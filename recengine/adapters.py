@@ -1,7 +1,9 @@
 """A tuned encoder's weights as a file: the adapter (issue #15).
 
 `recengine tune` (and each tuned part of a training) writes what tuning learnt as one safetensors
-file: the LoRA adapters (`lora`), every weight of the model (`full`) or the head's projection
+file: the LoRA adapters (`lora`), AdaLoRA's (`adalora`: each module's A, E and B, its pruned singular
+values zero, so the file needs no rank pattern: the model built at the initial rank computes the same
+output), every weight of the model (`full`) or the head's projection
 (`head`, in fixed point, whole multiples of 2^-16), with string metadata naming the base encoder
 (its registered name, its parameters as JSON and its id), the mode, the LoRA rank and alpha, the
 text field, `tuned_until` (the end of the tuning window: the encoder has seen events before it) and
@@ -31,7 +33,7 @@ from recengine.encoders import atomic_write_bytes
 from recengine.errors import ConfigError, DataError
 
 FORMAT = "recengine-adapter-v1"
-MODES = ("head", "lora", "full")
+MODES = ("head", "lora", "adalora", "full")
 SCALE = 2.0**16  # the head's fixed point (recengine.features.tuned.SCALE)
 # Encoder parameters that choose where and how fast it runs, not what it computes: an adapter tuned on
 # a GPU in bf16 applies to the same model on a CPU in fp32.
@@ -186,8 +188,8 @@ def naive_utc(moment: datetime) -> datetime:
 
 
 class AdaptedEncoder:
-    """The base encoder with tuned weights, as an encoder. `lora` / `full`: the model with the adapters
-    (or every weight) loaded, run in fp32; `head`: the base encoder's unit vectors on the 2^-16 grid,
+    """The base encoder with tuned weights, as an encoder. `lora` / `adalora` / `full`: the model with
+    the adapters (or every weight) loaded, run in fp32; `head`: the base encoder's unit vectors on the 2^-16 grid,
     mapped by the projection, L2-normalised and put back on the grid, as the tuned part computes them.
     Its id is the base id, the mode and the tensors' digest, so the embedding cache keeps it apart from
     the base model and from every other tuning. `until`: the tuning window's end (None: not known)."""
@@ -199,7 +201,10 @@ class AdaptedEncoder:
         self.mode = mode or ("full" if full else "lora")
         self.full = self.mode == "full"
         self.until, self.modules = until, tuple(modules)
-        kind = {"head": "head", "full": "full"}.get(self.mode, f"lora-{rank}-{alpha}")
+        # adalora: the model is built at the rank the adapters were shaped with (pruned values are zeros).
+        self.init_rank = next((len(v) for n, v in sorted(adapters.items()) if ".lora_E" in n), rank)
+        kind = {"head": "head", "full": "full", "adalora": f"adalora-{self.init_rank}-{rank}-{alpha}"}.get(
+            self.mode, f"lora-{rank}-{alpha}")
         self.id = f"{encoder.id}+{kind}:{digest}"
         self._model = None
 
@@ -213,10 +218,11 @@ class AdaptedEncoder:
             return self._encode_head(texts)
         import torch
 
-        from recengine.tuning import encode_catalogue, lora_model
+        from recengine.tuning import AdaloraSchedule, encode_catalogue, lora_model
 
         if self._model is None:
-            model = lora_model(self.encoder, self.rank, self.alpha, self.modules, full=self.full)
+            schedule = AdaloraSchedule(init_rank=self.init_rank) if self.mode == "adalora" else None
+            model = lora_model(self.encoder, self.rank, self.alpha, self.modules, full=self.full, adalora=schedule)
             parameters = dict(model.named_parameters())
             missing = sorted(set(self.adapters) - set(parameters))
             if missing:

@@ -392,15 +392,17 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
 
 @cli.command()
 @data_options
-@click.option("--mode", type=click.Choice(["head", "lora", "full"]), default="head", show_default=True,
+@click.option("--mode", type=click.Choice(["head", "lora", "adalora", "full"]), default="head", show_default=True,
               help="head: a linear map on the frozen, cached embeddings (seconds on a CPU); lora: adapters in the "
-                   "encoder's attention; full: every weight (lora and full want a GPU on a large log).")
+                   "encoder's attention; adalora: adapters whose ranks move to where tuning needs them; full: every "
+                   "weight (lora, adalora and full want a GPU on a large log).")
 @click.option("--field", default="title", show_default=True, help="The items' text field to tune on.")
 @click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name (the base model).")
 @click.option("--encoder-param", "encoder_params", multiple=True, help="Base encoder parameter key=value (repeatable), e.g. model=PATH.")
 @click.option("--param", "params", multiple=True,
               help="Tuning setting key=value (repeatable): epochs, batch_size, lr, temperature, patience, recall_k, hard_negatives, "
-                   "max_pairs, holdout, seed, lora_rank, lora_alpha, recent, history, half_life_days, weight_by_value.")
+                   "max_pairs, holdout, seed, lora_rank, lora_alpha, recent, history, half_life_days, weight_by_value; adalora: "
+                   "adalora_init_rank, adalora_warmup, adalora_final, adalora_interval, adalora_orth_weight.")
 @click.option("--until", type=click.DateTime(), help="Tune on the events before this time (UTC) [default: after the last event].")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("adapter.safetensors"), show_default=True,
               help="The adapter file to write (an existing adapter file is replaced; any other file is refused).")
@@ -467,6 +469,10 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
     recall = state["recall"]
     click.echo(f"tuned on {pairs:,} pairs in {seconds:.1f} s ({result.pairs_per_second:,.0f} pairs/s in training steps); "
                f"held-out recall@{k}: {recall[0]:.4f} frozen, {recall.max():.4f} tuned (epoch {result.best_epoch})")
+    ranks = part.ranks(state)
+    if ranks:
+        click.echo(f"adalora ranks: {sum(ranks.values())} in all (from {len(ranks) * part.adalora.init_rank}), per module "
+                   + ", ".join(f"{module.removeprefix('encoder.')}={rank}" for module, rank in ranks.items()))
     click.echo(f"adapter:     {written} ({mode}, digest {adapter.digest[:16]})")
     click.echo(f"run id:      {run_id} (experiment '{experiment}', store {tracking_uri()})")
     click.echo(f"adapter URI: {uri}")

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from recengine.featureset import FeatureSet
 from recengine.store import STORE_DIR, default_uri, tracking_uri
 from recengine.training import TrainResult, early_stopping_metric
@@ -194,8 +196,26 @@ def log_tuning(mlflow, params: dict[str, Any], state: dict[str, Any], adapter: P
         mlflow.MlflowClient().log_batch(run_id, metrics=curves[start : start + 1000])
     if metrics:
         mlflow.log_metrics(metrics)
+    if "ranks" in state:
+        _log_ranks(mlflow, state)
     if adapter is not None:
         mlflow.log_artifact(str(adapter))
+
+
+def _log_ranks(mlflow, state: dict[str, Any]) -> None:
+    """AdaLoRA's rank allocation: the kept state's rank per module as a parameter, the total rank per
+    held-out reading as a curve (`adalora_rank_total`, step 0: before tuning), and the whole table
+    (module -> rank at each reading) as `adalora_ranks.json`."""
+    from recengine.tuning import adalora_ranks
+
+    final = adalora_ranks(state)
+    table = np.asarray(state["ranks"])
+    modules = sorted(final)
+    mlflow.log_param("adalora_final_ranks", json.dumps(final)[:6000])
+    for step, row in enumerate(table):
+        mlflow.log_metric("adalora_rank_total", float(row.sum()), step=step)
+    mlflow.log_dict({"modules": modules, "ranks_per_reading": {m: table[:, i].tolist() for i, m in enumerate(modules)},
+                     "final": final}, "adalora_ranks.json")
 
 
 def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun) -> None:

@@ -12,6 +12,9 @@ and users are embedded.
   catalogue); the returned map is the best one seen, the identity included.
 - `tune_lora`: the `lora` mode: peft adapters on the attention projections of a copy of a transformers
   encoder's model, the same loss; returns the adapters' weights (the best epoch's), the base untouched.
+  The `adalora` mode (Zhang et al. 2023) is the same loop with peft's AdaLoRA: SVD-shaped adapters
+  that start at `init_rank` per module and are pruned, as peft's schedule says, to an average of `rank`
+  where the loss is most sensitive (`AdaloraSchedule`); the `full` mode trains every weight.
 
 How a user is embedded is not defined here: the caller passes the contexts already pooled (the
 interest profile, `recengine.features.interest.InterestScores.profiles`), so tuning and the features
@@ -74,6 +77,29 @@ class TuneResult:
     best_epoch: int = 0
     seconds: float = 0.0
     pairs_per_second: float = 0.0
+    ranks: list[dict[str, int]] = field(default_factory=list)  # adalora: each module's rank, when recall was read
+
+
+@dataclass(frozen=True)
+class AdaloraSchedule:
+    """AdaLoRA's rank schedule, in shares of the run's optimiser steps (peft wants step counts, which
+    depend on the pairs and the batch size): every module starts at `init_rank`; after the first `warmup`
+    share the budget shrinks, every `interval` steps, towards an average of the target rank; the last
+    `final` share trains at the allocated ranks. `orth_weight`: the orthogonality penalty on the
+    singular vectors (peft adds it only to a model output's own loss, so the tuning adds it here)."""
+
+    init_rank: int = 12
+    warmup: float = 0.1
+    final: float = 0.2
+    interval: int = 1
+    orth_weight: float = 0.5
+
+    def steps(self, total: int) -> tuple[int, int]:
+        """(tinit, tfinal) for `total` steps, leaving at least one step of budgeting, as peft requires."""
+        tinit, tfinal = int(self.warmup * total), int(self.final * total)
+        while tinit + tfinal >= total and (tinit or tfinal):
+            tinit, tfinal = (tinit - 1, tfinal) if tinit >= tfinal else (tinit, tfinal - 1)
+        return tinit, tfinal
 
 
 def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held_out: np.ndarray, *,
@@ -226,14 +252,17 @@ def _recall(torch, x, contexts: np.ndarray, targets: np.ndarray, weight, k: int,
 def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out: np.ndarray, *, rank: int = 8,
               alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), temperature: float = 0.05, epochs: int = 3,
               batch_size: int = 32, lr: float = 1e-4, patience: int = 1, k: int = 10, seed: int = 0,
-              progress: bool = False, threads: int | None = 1, full: bool = False, hard: int = 0) -> tuple[dict[str, np.ndarray], TuneResult]:
+              progress: bool = False, threads: int | None = 1, full: bool = False, hard: int = 0,
+              adalora: AdaloraSchedule | None = None) -> tuple[dict[str, np.ndarray], TuneResult]:
     """The `lora` mode: low-rank adapters (peft) on the attention projections `modules` of a copy of a
     transformers `encoder`'s model, trained by the same InfoNCE. `texts`: the catalogue's (row i, item
     i); `contexts`: a scipy sparse (pairs x items) matrix of profile weights (a user is the normalised
     weighted sum of their items' embeddings, as `InterestScores.profiles` pools them); `targets`,
     `held_out` as in `tune_head`. Returns the adapters' weights by parameter name (the state a part
     keeps; the base model is never changed) and the run's record; `projection` is left empty.
-    `full`: the `full` mode: every weight of the copy trains, and all of them are returned. `threads`:
+    `full`: the `full` mode: every weight of the copy trains, and all of them are returned. `adalora`:
+    the `adalora` mode with this schedule, `rank` its target average rank; each module's rank per held-out
+    reading lands in the record's `ranks`. `threads`:
     torch's CPU threads (None: as set). One by default: on shared cores, threads that wait on each
     other cost far more than they gain on a small model; a big model on a free machine wants more.
     """
@@ -246,15 +275,16 @@ def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out
     try:
         return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
                           temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                          k=k, seed=seed, progress=progress, full=full, hard=hard)
+                          k=k, seed=seed, progress=progress, full=full, hard=hard, adalora=adalora)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
 
 
-def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), full: bool = False):
-    """A copy of the encoder's model with fresh LoRA adapters, or (`full`) with every weight trainable;
-    the encoder's own model is untouched."""
+def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), full: bool = False,
+               adalora: AdaloraSchedule | None = None, total_steps: int = 1):
+    """A copy of the encoder's model with fresh LoRA adapters, (`adalora`) AdaLoRA ones scheduled over
+    `total_steps`, or (`full`) with every weight trainable; the encoder's own model is untouched."""
     import copy
 
     base = copy.deepcopy(encoder._load()).float()
@@ -262,9 +292,49 @@ def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...]
         for parameter in base.parameters():
             parameter.requires_grad_(True)
         return base
-    from peft import LoraConfig, get_peft_model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
+    if adalora is None:
+        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
+    tinit, tfinal = adalora.steps(total_steps)
+    return get_peft_model(base, AdaLoraConfig(
+        init_r=adalora.init_rank, target_r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0,
+        total_step=max(total_steps, 1), tinit=tinit, tfinal=tfinal, deltaT=adalora.interval,
+        orth_reg_weight=adalora.orth_weight))
+
+
+def adalora_ranks(tensors: dict[str, np.ndarray]) -> dict[str, int]:
+    """Each adapted module's rank in AdaLoRA weights (parameter name -> values): its singular values
+    (`lora_E`) that are not pruned to zero. Keyed by the module's path in the base model."""
+    ranks = {}
+    for name, value in sorted(tensors.items()):
+        if ".lora_E" in name:
+            # (a learned state prefixes its names with "adalora:"; parameter names hold no colon)
+            module = name.split(":", 1)[-1].split(".lora_E")[0].removeprefix("base_model.model.")
+            ranks[module] = int(np.count_nonzero(np.asarray(value)))
+    return ranks
+
+
+def allocated_ranks(model, init_rank: int) -> dict[str, int]:
+    """Each module's rank as peft's allocator has set it so far (its rank pattern: which singular values
+    it keeps), `init_rank` everywhere before the first allocation. Keyed as `adalora_ranks` keys them."""
+    pattern = model.peft_config["default"].rank_pattern or {}
+    modules = sorted({name.split(".lora_E")[0].removeprefix("base_model.model.") for name, _ in model.named_parameters()
+                      if ".lora_E" in name})
+    # peft keys the pattern by the singular values' name inside the base model: "<module>.lora_E.default"
+    kept = {module: pattern.get(f"{module}.lora_E.default") for module in modules}
+    return {module: init_rank if mask is None else int(sum(mask)) for module, mask in kept.items()}
+
+
+def _orthogonality(torch, model):
+    """peft's AdaLoRA penalty: how far each adapter's A rows and B columns are from orthonormal (mean of
+    the Frobenius norms of A A^T - I and B^T B - I)."""
+    terms = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and (".lora_A" in name or ".lora_B" in name):
+            cov = p @ p.T if ".lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean() if terms else 0.0
 
 
 def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndarray):
@@ -291,15 +361,16 @@ def encode_catalogue(torch, model, encoder, token_ids: list[list[int]], block: i
 
 
 def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,
-               batch_size, lr, patience, k, seed, progress, full, hard):
+               batch_size, lr, patience, k, seed, progress, full, hard, adalora):
     started = time.perf_counter()
     torch.manual_seed(seed)
     shuffler = torch.Generator().manual_seed(seed)
-    model = lora_model(encoder, rank, alpha, modules, full)
+    train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    total_steps = epochs * math.ceil(len(train) / batch_size)  # AdaLoRA's schedule is laid out over the whole run
+    model = lora_model(encoder, rank, alpha, modules, full, adalora, total_steps)
     model.train()
     token_ids = encoder.token_ids(texts)
     contexts = contexts.tocsr()
-    train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     device = next(model.parameters()).device
     tgt_all = torch.as_tensor(targets.astype(np.int64), device=device)
     log_q = torch.log(torch.bincount(tgt_all[train], minlength=len(texts)).double().clamp(min=1) / max(len(train), 1)).float()
@@ -313,7 +384,11 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
     def adapter_state() -> dict[str, np.ndarray]:
         return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters() if p.requires_grad}
 
+    steps = [0]  # optimiser steps so far: AdaLoRA's clock
+
     def recall() -> float:
+        if adalora is not None:  # read at every held-out reading: how the ranks move as peft prunes them
+            result.ranks.append(allocated_ranks(model, adalora.init_rank))
         if not len(valid):
             return 0.0
         model.eval()
@@ -341,11 +416,17 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
         hard_vectors = vectors[torch.as_tensor(np.searchsorted(rows, negatives), device=device)] if near is not None else None
         loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard_vectors,
                                  torch.as_tensor(negatives, device=device) if near is not None else None)
-        return _descend(optimizer, loss)
+        if adalora is None:
+            return _descend(optimizer, loss)
+        value = _descend(optimizer, loss + adalora.orth_weight * _orthogonality(torch, model))
+        steps[0] += 1
+        # After the step, before the next zero_grad: peft scores each singular value by its gradient.
+        model.base_model.update_and_allocate(steps[0])
+        return value
 
     result = TuneResult(projection=np.empty((0, 0), dtype=np.float32))
     best = _fit_epochs(result, epochs=epochs, patience=patience, batches=batches, step=step, evaluate=recall,
-                       snapshot=adapter_state, desc="lora", progress=progress)
+                       snapshot=adapter_state, desc="full" if full else ("adalora" if adalora else "lora"), progress=progress)
     result.seconds = time.perf_counter() - started
     return best, result
 

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 from click.testing import CliRunner
+
+# Where the encoder, tuning and adapter tests run their models: the CPU here and in CI;
+# RECENGINE_TEST_DEVICE=cuda on a GPU machine runs the same tests on the CUDA paths (benchmarks/gpu/run.sh).
+DEVICE = os.environ.get("RECENGINE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture
@@ -49,4 +55,4 @@ def tiny_bert(tmp_path_factory):
 def tiny_encoder(tiny_bert):
     from recengine.encoders import create_encoder
 
-    return create_encoder("transformers", {"model": str(tiny_bert), "device": "cpu"})
+    return create_encoder("transformers", {"model": str(tiny_bert), "device": DEVICE})

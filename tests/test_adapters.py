@@ -17,11 +17,12 @@ from recengine.encoders import create_encoder
 from recengine.errors import ConfigError, DataError
 
 from synthetic import catalogue, interactions
+from conftest import DEVICE
 from test_tuned import noisy_catalogue, theme_events
 
 
 def base_params(tiny_bert) -> dict:
-    return {"model": str(tiny_bert), "device": "cpu"}
+    return {"model": str(tiny_bert), "device": DEVICE}
 
 
 def head_adapter(tiny_bert, until=datetime(2024, 3, 1), seed=0) -> Adapter:
@@ -71,7 +72,7 @@ def test_damaged_truncated_altered_and_missing_files_say_what_to_do(tmp_path, ti
 def test_an_adapter_given_to_another_base_model_is_refused_naming_both(tmp_path, tiny_bert):
     path = save_adapter(tmp_path / "a.safetensors", head_adapter(tiny_bert))
     with pytest.raises(ConfigError) as caught:
-        create_encoder("transformers", {"device": "cpu", "adapter": str(path)})  # the packaged MiniLM
+        create_encoder("transformers", {"device": DEVICE, "adapter": str(path)})  # the packaged MiniLM
     message = str(caught.value)
     assert "tiny-bert" in message and "all-MiniLM-L6-v2" in message and str(path) in message
     # Where it runs is not what it computes: the same model on another device or precision is accepted.
@@ -95,27 +96,34 @@ def test_the_adapted_id_differs_from_the_base_and_from_another_tuning_and_the_he
     assert np.array_equal(one.encode(titles).astype(np.float64), expected)
 
 
-@pytest.fixture(scope="module")
-def tuned_run(tiny_bert, tmp_path_factory):
-    """`recengine tune --mode lora` through the real CLI on the theme log, into a fresh project folder's store."""
+def tune_through_the_cli(folder, tiny_bert, mode: str, settings: dict) -> tuple[str, str]:
+    """`recengine tune --mode MODE` through the real CLI on the theme log, in `folder` (a fresh project
+    folder: its own ./mlruns store); the adapter's URI and the command's output."""
     from click.testing import CliRunner
 
     from recengine.cli import cli
 
-    folder = tmp_path_factory.mktemp("project")
     theme_events(n_users=60).write_parquet(folder / "events.parquet")
     noisy_catalogue().write_parquet(folder / "items.parquet")
-    args = ["tune", "--events", "events.parquet", "--items", "items.parquet", "--mode", "lora",
-            "--encoder-param", f"model={tiny_bert}", "--encoder-param", "device=cpu", "--param", "epochs=4",
-            "--param", "batch_size=32", "--param", "lr=0.005", "--param", "patience=4", "--param", "recall_k=5",
-            "--param", "max_pairs=800", "--param", "recent=5", "--param", "history=10"]
+    args = ["tune", "--events", "events.parquet", "--items", "items.parquet", "--mode", mode,
+            "--encoder-param", f"model={tiny_bert}", "--encoder-param", f"device={DEVICE}"]
+    args += [word for key, value in settings.items() for word in ("--param", f"{key}={value}")]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     uri = next(line.split()[-1] for line in result.output.splitlines() if line.startswith("adapter URI:"))
-    return folder, uri, result.output
+    return uri, result.output
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_bert, tmp_path_factory):
+    """`recengine tune --mode lora` through the real CLI on the theme log, into a fresh project folder's store."""
+    folder = tmp_path_factory.mktemp("project")
+    settings = {"epochs": 4, "batch_size": 32, "lr": 0.005, "patience": 4, "recall_k": 5, "max_pairs": 800,
+                "recent": 5, "history": 10}
+    return folder, *tune_through_the_cli(folder, tiny_bert, "lora", settings)
 
 
 def test_recengine_tune_logs_a_run_with_settings_curves_and_the_adapter(tuned_run):
@@ -130,7 +138,7 @@ def test_recengine_tune_logs_a_run_with_settings_curves_and_the_adapter(tuned_ru
     assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "recengine-tuning"
     params = run.data.params
     assert params["mode"] == "lora" and params["epochs"] == "4" and params["lora_rank"] == "8" and int(params["pairs"]) > 100
-    assert params["tuned_until"].startswith("20") and json.loads(params["encoder_params"])["device"] == "cpu"
+    assert params["tuned_until"].startswith("20") and json.loads(params["encoder_params"])["device"] == DEVICE
     losses = client.get_metric_history(run_id, "tune_loss")
     assert [m.step for m in losses] == list(range(1, len(losses) + 1)) and len(losses) >= 2
     recalls = client.get_metric_history(run_id, "tune_recall_at_5")
@@ -143,7 +151,7 @@ def test_recengine_tune_logs_a_run_with_settings_curves_and_the_adapter(tuned_ru
 FRESH = """
 import sys, numpy as np, polars as pl
 from recengine.encoders import create_encoder
-encoder = create_encoder("transformers", {"model": sys.argv[1], "device": "cpu", "adapter": sys.argv[2]})
+encoder = create_encoder("transformers", {"model": sys.argv[1], "device": sys.argv[4], "adapter": sys.argv[2]})
 titles = pl.read_parquet("items.parquet")["title"].to_list()
 np.save(sys.argv[3], encoder.encode(titles))
 print(encoder.id)
@@ -153,7 +161,7 @@ print(encoder.id)
 def test_an_adapter_logged_to_mlflow_loads_in_a_fresh_process_and_gives_the_same_embeddings(tuned_run, tiny_bert):
     folder, uri, _ = tuned_run
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's store: ./mlruns
-    done = subprocess.run([sys.executable, "-c", FRESH, str(tiny_bert), uri, "fresh.npy"], cwd=folder, env=env,
+    done = subprocess.run([sys.executable, "-c", FRESH, str(tiny_bert), uri, "fresh.npy", DEVICE], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = np.load(folder / "fresh.npy")

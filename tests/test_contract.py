@@ -6,10 +6,12 @@ import pytest
 from recengine import plugins
 from recengine.testing import check_extractor, check_source
 
+from conftest import DEVICE
+
 
 def params_for(name: str, tiny_bert) -> dict:
     """Parameters a part needs to run on the sample data (most need none)."""
-    encoder = {"encoder_params": {"model": str(tiny_bert), "device": "cpu"}}
+    encoder = {"encoder_params": {"model": str(tiny_bert), "device": DEVICE}}
     return {
         "interest": {"fields": ["title", "genres"], "recent": 3, "history": 8, "half_life_days": 10, **encoder},
         "embedding": {"k": 15, **encoder},

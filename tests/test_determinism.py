@@ -22,6 +22,7 @@ from recengine.extractors import FeatureContext
 from recengine.features.interest import EmbeddingSource
 from recengine.topk import order, top_k, top_k_dense
 
+from conftest import DEVICE
 from synthetic import THEMES, catalogue, interactions
 
 
@@ -53,7 +54,7 @@ def test_embedding_candidates_do_not_depend_on_which_requests_share_a_product(ti
     events, items = interactions(n_users=60), duplicated_catalogue()
     dataset = Dataset(events.lazy(), items.lazy())
     context = FeatureContext.from_frames(dataset.events, dataset.items)
-    source = EmbeddingSource(k=25, encoder_params={"model": str(tiny_bert), "device": "cpu"})
+    source = EmbeddingSource(k=25, encoder_params={"model": str(tiny_bert), "device": DEVICE})
     at = events["timestamp"].max() + timedelta(seconds=1)
     users = pl.DataFrame({"user_id": sorted(events["user_id"].unique().to_list())}).with_columns(pl.lit(at).alias("timestamp"))
     together = generate(users, [source], context, exclude_seen=False)

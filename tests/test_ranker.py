@@ -18,12 +18,13 @@ from recengine.errors import ConfigError
 from recengine.featureset import FeatureSet
 from recengine.training import train
 
+from conftest import DEVICE
 from synthetic import catalogue, interactions
 
 
 def full_feature_set(tiny_bert) -> FeatureSet:
     """Every built-in source and extractor, so every serving path is exercised."""
-    encoder = {"encoder": "transformers", "encoder_params": {"model": str(tiny_bert), "device": "cpu"}}
+    encoder = {"encoder": "transformers", "encoder_params": {"model": str(tiny_bert), "device": DEVICE}}
     return FeatureSet.from_dict({
         "name": "everything",
         "candidates": {

@@ -34,11 +34,11 @@ from recengine.errors import ConfigError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
 from recengine.parts import learned_state
 from recengine.plugins import check_number
-from recengine.tuning import next_item_pairs, tune_head, tune_lora
+from recengine.tuning import AdaloraSchedule, adalora_ranks, next_item_pairs, tune_head, tune_lora
 
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
-MODES = ("head", "lora", "full")
-PREFIX = {"lora": "lora:", "full": "weights:"}  # the state's names of the encoder's tuned weights
+MODES = ("head", "lora", "adalora", "full")
+PREFIX = {"lora": "lora:", "adalora": "adalora:", "full": "weights:"}  # the state's names of the encoder's tuned weights
 
 
 def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -112,14 +112,29 @@ class TunedInterest:
                  recent: int = 10, history: int = 50, half_life_days: float | None = None, weight_by_value: bool = False,
                  mode: str = "head", temperature: float = 0.05, epochs: int = 10, batch_size: int = 256,
                  lr: float = 1e-3, patience: int = 2, recall_k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
-                 seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16, hard_negatives: int = 0):
+                 seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16, hard_negatives: int = 0,
+                 adalora_init_rank: int = 12, adalora_warmup: float = 0.1, adalora_final: float = 0.2,
+                 adalora_interval: int = 1, adalora_orth_weight: float = 0.5):
         if mode not in MODES:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
-                              "on the frozen, cached embeddings; lora: adapters in the encoder's attention; full: "
-                              "every weight of the encoder).")
+                              "on the frozen, cached embeddings; lora: adapters in the encoder's attention; adalora: "
+                              "adapters whose ranks are allocated where tuning needs them; full: every weight of the encoder).")
         check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1)
         check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
+        self.adalora = None
+        if mode == "adalora":
+            check_number(self.part, "adalora_init_rank", adalora_init_rank, integer=True, minimum=lora_rank)
+            check_number(self.part, "adalora_interval", adalora_interval, integer=True, minimum=1)
+            check_number(self.part, "adalora_warmup", adalora_warmup, minimum=0, below=1)
+            check_number(self.part, "adalora_final", adalora_final, minimum=0, below=1)
+            check_number(self.part, "adalora_orth_weight", adalora_orth_weight, minimum=0)
+            if adalora_warmup + adalora_final >= 1:
+                raise ConfigError(f"tuned interest: adalora_warmup + adalora_final = {adalora_warmup + adalora_final:g} "
+                                  "leaves no steps in which AdaLoRA allocates the ranks; keep their sum below 1 "
+                                  "(defaults 0.1 and 0.2).")
+            self.adalora = AdaloraSchedule(adalora_init_rank, adalora_warmup, adalora_final, adalora_interval,
+                                           adalora_orth_weight)
         check_number(self.part, "temperature", temperature, above=0)
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("recall_k", recall_k),
                             ("max_pairs", max_pairs), ("seed", seed), ("hard_negatives", hard_negatives)):
@@ -135,7 +150,7 @@ class TunedInterest:
         self.encoders = [(encoder, self.encoder_params)]
         self.fit_key = ("tuned_interest", encoder, repr(sorted(self.encoder_params.items())), field, recent, history,
                         half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout,
-                        repr(sorted(self.lora.items())) if mode in PREFIX else None)
+                        repr(sorted(self.lora.items())) if mode in PREFIX else None, self.adalora)
         interest = {"encoder": encoder, "encoder_params": self.encoder_params, "fields": [field], "recent": recent,
                     "history": history, "half_life_days": half_life_days, "weight_by_value": weight_by_value}
         self.frozen = InterestScores(**interest)  # the frozen embeddings, shared with `interest` in a context
@@ -178,10 +193,13 @@ class TunedInterest:
         """Adapters (or, full, every weight) tuned on pairs whose users are the profile weights of their items (interest's)."""
         texts, weights, targets, held_out = self.encoder_pairs(events, items, base)
         adapters, result = tune_lora(self.encoder(), texts, weights, targets, held_out, rank=self.lora["rank"],
-                                     alpha=self.lora["alpha"], full=self.mode == "full", **self.tuning)
+                                     alpha=self.lora["alpha"], full=self.mode == "full", adalora=self.adalora, **self.tuning)
         self.last_tuning = (result, len(targets))
-        return {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
-                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+        state = {**{PREFIX[self.mode] + name: value for name, value in adapters.items()},
+                 "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+        if result.ranks:  # adalora: each module's rank (columns in the modules' name order) at each held-out reading
+            state["ranks"] = np.array([[ranks[m] for m in sorted(ranks)] for ranks in result.ranks], dtype=np.int64)
+        return state
 
     def encoder_pairs(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings):
         """The catalogue's texts (rows as `base`'s), each pair's profile weights over them (sparse),
@@ -209,7 +227,15 @@ class TunedInterest:
                   **{{"k": "recall_k", "hard": "hard_negatives"}.get(k, k): v for k, v in self.tuning.items() if k != "progress"}}
         if self.mode != "head":
             params.update(lora_rank=self.lora["rank"], lora_alpha=self.lora["alpha"])
+        if self.adalora is not None:
+            params.update({f"adalora_{k}": v for k, v in vars(self.adalora).items()})
         return params
+
+    def ranks(self, state: dict[str, np.ndarray]) -> dict[str, int]:
+        """adalora: each adapted module's final rank in a learned state (empty for the other modes)."""
+        if self.mode != "adalora":
+            return {}
+        return adalora_ranks(state)
 
     def adapter(self, state: dict[str, np.ndarray], until: datetime) -> Adapter:
         """The adapter file's content for a learned state: what `recengine tune` writes and training logs."""
@@ -220,14 +246,15 @@ class TunedInterest:
             tensors = {"projection": np.asarray(state["projection"], dtype=np.int32)}
         return Adapter(tensors=tensors, encoder=self.encoder_name, encoder_params=self.encoder_params, mode=self.mode,
                        until=naive_utc(until), field=self.field, base_id=self.encoder().id, lora_rank=self.lora["rank"],
-                       lora_alpha=self.lora["alpha"], extra={"settings": json.dumps(self.settings(), sort_keys=True)})
+                       lora_alpha=self.lora["alpha"], extra={"settings": json.dumps(self.settings(), sort_keys=True),
+                                                             **({"ranks": json.dumps(self.ranks(state))} if self.adalora else {})})
 
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
         prefix = PREFIX[self.mode]
         adapters = {name.removeprefix(prefix): value for name, value in sorted(state.items()) if name.startswith(prefix)}
         digest = tensors_digest(adapters)[:24]  # as an adapter file of these tensors names them
         if digest not in self._adapted:
-            self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, full=self.mode == "full", **self.lora)}
+            self._adapted = {digest: _AdaptedEncoder(self.encoder(), adapters, digest, mode=self.mode, **self.lora)}
         return self._adapted[digest]
 
     # -- features --------------------------------------------------------------------------------------
