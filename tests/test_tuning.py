@@ -99,3 +99,18 @@ def test_next_item_pairs_take_the_context_strictly_before_each_event_capped_and_
     again, _ = next_item_pairs(events, context=2, max_pairs=2, seed=7)
     assert capped.height == 2 and capped.equals(again)
     assert capped["timestamp"].is_sorted()
+
+
+def test_held_out_recall_breaks_ties_by_item_row_so_equal_scores_are_not_all_hits():
+    import torch
+
+    from recengine.tuning import _recall
+
+    items = np.tile([1.0, 0.0], (30, 1))  # every item the same vector: every score ties
+    contexts = np.tile([1.0, 0.0], (30, 1))
+    targets = np.arange(30)
+    # Ties go to the smaller row: only targets 0..9 are in a top 10 (it was 1.0, every tie a hit).
+    assert _recall(torch, torch.as_tensor(items, dtype=torch.float32), contexts, targets, torch.eye(2), k=10) == 10 / 30
+    distinct = np.c_[np.cos(np.linspace(0, 1, 30)), np.sin(np.linspace(0, 1, 30))]
+    # Each context is its own target's vector: the target scores highest, always a hit.
+    assert _recall(torch, torch.as_tensor(distinct, dtype=torch.float32), distinct, targets, torch.eye(2), k=1) == 1.0
