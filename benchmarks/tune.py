@@ -12,6 +12,11 @@ pairs, epochs and the process's peak memory growth while tuning, per cutoff.
 
     .venv/bin/python benchmarks/tune.py [--cutoffs 10] [--mode head] [--epochs 10] [--max-pairs 100000]
     .venv/bin/python benchmarks/tune.py --mode lora --cutoffs 3 --max-pairs 3000 --epochs 1 --batch-size 64 --lr 1e-4
+    .venv/bin/python benchmarks/tune.py --mode head,lora,adalora,full --set lora:lr=1e-4 --set adalora:lr=1e-3 ...
+
+Several modes in one run (`--mode head,lora,adalora,full`) are tuned on the same cutoffs, one after the
+other, each with its own row per source and a row in the table of tuning cost: seconds, training
+pairs/s (and the ratio to head's), held-out recall, peak memory; adalora also prints its total rank.
 
 The lora and full modes run a transformer forward and backward pass per batch over every item in its
 pairs' histories, and encode the whole catalogue for each held-out recall: on a CPU, sample them small.
@@ -40,7 +45,7 @@ from recengine.metrics import evaluate
 
 KEYS = ["cutoff", "user_id"]
 K = 100
-SOURCES = ("embedding", "tuned_embedding", "embedding new_items", "tuned_embedding new_items")
+MODES = ("head", "lora", "adalora", "full")
 
 
 class PeakMemory:
@@ -65,81 +70,137 @@ class PeakMemory:
         self.peak = max(self.peak, self.process.memory_info().rss - self.start)
 
 
-def sources(args) -> list[tuple[str, object]]:
-    tuning = {"mode": args.mode, "epochs": args.epochs, "max_pairs": args.max_pairs, "batch_size": args.batch_size,
-              "history": args.history, "hard_negatives": args.hard_negatives, **({"lr": args.lr} if args.lr else {})}
+def tuned_name(mode: str, new_items: bool = False) -> str:
+    return f"tuned_embedding[{mode}]" + (" new_items" if new_items else "")
+
+
+def source_names(modes: list[str]) -> list[str]:
+    frozen = ["embedding", "embedding new_items"]
+    return frozen + [tuned_name(m, new) for m in modes for new in (False, True)]
+
+
+def sources(args, modes: list[str]) -> list[tuple[str, object]]:
+    """The frozen embedding source and, per mode, the tuned one (each also with new_items = true). A
+    mode's two tuned sources share one key, hence one tuning per cutoff."""
     made = []
-    for name in SOURCES:
+    for name in source_names(modes):
         new_items = name.endswith("new_items")
-        part = (TunedEmbeddingSource(k=K, new_items=new_items, **tuning) if name.startswith("tuned")
-                else EmbeddingSource(k=K, history=args.history, new_items=new_items))
-        part.name = name.replace(" ", "_")
         if name.startswith("tuned"):
-            part.key = "tuned"  # one key, one fit_key: the two tuned sources share one tuning per cutoff
+            mode = name[name.index("[") + 1 : name.index("]")]
+            tuning = {"mode": mode, "encoder_params": args.encoder_params, "epochs": args.epochs, "max_pairs": args.max_pairs, "batch_size": args.batch_size,
+                      "history": args.history, "hard_negatives": args.hard_negatives, **args.settings.get(mode, {})}
+            part = TunedEmbeddingSource(k=K, new_items=new_items, **tuning)
+            part.key = f"tuned-{mode}"
+        else:
+            part = EmbeddingSource(k=K, encoder_params=args.encoder_params, history=args.history, new_items=new_items)
+        part.name = column(name)
         made.append((name, part))
     return made
 
 
-def run_cutoff(window: rolling.Window, parts: list[tuple[str, object]], cache: EmbeddingCache) -> tuple[pl.DataFrame, dict]:
-    """Every source's top 100 for the window's requests (seen items excluded), and the tuning's record."""
+def column(name: str) -> str:
+    return name.replace(" ", "_").replace("[", "_").replace("]", "")
+
+
+def run_cutoff(window: rolling.Window, parts: list[tuple[str, object]], modes: list[str], cache: EmbeddingCache) -> tuple[pl.DataFrame, dict]:
+    """Every source's top 100 for the window's requests (seen items excluded), and each mode's tuning record."""
     context = FeatureContext.from_frames(window.events, window.items, cache=cache)
-    started = time.perf_counter()
-    with PeakMemory() as memory:
-        fit_learned([part for _, part in parts], context, until=window.cutoff)
-    state = context.learned["tuned"]
-    result, pairs = parts[1][1].tuned.last_tuning  # the tuning's own record (the first tuned part fit it)
-    info = {"tune_s": time.perf_counter() - started, "pairs": pairs, "train_pairs_s": result.pairs_per_second, "peak_mb": memory.peak / 2**20,
-            "epochs": len(state["loss"]), "recall_frozen": float(state["recall"][0]), "recall_tuned": float(state["recall"].max())}
+    infos, found = {}, dict(parts)
+    for mode in modes:  # one tuning at a time, so that each one's seconds and memory are its own
+        tuned = found[tuned_name(mode)]
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            fit_learned([tuned, found[tuned_name(mode, True)]], context, until=window.cutoff, keep=True)
+        state = context.learned[tuned.key]
+        result, pairs = tuned.tuned.last_tuning  # the tuning's own record (the first tuned part fit it)
+        ranks = tuned.tuned.ranks(state)
+        infos[mode] = {"tune_s": time.perf_counter() - started, "pairs": pairs, "train_pairs_s": result.pairs_per_second,
+                       "peak_mb": memory.peak / 2**20, "epochs": len(state["loss"]), "recall_frozen": float(state["recall"][0]),
+                       "recall_tuned": float(state["recall"].max()), "rank_total": sum(ranks.values()) if ranks else None}
     rows = generate(window.requests, [part for _, part in parts], context, exclude_seen=True)
-    return rows.select(pl.lit(window.cutoff).alias("cutoff"), pl.all()), info
+    return rows.select(pl.lit(window.cutoff).alias("cutoff"), pl.all()), infos
 
 
-def scores(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, dict[str, float]]:
+def scores(rows: pl.DataFrame, truth: pl.DataFrame, names: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     cold = truth.filter(pl.col("cold"))
-    for name in SOURCES:
-        column = f"cand_{name.replace(' ', '_')}_score"
-        ranked = rows.filter(pl.col(column).is_not_null()).select(*KEYS, "item_id", pl.col(column).alias("score"))
+    for name in names:
+        score = f"cand_{column(name)}_score"
+        ranked = rows.filter(pl.col(score).is_not_null()).select(*KEYS, "item_id", pl.col(score).alias("score"))
         metrics = evaluate(ranked, truth, KEYS, (10, K))
         metrics["cold_recall@100"] = cold.join(ranked, on=[*KEYS, "item_id"], how="semi").height / max(cold.height, 1)
         out[name] = metrics
     return out
 
 
+def parse_settings(values: list[str]) -> dict[str, dict]:
+    """`--set adalora:lr=0.01` (repeatable) -> {"adalora": {"lr": 0.01}}: a setting for one mode's tuning."""
+    settings: dict[str, dict] = {}
+    for value in values:
+        mode, _, pair = value.partition(":")
+        key, _, number = pair.partition("=")
+        if mode not in MODES or not key or not number:
+            raise SystemExit(f"--set {value!r}: give MODE:KEY=VALUE with MODE one of {', '.join(MODES)}, e.g. adalora:lr=0.01")
+        settings.setdefault(mode, {})[key] = int(number) if number.lstrip("-").isdigit() else float(number)
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cutoffs", type=int, default=len(rolling.QUANTILES))
-    parser.add_argument("--mode", choices=["head", "lora", "full"], default="head")
+    parser.add_argument("--mode", default="head", help=f"one mode or several, comma-separated, tuned on the same cutoffs: {','.join(MODES)}")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--max-pairs", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=None, help="default: the part's (1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help="every mode's learning rate [default: the part's, 1e-3]")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="MODE:KEY=VALUE",
+                        help="a tuning setting for one mode (repeatable), e.g. adalora:lr=0.01 full:lr=2e-5")
+    parser.add_argument("--model", default=None, help="a local copy of the encoder's model folder [default: the packaged all-MiniLM-L6-v2]")
     parser.add_argument("--hard-negatives", type=int, default=0, help="per pair: the target's nearest items in the frozen space")
     args = parser.parse_args()
+    modes = [m for m in args.mode.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"--mode {args.mode}: give one or more of {', '.join(MODES)}, comma-separated")
+    args.settings = parse_settings(args.settings)
+    args.encoder_params = {"model": args.model} if args.model else {}
+    if args.lr:
+        args.settings = {m: {"lr": args.lr, **args.settings.get(m, {})} for m in modes}
 
     data = movielens()
     chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
     truth = pl.concat([w.truth.select(pl.lit(w.cutoff).alias("cutoff"), pl.all()) for w in chosen])
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs, {truth.select(KEYS).n_unique()} (cutoff, user) "
-          f"pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} cold); tuning mode {args.mode}, {args.hard_negatives} hard negatives per pair", flush=True)
+          f"pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} cold); modes {', '.join(modes)}; "
+          f"{args.hard_negatives} hard negatives per pair; {device}", flush=True)
     cache = EmbeddingCache(DEFAULT_CACHE_DIR)
-    parts, found, infos = sources(args), [], []
+    parts, found, infos = sources(args, modes), [], []
     for window in chosen:
-        rows, info = run_cutoff(window, parts, cache)
+        rows, info = run_cutoff(window, parts, modes, cache)
         found.append(rows), infos.append(info)
-        print(f"cutoff {window.label}: {window.events.height:,} events, {info['pairs']:,} pairs tuned in {info['tune_s']:.1f} s "
-              f"({info['epochs']} epochs, {info['train_pairs_s']:,.1f} pairs/s in training steps, "
-              f"peak +{info['peak_mb']:.0f} MB), held-out recall@10 {info['recall_frozen']:.4f} -> {info['recall_tuned']:.4f}", flush=True)
-    table = scores(pl.concat(found), truth)
+        for mode, i in info.items():
+            ranks = f", ranks {i['rank_total']}" if i["rank_total"] is not None else ""
+            print(f"cutoff {window.label} {mode}: {window.events.height:,} events, {i['pairs']:,} pairs tuned in {i['tune_s']:.1f} s "
+                  f"({i['epochs']} epochs, {i['train_pairs_s']:,.1f} pairs/s in training steps, peak +{i['peak_mb']:.0f} MB{ranks}), "
+                  f"held-out recall@10 {i['recall_frozen']:.4f} -> {i['recall_tuned']:.4f}", flush=True)
+    names = source_names(modes)
+    table = scores(pl.concat(found), truth, names)
     metrics = ("ndcg@10", "recall@10", f"recall@{K}", "cold_recall@100")
-    print(f"\n{'source':28}" + "".join(f"{m:>16}" for m in metrics) + f"{'NDCG vs frozen':>16}")
-    for name in SOURCES:
-        frozen = table[name.replace("tuned_", "")]["ndcg@10"]
-        print(f"{name:28}" + "".join(f"{table[name][m]:16.4f}" for m in metrics) + f"{table[name]['ndcg@10'] / frozen:15.2f}x")
-    seconds = [i["tune_s"] for i in infos]
-    print(f"\ntuning ({args.mode}) per cutoff: median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s; "
-          f"peak memory growth median {statistics.median(i['peak_mb'] for i in infos):.0f} MB")
+    print(f"\n{'source':36}" + "".join(f"{m:>16}" for m in metrics) + f"{'NDCG vs frozen':>16}")
+    for name in names:
+        frozen = table["embedding new_items" if name.endswith("new_items") else "embedding"]["ndcg@10"]
+        print(f"{name:36}" + "".join(f"{table[name][m]:16.4f}" for m in metrics) + f"{table[name]['ndcg@10'] / frozen:15.2f}x")
+    print(f"\n{'mode':10}{'tune s (median)':>16}{'pairs/s (median)':>18}{'vs head':>9}{'vs lora':>9}{'recall@10 frozen':>18}"
+          f"{'recall@10 tuned':>17}{'peak MB':>9}")
+    rates = {m: statistics.median(i[m]["train_pairs_s"] for i in infos) for m in modes}
+    for mode in modes:
+        median = lambda key: statistics.median(i[mode][key] for i in infos)
+        versus = "".join(f"{rates[mode] / rates[peer]:8.3f}x" if peer in rates else f"{'-':>9}" for peer in ("head", "lora"))
+        print(f"{mode:10}{median('tune_s'):16.1f}{rates[mode]:18,.1f}{versus}{median('recall_frozen'):18.4f}"
+              f"{median('recall_tuned'):17.4f}{median('peak_mb'):9.0f}")
 
 
 if __name__ == "__main__":

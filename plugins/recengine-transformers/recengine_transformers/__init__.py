@@ -133,22 +133,19 @@ class TransformersEncoder:
         model = self._load()
         token_ids = self.token_ids(texts)
         lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
-        out = np.empty((len(token_ids), model.config.hidden_size), dtype=np.float32)
         pad_id = self._tokenizer.pad_token_id or 0
+        # Rows stay on the device until the end: one copy back, not one wait per batch (on a GPU the
+        # batches then queue up while the CPU pads the next ones).
+        out = torch.empty((len(token_ids), model.config.hidden_size), dtype=torch.float32, device=self.device)
         with torch.inference_mode(), self._autocast():
             for group in self.batches(lengths):
-                width = int(lengths[group].max())
-                ids = np.full((len(group), width), pad_id, dtype=np.int64)
-                mask = np.zeros((len(group), width), dtype=np.int64)
-                for row, index in enumerate(group):
-                    ids[row, : lengths[index]] = token_ids[index]
-                    mask[row, : lengths[index]] = 1
-                ids_t = torch.from_numpy(ids).to(self.device)
-                mask_t = torch.from_numpy(mask).to(self.device)
+                ids, mask = padded(token_ids, lengths, group, pad_id)
+                ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
+                mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
                 hidden = model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()
                 pooled = self._pool(hidden, mask_t)
-                out[group] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
-        return out
+                out[torch.from_numpy(group).to(self.device)] = torch.nn.functional.normalize(pooled, dim=1)
+        return out.cpu().numpy()
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, truncated to max_length, without ever tokenising a whole huge text.
@@ -180,6 +177,16 @@ class TransformersEncoder:
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def padded(token_ids: list[list[int]], lengths: np.ndarray, group: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The group's ids padded to its longest, and the attention mask: the mask's True cells, read row by
+    row, are exactly the group's tokens in order, so one concatenation fills them (no loop over cells)."""
+    width = max(int(lengths[group].max()), 1)
+    mask = np.arange(width)[None, :] < lengths[group][:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.concatenate([token_ids[i] for i in group]) if mask.any() else []
+    return ids, mask.astype(np.int64)
 
 
 def clip(text: str, limit: int) -> str:
