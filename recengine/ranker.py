@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import polars as pl
 
 from recengine.encoders import EmbeddingCache
-from recengine.errors import ConfigError
+from recengine.errors import ConfigError, DataError
 from recengine.model import LEARNED_STATES, RankerModel, load_model
 from recengine.topk import order
 
@@ -64,19 +64,29 @@ class Ranker:
             self._events, self._items, self._state = frame, catalogue, state
 
     def append(self, new_events) -> None:
-        """Add events that happened since the snapshot (same columns) and rebuild the state."""
+        """Add events that happened since the snapshot (same columns) and rebuild the state. Their columns
+        are cast to the snapshot's types where that loses nothing (string ids "42" to integer ids, say),
+        and refused otherwise: the state's types never change, so its ids keep matching requests."""
         frame = new_events.lazy().collect()
-        self.refresh(pl.concat([self._events, frame.select(self._events.columns)], how="vertical_relaxed"))
+        missing = [c for c in self._events.columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"Ranker.append: the new events lack the column(s) {missing}; give the snapshot's columns "
+                            f"{self._events.columns}.")
+        frame = frame.select(_cast_column(frame[c], self._events.schema[c], "Ranker.append") for c in self._events.columns)
+        self.refresh(pl.concat([self._events, frame]))
 
     def rank(self, user_id: Any, candidate_item_ids: Sequence[Any], at: datetime | None = None,
              context: dict | None = None) -> list[tuple[Any, float]]:
         """(item_id, score) for each candidate, best first. Features are as of the state's time; an
         `at` other than that is ranked exactly by the batch pipeline (slower). `context` is accepted
         for request attributes and ignored by the built-in features."""
-        items = list(candidate_item_ids)
+        state = self._state  # read once: a concurrent refresh swaps in a new one
+        schema = state.context.events.collect_schema()
+        items = [_id(item, schema["item_id"], f"candidate {i}") for i, item in enumerate(candidate_item_ids)]
+        user_id = _id(user_id, schema["user_id"], "user_id")
         if not items:
             return []
-        state = self._state  # read once: a concurrent refresh swaps in a new one
+        at = _moment(at)
         if at is not None and at != state.at:
             scores = self._scores_at(state, user_id, items, at)
         else:
@@ -90,3 +100,57 @@ class Ranker:
         rows = rows.with_columns(pl.col("user_id").cast(schema["user_id"]), pl.col("item_id").cast(schema["item_id"]))
         return self.model.score(self.model.feature_set().given_rows(rows, ["user_id", "timestamp"], state.context))
 
+
+
+def _id(value: Any, dtype: pl.DataType, what: str) -> Any:
+    """`value` as an id of the log's type: cast when nothing is lost (the string "42" or the float 42.0 for
+    integer ids, 42 for string ids); anything else (None, "4x", 4.5, True) is refused, never scored as
+    an unknown user or item."""
+    if dtype.is_integer():
+        if isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        elif hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu":  # numpy integers
+            return int(value)
+    elif dtype == pl.String:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise DataError(f"Ranker.rank: {what} = {value!r} is not an id of this log, whose ids are {dtype}; give "
+                    f"{'a whole number' if dtype.is_integer() else 'a string'}.")
+
+
+def _moment(at: Any) -> datetime | None:
+    """`at` as a datetime: a datetime as given, an ISO 8601 string parsed; anything else refused."""
+    if at is None or isinstance(at, datetime):
+        return at
+    if isinstance(at, str):
+        try:
+            return datetime.fromisoformat(at)
+        except ValueError:
+            pass
+    raise DataError(f"Ranker.rank: at = {at!r} is not a time; give a datetime or an ISO 8601 string such as "
+                    "'2024-01-31T12:00:00', or leave it out to rank as of the state's time.")
+
+
+def _cast_column(column: pl.Series, dtype: pl.DataType, where: str) -> pl.Series:
+    """`column` cast to `dtype`, refused (naming the column, row and value) where a value would be lost."""
+    if column.dtype == dtype:
+        return column
+    cast = column.cast(dtype, strict=False)
+    lost = cast.is_null() & column.is_not_null()  # not castable ("4x" as an integer)
+    if column.dtype.is_numeric() and dtype.is_numeric():  # 4.5 -> 4: castable, but not the same number
+        lost = lost | (cast.cast(column.dtype, strict=False) != column).fill_null(False)
+    if lost.any():
+        row = int(lost.arg_max())
+        raise DataError(f"{where}: column '{column.name}' is {column.dtype} and the snapshot's is {dtype}; row {row} "
+                        f"({column[row]!r}) cannot be cast without loss. Give the new events the snapshot's types.")
+    return cast

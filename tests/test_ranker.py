@@ -174,3 +174,35 @@ print("torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ids_of_another_type_are_cast_when_lossless_and_refused_otherwise(served):
+    from recengine.errors import DataError
+
+    ranker, events, items, _ = served
+    user, candidates = 7, [int(i) for i in items["item_id"].head(5)]
+    expected = ranker.rank(user, candidates)
+    assert ranker.rank("7", [str(i) for i in candidates]) == expected  # was: an unknown user and unknown items
+    assert ranker.rank(7.0, [np.int64(i) for i in candidates]) == expected
+    assert ranker.rank(user, candidates, at=ranker.at.isoformat()) == expected  # an ISO time is a time
+    for bad_user, bad_items, named in [("7x", candidates, "user_id = '7x'"), (user, [candidates[0], None], "candidate 1 = None"),
+                                       (user, [4.5], "candidate 0 = 4.5"), (True, candidates, "user_id = True")]:
+        with pytest.raises(DataError, match=named.replace("(", r"\(")):
+            ranker.rank(bad_user, bad_items)
+    with pytest.raises(DataError, match="at = 'yesterday' is not a time"):
+        ranker.rank(user, candidates, at="yesterday")
+
+
+def test_append_casts_new_events_to_the_snapshots_types_and_never_changes_them(served, tmp_path):
+    from recengine.errors import DataError
+
+    ranker, events, items, folder = served
+    fresh = Ranker.load(folder / "model", events, items, cache=EmbeddingCache(folder / "cache"))
+    late = events.filter(pl.col("user_id") == 3).head(1).with_columns(pl.lit(events["timestamp"].max() + timedelta(days=1)).alias("timestamp"))
+    fresh.append(late.with_columns(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)))
+    assert fresh._events.schema == events.schema  # string ids became the log's integers, not the reverse
+    assert fresh._events.height == events.height + 1 and fresh.at > ranker.at  # the state moved past the new event
+    assert [item for item, _ in fresh.rank(3, [1, 2, 3])] != [] and fresh.rank("3", ["1", "2", "3"]) == fresh.rank(3, [1, 2, 3])
+    with pytest.raises(DataError, match="column 'user_id'.*row 0 \\('u3'\\)"):
+        fresh.append(late.with_columns(pl.lit("u3").alias("user_id")))
+    assert fresh._events.height == events.height + 1  # the refused batch changed nothing
