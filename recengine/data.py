@@ -317,7 +317,11 @@ def _check_unique(lf: pl.LazyFrame, key: str, source: str, stripped: bool = Fals
 
 
 def _check_numeric(lf: pl.LazyFrame, schema: pl.Schema, column: str, source: str) -> None:
-    if column not in schema or schema[column].is_numeric() or schema[column] == pl.Boolean:
+    if column not in schema or schema[column] == pl.Boolean or schema[column].is_integer():
+        return
+    if schema[column].is_float() or schema[column] == pl.String:
+        _check_finite(lf, column, source)
+    if schema[column].is_numeric():
         return
     shown = ""
     if schema[column] == pl.String:  # often one stray word far down a column of numbers
@@ -328,6 +332,18 @@ def _check_numeric(lf: pl.LazyFrame, schema: pl.Schema, column: str, source: str
         f"{source}: column '{column}' has type {schema[column]}; expected numbers{shown}. "
         "Fix or drop those rows, or drop the column."
     )
+
+
+def _check_finite(lf: pl.LazyFrame, column: str, source: str) -> None:
+    """One NaN or infinity in a value column would make every mean over it NaN or infinite, for most later
+    requests, silently: refuse it, naming the rows (a string column's "nan" and "inf" count too)."""
+    number = pl.col(column).cast(pl.Float64, strict=False)
+    bad = number.is_nan() | number.is_infinite()
+    count = _collect(lf.select(bad.sum()), source).item()
+    if count:
+        examples = _examples(lf, bad, column, source)
+        raise DataError(f"{source}: column '{column}' has {count} value(s) that are not finite numbers (NaN or "
+                        f"infinite: {'; '.join(examples)}). Fix or drop those rows; a missing value is an empty cell.")
 
 
 def load_events(

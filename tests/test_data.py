@@ -67,6 +67,10 @@ BAD_EVENTS = {
     "text value": (dict(EVENTS, value=["good", "bad", "ok"]), "'value' has type String; expected numbers"),
     "float timestamp": (dict(EVENTS, timestamp=[1.5, 2.5, 3.5]), "'timestamp' has type Float64"),
     "empty": ({"userId": [], "movieId": [], "timestamp": []}, "events table is empty"),
+    "NaN value": (dict(EVENTS, value=[4.0, float("nan"), 3.0]), "'value' has 1 value.*not finite.*row 1: nan"),
+    "infinite value": (dict(EVENTS, value=[4.0, 3.0, float("inf")]), "'value' has 1 value.*not finite.*row 2: inf"),
+    "infinite label": (dict(EVENTS, label=[1.0, float("-inf"), 0.0]), "'label' has 1 value.*not finite.*row 1: -inf"),
+    "nan as text": (dict(EVENTS, value=["4", "nan", "3"]), "'value' has 1 value.*not finite.*row 1: 'nan'"),
 }
 
 
