@@ -45,6 +45,7 @@ class JobReport:
     skipped: int
     seconds: float
     output: Path
+    duplicates: int = 0  # input rows dropped as repeats: a request given twice, or a request's candidate
 
 
 def rank_file(
@@ -80,9 +81,9 @@ def rank_file(
     bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
     skipped = 0
 
-    def finish(chunk: int, part: Path, features: list, height: int) -> None:
+    def finish(chunk: int, part: Path, features: list, height: int, dropped: int) -> None:
         write_parquet_atomic(scorer.top(features), part)
-        manifest.finish(chunk, height)
+        manifest.finish(chunk, height, dropped)
         bar.update(height)
 
     # A chunk's predict, top k and write run in a worker while the next chunk's features are built:
@@ -97,15 +98,16 @@ def rank_file(
                 bar.update(manifest.rows[str(chunk)])
                 continue
             batch = rows.filter(bucket == chunk).collect()
-            features = scorer.features(batch)
+            unique, dropped = scorer.unique(batch)
+            features = scorer.features(unique)
             if pending is not None:
                 pending.result()
-            pending = worker.submit(finish, chunk, part, features, batch.height)
+            pending = worker.submit(finish, chunk, part, features, batch.height, dropped)
         if pending is not None:
             pending.result()
     bar.close()
     requests = merge_parts(work, chunks, output, keys)
-    return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output)
+    return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output, manifest.duplicates())
 
 
 # The pieces below are shared with the Ray engine (recengine/distributed.py), which must write the
@@ -152,7 +154,15 @@ class _ChunkScorer:
         self._state = None
 
     def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
-        return self.top(self.features(batch))
+        return self.top(self.features(self.unique(batch)[0]))
+
+    def unique(self, batch: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        """The chunk without repeats, and how many rows that dropped: a request given twice would fill its
+        top k with each item twice, a candidate given twice would take two ranks. A user's rows share a
+        chunk, so dropping repeats per chunk drops every repeat of the input (the first row is kept)."""
+        subset = self.keys if self.generate else [*self.keys, "item_id"]
+        unique = batch.unique(subset=subset, keep="first", maintain_order=True)
+        return unique, batch.height - unique.height
 
     def features(self, batch: pl.DataFrame) -> list[tuple[pl.DataFrame, np.ndarray]]:
         """The chunk's rows, in parts, each with its feature matrix in the model's column order."""
@@ -304,18 +314,24 @@ class _Manifest:
                 raise DataError(_mismatch(folder, state.get("fingerprint"), fingerprint))
         self.fingerprint = fingerprint
         self.rows: dict[str, int] = state.get("rows", {})
+        self.dropped: dict[str, int] = state.get("duplicates", {})
         self._write()
 
     def done(self, chunk: int, part: Path) -> bool:
         return str(chunk) in self.rows and part.exists()
 
-    def finish(self, chunk: int, rows: int) -> None:
+    def finish(self, chunk: int, rows: int, duplicates: int = 0) -> None:
         self.rows[str(chunk)] = rows
+        self.dropped[str(chunk)] = duplicates
         self._write()
+
+    def duplicates(self) -> int:
+        """Repeated input rows dropped by every finished chunk, this run's and earlier runs'."""
+        return sum(self.dropped.values())
 
     def _write(self) -> None:
         temp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows,
+        temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows, "duplicates": self.dropped,
                                     "updated": datetime.now().isoformat(timespec="seconds")}))
         os.replace(temp, self.path)
 

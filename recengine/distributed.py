@@ -140,7 +140,7 @@ def rank_on_ray(
         try:
             for result in dataset.iter_rows():
                 first = first or time.perf_counter() - started
-                manifest.finish(int(result["chunk"]), int(result["rows"]))
+                manifest.finish(int(result["chunk"]), int(result["rows"]), int(result["duplicates"]))
                 nodes[result["node"]] += 1
                 peak = max(peak, float(result["peak_mib"]))
                 bar.update(int(result["rows"]))
@@ -156,8 +156,8 @@ def rank_on_ray(
                 write_parquet_atomic(scorer(empty), part_path(work, chunk))
                 manifest.finish(chunk, 0)
     requests = merge_parts(work, chunks, output, keys)
-    return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output,
-                        dict(sorted(nodes.items())), pool, peak, first)
+    return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output, manifest.duplicates(),
+                        nodes=dict(sorted(nodes.items())), actors=pool, actor_peak_mib=peak, first_chunk_s=first)
 
 
 def _checked_input(path: Path, generate: bool, columns: dict[str, str], context: FeatureContext):
@@ -307,10 +307,11 @@ class _ScoreChunks:
 
         batch = pl.from_arrow(group)
         chunk = int(batch["_chunk"][0])
-        ranked = self.scorer(batch.drop("_chunk"))
-        write_parquet_atomic(ranked, part_path(self.work, chunk))
+        unique, dropped = self.scorer.unique(batch.drop("_chunk"))
+        write_parquet_atomic(self.scorer(unique), part_path(self.work, chunk))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return pa.table({"chunk": [chunk], "rows": [batch.height], "node": [self.node], "peak_mib": [peak]})
+        return pa.table({"chunk": [chunk], "rows": [batch.height], "duplicates": [dropped], "node": [self.node],
+                         "peak_mib": [peak]})
 
 
 def _user_error(exc: BaseException) -> RecengineError | None:
@@ -343,14 +344,15 @@ def embed_on_ray(
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from recengine.encoders import CacheStats, create_encoder, text_keys, unique_texts
+    from recengine.encoders import CacheStats, cache_keys, create_encoder, unique_texts
 
     ray = _ray()
     connect()
     started = time.perf_counter()
-    encoder_id = encoder_id or create_encoder(encoder, params).id
+    built = create_encoder(encoder, params)  # (models load on first encode: here only its id and keys are read)
+    encoder_id = encoder_id or built.id
     unique, _ = unique_texts(texts)
-    keys = text_keys(unique)
+    keys = cache_keys(built, unique)  # the encoder's own keys where it has them (an image's path, size, mtime)
     _, found = cache.lookup(encoder_id, keys)
     missing = np.flatnonzero(~found)
     stats = CacheStats(hits=int(found.sum()), misses=int(len(missing)))
@@ -369,7 +371,10 @@ def embed_on_ray(
                 found_keys = np.array(batch["key"].to_pylist(), dtype="S16")
                 dim = int(batch["dim"][0].as_py())
                 vectors = np.frombuffer(b"".join(batch["vector"].to_pylist()), dtype=np.float32).reshape(-1, dim)
-                cache.store(encoder_id, found_keys, vectors)
+                finite = np.isfinite(vectors).all(axis=1)  # a NaN row: no embedding for that value, never cached
+                stats.nulls += int((~finite).sum())
+                if finite.any():
+                    cache.store(encoder_id, found_keys[finite], vectors[finite])
                 bar.update(len(found_keys))
         except Exception as exc:
             raise _user_error(exc) or exc

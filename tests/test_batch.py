@@ -246,3 +246,24 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(setup, 
     running.close()
     done = rank_file(model, folder / "candidates.parquet", output, context_of(events), k=5, chunk_rows=700, progress=False)
     assert done.output.exists() and not work.exists()
+
+
+def test_repeated_requests_and_candidates_are_dropped_once_counted_and_ranked_as_without_them(setup, tmp_path):
+    folder, model, events = setup
+    candidates = pl.read_parquet(folder / "candidates.parquet")
+    doubled = pl.concat([candidates, candidates.head(300)])  # 300 candidate rows given twice
+    doubled.write_parquet(tmp_path / "doubled.parquet")
+    clean = rank_file(model, folder / "candidates.parquet", tmp_path / "clean.parquet", context_of(events), k=5, chunk_rows=700, progress=False)
+    again = rank_file(model, tmp_path / "doubled.parquet", tmp_path / "again.parquet", context_of(events), k=5, chunk_rows=700, progress=False)
+    assert clean.duplicates == 0 and again.duplicates == 300
+    ranked = pl.read_parquet(again.output)
+    assert ranked.equals(pl.read_parquet(clean.output))  # a repeated candidate no longer takes two ranks
+    assert ranked.select("user_id", "item_id").is_duplicated().sum() == 0
+    requests = pl.DataFrame({"user_id": [3, 3, 5, 3]}).with_columns(pl.lit(events["timestamp"].max() + timedelta(hours=1)).alias("timestamp"))
+    requests.write_parquet(tmp_path / "requests.parquet")
+    report = rank_file(model, tmp_path / "requests.parquet", tmp_path / "generated.parquet", context_of(events), k=10,
+                       generate=True, progress=False)
+    generated = pl.read_parquet(report.output)
+    assert report.duplicates == 2 and report.requests == 2  # was: user 3's top 10 held 5 items, each twice
+    assert generated.group_by("user_id").agg(pl.col("item_id").n_unique(), pl.len()).filter(pl.col("item_id") != pl.col("len")).height == 0
+    assert generated.filter(pl.col("user_id") == 3).height == 10

@@ -213,9 +213,9 @@ from recengine.model import RankerModel
 folder, out, address, die_after = sys.argv[1:]
 finish = batch._Manifest.finish
 
-def finish_then_die(manifest, chunk, rows):
+def finish_then_die(manifest, chunk, rows, duplicates=0):
     # SIGKILL right after the manifest records its `die_after`th chunk: mid-job, the same point every run.
-    finish(manifest, chunk, rows)
+    finish(manifest, chunk, rows, duplicates)
     if len(manifest.rows) == int(die_after):
         os.kill(os.getpid(), signal.SIGKILL)
 
