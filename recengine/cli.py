@@ -32,7 +32,28 @@ def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group, whose option errors (--k 0, an unknown option, a missing value) read as every
+    other error: one paragraph, "Error: ..." and what to run next, exit 2; not click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        kwargs.setdefault("prog_name", "recengine")  # (run as `python -c` it would call itself "-c")
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "recengine"
+            click.echo(f"Error: {exc.format_message()} See '{command} --help'.", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="recengine")
 def cli() -> None:
     """recengine: train and serve personalized rankers from behaviour logs and item text."""
@@ -157,7 +178,7 @@ def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -
         else:
             _, stats = embed_texts(texts, model, cache, progress=True)
         click.echo(
-            f"{field}: {len(texts)} items, {stats.hits} cache hits, {stats.misses} encoded, "
+            f"{field}: {len(texts)} items, {stats.hits} cache hits, {stats.misses} encoded, {stats.nulls} without an embedding, "
             f"{stats.rows_per_second:,.0f} rows/s ({stats.seconds:.2f} s) with {model.id}"
         )
     click.echo(f"cache: {cache.root}")
@@ -227,12 +248,14 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     from recengine.featureset import FeatureSet
     from recengine.model import check_model_destination
     from recengine.store import tracking_uri
-    from recengine.tracking import log_training, training_run
+    from recengine.tracking import check_model_name, log_training, training_run
     from recengine.training import check_ranker, train as fit_ranker
 
     if output:
         check_model_destination(output)  # training takes minutes: a bad --output must fail now, not after it
     spec = FeatureSet.load(feature_set)
+    if not no_register:
+        check_model_name(model_name or f"recengine-{spec.name}")  # likewise a name the registry would refuse
     check_ranker(spec, str(feature_set))
     # Bad data is refused before a run exists: a failed run in the store would say nothing a user needs.
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
@@ -285,7 +308,7 @@ def evaluate(model_uri, events, items, users, columns, timestamp_unit, since, un
 @data_options
 @click.option("--requests", "requests_path", type=click.Path(path_type=Path),
               help="File of requests (user_id, timestamp) [default: every user, just after the last event].")
-@click.option("--k", default=10, show_default=True, help="Items per request.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items per request.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("output/recommendations.parquet"), show_default=True)
 @cache_option
 @learned_option
@@ -308,6 +331,11 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
         requests = load_requests(requests_path, parse_mapping(columns), timestamp_unit)
         requests = align_ids(requests, dataset.events.collect_schema(), str(requests_path)).collect()
         _refuse_requests_before_every_event(requests, first, requests_path)
+        given = requests.height  # a request given twice would get its top k twice over, each item twice
+        requests = requests.unique(["user_id", "timestamp"], keep="first", maintain_order=True)
+        if requests.height < given:
+            click.echo(f"{given - requests.height:,} repeated request(s) dropped from {requests_path} (the same user and "
+                       "time again; the first was ranked).")
     else:
         last = dataset.events.select(pl.col("timestamp").max()).collect().item()
         # In the events' time unit (a bare Python datetime would be microseconds): every later join matches.
@@ -355,7 +383,7 @@ def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: date
                    "file or folder; with --engine ray also a URI (file://, s3://...).")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Parquet file for the top k per request.")
 @click.option("--generate", is_flag=True, help="The input is requests: the model's candidate sources propose the items.")
-@click.option("--k", default=10, show_default=True, help="Items kept per request.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items kept per request.")
 @click.option("--chunk-rows", default=1_000_000, show_default=True, help="Input rows per chunk (memory follows this).")
 @cache_option
 @engine_option
@@ -388,6 +416,9 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     resumed = f", {report.skipped} finished earlier and skipped" if report.skipped else ""
     click.echo(f"{report.rows:,} input rows in {report.chunks} chunk(s){resumed}: top {k} for {report.requests:,} "
                f"requests written to {report.output} in {report.seconds:.1f} s ({report.rows / report.seconds:,.0f} rows/s)")
+    if report.duplicates:
+        click.echo(f"{report.duplicates:,} repeated input row(s) dropped (the same request, or the same candidate of a "
+                   "request, given again; the first was ranked): check how the input was made if that is unexpected.")
 
 
 @cli.command()

@@ -322,10 +322,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def check_model_destination(path: str | Path) -> None:
     """Refuse, before any training, a model destination that saving would damage or cannot write:
-    an existing file, or a folder holding anything but a recengine model (model.txt, spec.json)."""
+    an existing file, or a folder holding anything but a recengine model (model.txt, spec.json, learned/,
+    adapters/: a model saved there before, which saving replaces)."""
     path = Path(path)
     if path.is_dir():
-        others = sorted(p.name for p in path.iterdir() if p.name not in (MODEL_FILE, SPEC_FILE, LEARNED_DIR))
+        others = sorted(p.name for p in path.iterdir() if p.name not in (MODEL_FILE, SPEC_FILE, LEARNED_DIR, ADAPTER_DIR))
         if others:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
             raise ConfigError(f"{path}: the folder exists and is not a recengine model (it holds {shown}); saving the "

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from recengine.errors import ConfigError
 from recengine.featureset import FeatureSet
 from recengine.store import STORE_DIR, default_uri, tracking_uri
 from recengine.training import TrainResult, early_stopping_metric
@@ -161,6 +162,15 @@ def _log(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun,
         logged = _register(mlflow, logged, model_name, result, feature_set, promote)
     mlflow.log_metrics({"time/logging_s": time.perf_counter() - clock, "time/total_s": time.time() - run.started})
     return logged
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before any training, a registered model name the MLflow registry would refuse after it."""
+    bad = [c for c in ("/", ":") if c in name]
+    if not name.strip() or bad or name == "." or name.startswith(".."):
+        why = f"it holds {' and '.join(repr(c) for c in bad)}" if bad else "it is blank, '.', or starts with '..'"
+        raise ConfigError(f"--model-name {name!r}: the MLflow registry refuses it ({why}). Give a name of letters, digits, "
+                          "'-', '_' and '.', such as recengine-shop.")
 
 
 # -- tuning runs (issue #15) -------------------------------------------------------------------------

@@ -148,3 +148,17 @@ def test_recommend_aligns_string_ids_and_says_which_requests_got_nothing(model, 
     recs = pl.read_parquet("recs.parquet")
     assert recs.schema["user_id"] == pl.Int64 and recs.group_by("user_id").len().sort("user_id").rows() == [(1, 3), (2, 3)]
     assert "warning: 1 of 3 requests got no recommendations (1 of them at or before the first event" in done.output
+
+
+def test_a_model_folder_with_adapters_is_a_model_folder_again_for_the_next_train_output(tmp_path):
+    from recengine.model import check_model_destination
+
+    folder = tmp_path / "model"
+    (folder / "learned").mkdir(parents=True)
+    (folder / "adapters").mkdir()
+    (folder / "model.txt").write_text("tree")
+    (folder / "spec.json").write_text("{}")
+    check_model_destination(folder)  # was refused as "not a recengine model (it holds adapters)"
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        check_model_destination(folder)
