@@ -250,7 +250,24 @@ CONFIG_CASES: list[Case] = [
          ["transformers encoder", "max_length = 0", "1 or more"]),
 ]
 
-CASES = DATA_CASES + MODEL_CASES + CONFIG_CASES
+# -- issue #25, one list per topic ------------------------------------------------------------------------
+# the MLflow store: runs, registry, promotion
+STORE_CASES: list[Case] = [
+]
+
+# the model folder as data from outside: spec.json, paths, model.txt, adapters, [ranker] options, plugins
+MODEL_FOLDER_CASES: list[Case] = [
+]
+
+# batch resume state and the Ray engine
+JOB_CASES: list[Case] = [
+]
+
+# tuning, learned parts, disk space
+TUNING_CASES: list[Case] = [
+]
+
+CASES = DATA_CASES + MODEL_CASES + CONFIG_CASES + STORE_CASES + MODEL_FOLDER_CASES + JOB_CASES + TUNING_CASES
 
 
 def snapshot(folder: Path) -> dict[str, str]:
