@@ -453,6 +453,7 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
     from recengine.errors import ConfigError, DataError
     from recengine.store import tracking_uri
     from recengine.tracking import log_tuning, tuning_run
+    from recengine.tuning import tuning_window
 
     if output.is_dir() or (output.exists() and not is_adapter_file(output)):
         raise ConfigError(f"--output {output} exists and is {'a folder' if output.is_dir() else 'not an adapter file'}; "
@@ -472,12 +473,11 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
         raise DataError("recengine tune learns from the items' text, and no items file was given; pass --items "
                         f"with a text field '{field}'.")
     log = dataset.events.select("user_id", "item_id", "timestamp").collect()
-    last = log["timestamp"].max()
-    until = until or last + timedelta(milliseconds=1)
-    window = log.filter(pl.col("timestamp") < until)
-    if window.height == 0:
-        raise DataError(f"--until {until}: no event is before it (the first is at {log['timestamp'].min()}); give a "
-                        "later time, or leave --until out to tune on every event.")
+    window, tuned_until = tuning_window(log, until)
+    if until is not None and until > log["timestamp"].max():
+        click.echo(f"--until {until} is after the last event: the adapter is marked as tuned until "
+                   f"{tuned_until} (just after that event), so requests from then on may use it.")
+    until = tuned_until
     catalogue = dataset.items.collect()
     part.tuning = {**part.tuning, "progress": True}  # a bar per epoch with loss and pairs/s (the part's fit is silent)
     click.echo(f"tuning {mode} on {field} with {encoder} on {window.height:,} events before {until}")
@@ -485,11 +485,7 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
         started = time.perf_counter()
         state = part.fit(window, catalogue)
         seconds = time.perf_counter() - started
-        result, pairs = part.last_tuning
-        if pairs < 2:  # nothing was learnt: no adapter, and the run ends FAILED saying why
-            raise DataError(f"only {pairs} next-item pair(s) in the events before {until} (a pair is a user's event after "
-                            f"an earlier one of theirs, on an item with a '{field}' text); tuning learns from many "
-                            "thousands. Give more events, or a later --until.")
+        result, pairs = part.last_tuning  # (fewer than two pairs: the part refused, the run ends FAILED saying why)
         adapter = part.adapter(state, until)
         written = save_adapter(output, adapter)
         k = part.tuning["k"]

@@ -105,6 +105,7 @@ class EmbeddingCache:
 
     root: Path = DEFAULT_CACHE_DIR
     _memory: dict[str, dict[bytes, np.ndarray]] = field(default_factory=dict, repr=False)
+    _unwritable: bool = field(default=False, repr=False)  # a write failed (disk full): stop trying, say it once
 
     def folder(self, encoder_id: str) -> Path:
         digest = hashlib.sha256(encoder_id.encode()).hexdigest()[:24]
@@ -123,16 +124,26 @@ class EmbeddingCache:
         return out, found
 
     def store(self, encoder_id: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        self._load(encoder_id).update(zip(keys.tolist(), vectors))  # this run reads them whatever the disk says
+        if self._unwritable:
+            return
         folder = self.folder(encoder_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = folder / "encoder.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
-        _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, vectors)
-        self._load(encoder_id).update(zip(keys.tolist(), vectors))
-        shards = sorted(folder.glob("shard-*.npz"))
-        if len(shards) > _COMPACT_AFTER:
-            _compact(folder, shards)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = folder / "encoder.json"
+            if not meta.exists():
+                atomic_write_bytes(meta, json.dumps({"encoder_id": encoder_id}).encode())
+            _write_shard(folder / f"shard-{uuid.uuid4().hex}.npz", keys, vectors)
+            shards = sorted(folder.glob("shard-*.npz"))
+            if len(shards) > _COMPACT_AFTER:
+                _compact(folder, shards)
+        except OSError as exc:
+            # The cache only saves time: a full disk (or a read-only one) must not stop a run that has its
+            # embeddings in hand. Said once; the atomic writes left no half-written shard behind.
+            self._unwritable = True
+            print(f"recengine: cannot write to the embedding cache {folder} ({exc.strerror or exc}); this run goes on "
+                  "without caching, so the next one encodes these texts again. Free space there, or point "
+                  "RECENGINE_CACHE_DIR (or --cache-dir) at a disk with room.", file=sys.stderr)
 
     def _load(self, encoder_id: str) -> dict[bytes, np.ndarray]:
         if encoder_id in self._memory:

@@ -27,10 +27,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
 
+from recengine.errors import DataError
 from recengine.pit import recent_history
 from recengine.topk import top_k_dense
 
@@ -48,6 +50,19 @@ def next_item_pairs(events: pl.DataFrame, context: int = 10, max_pairs: int = 10
     pairs = ordered.with_row_index("_profile").with_columns(pl.col("_profile").cast(pl.Int64))
     history = recent_history(pairs.lazy().select("user_id", "timestamp"), events.lazy(), context).collect()
     return pairs, history.with_columns(pl.col("_profile").cast(pl.Int64))
+
+
+def tuning_window(events: pl.DataFrame, until: datetime | None = None) -> tuple[pl.DataFrame, datetime]:
+    """The events a tuning learns from (those before `until`; all of them without it) and the end its
+    adapter records: just after the window's last event. An adapter serves requests at or after its end,
+    so an `until` far past the last event (or in the future) must not keep it from every request before
+    that date: nothing happened between the last event and `until` for it to have learnt."""
+    window = events if until is None else events.filter(pl.col("timestamp") < until)
+    if window.height == 0:
+        first = events["timestamp"].min()
+        raise DataError(f"--until {until}: no event is before it (the first is at {first}); give a later time, or leave "
+                        "--until out to tune on every event.")
+    return window, window["timestamp"].max() + timedelta(milliseconds=1)
 
 
 def hard_negatives(items: np.ndarray, count: int, block: int = 1024) -> np.ndarray:

@@ -312,3 +312,36 @@ def test_a_ranker_carries_the_adapter_its_feature_set_names_and_loads_without_th
     (moved / copy).write_bytes(b"damaged")
     with pytest.raises(ConfigError, match="does not match the sha256"):
         RankerModel.load(moved)
+
+
+def test_tune_until_after_the_last_event_marks_the_adapter_tuned_just_after_that_event(tmp_path, tiny_bert, monkeypatch):
+    from click.testing import CliRunner
+
+    from recengine.cli import cli
+    from recengine.tuning import tuning_window
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    events = theme_events(n_users=40)
+    events.write_parquet("events.parquet")
+    noisy_catalogue().write_parquet("items.parquet")
+    done = CliRunner().invoke(cli, ["tune", "--events", "events.parquet", "--items", "items.parquet", "--until", "2099-01-01",
+                                    "--encoder-param", f"model={tiny_bert}", "--param", "epochs=1"])
+    assert done.exit_code == 0, done.output
+    last = events["timestamp"].max()
+    assert "is after the last event" in done.output
+    # Was 2099-01-01: the adapter then gave nothing to any request before 2099, though it saw nothing after `last`.
+    assert load_adapter(tmp_path / "adapter.safetensors").until == last + timedelta(milliseconds=1)
+    window, until = tuning_window(events, last)  # an until inside the log: the events strictly before it
+    assert window.height == events.filter(pl.col("timestamp") < last).height and until <= last
+    with pytest.raises(DataError, match="no event is before it"):
+        tuning_window(events, events["timestamp"].min())
+
+
+def test_a_training_whose_tuned_part_has_no_pairs_before_the_boundary_is_refused(tiny_bert):
+    from recengine.features.tuned import TunedInterest
+
+    lonely = theme_events(n_users=30).unique("user_id", keep="first", maintain_order=True)  # one event per user
+    part = TunedInterest(encoder_params={"model": str(tiny_bert), "device": DEVICE}, epochs=1)
+    with pytest.raises(DataError, match="only 0 next-item pair.*learned_fraction"):
+        part.fit(lonely, noisy_catalogue())  # was: an untuned space under a tuned name, without a word

@@ -310,3 +310,32 @@ def test_packaged_minilm_knows_science_fiction_from_romance(minilm):
     np.fill_diagonal(similarity, -1)
     nearest = similarity.argmax(axis=1)
     assert (nearest[:3] < 3).all() and (nearest[3:] >= 3).all(), similarity
+
+
+FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from recengine.encoders import EmbeddingCache, create_encoder, embed
+encoder = create_encoder("transformers", {"model": sys.argv[1], "device": "cpu"})
+texts = [f"space war {i} love story" for i in range(40)]
+expected = encoder.encode(texts)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+vectors, stats = embed(texts, encoder, EmbeddingCache(sys.argv[2]))
+again, _ = embed(texts[:5], encoder, EmbeddingCache(sys.argv[2]))
+np.testing.assert_array_equal(vectors, expected)
+print("misses", stats.misses)
+"""
+
+
+def test_a_full_disk_under_the_cache_costs_the_caching_never_the_run(tiny_bert, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tiny_bert), str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "misses 40" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "cannot write to the embedding cache" in line]
+    assert len(warnings) == 2 and "RECENGINE_CACHE_DIR" in warnings[0]  # once per cache object, not per shard
+    assert not list((tmp_path / "cache").rglob("shard-*.npz")) and not list((tmp_path / "cache").rglob(".tmp-*"))

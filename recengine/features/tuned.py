@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import recengine
 from recengine.adapters import Adapter, AdaptedEncoder as _AdaptedEncoder, naive_utc, tensors_digest
 from recengine.encoders import EmbeddingCache, create_encoder
-from recengine.errors import ConfigError
+from recengine.errors import ConfigError, DataError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
 from recengine.parts import learned_state
 from recengine.plugins import check_number
@@ -168,10 +168,23 @@ class TunedInterest:
         if self.mode in PREFIX:
             return self._fit_encoder(events, items, base)
         contexts, targets, held_out = self.training_pairs(events, base)
+        self._check_pairs(len(targets), events)
         result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
         self.last_tuning = (result, len(targets))  # the run's seconds, pairs/s and pairs, for `recengine tune`
         return {"projection": np.round(result.projection.astype(np.float64) * SCALE).astype(np.int32),
                 "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+
+    def _check_pairs(self, pairs: int, events: pl.DataFrame) -> None:
+        """Fewer than two pairs teach nothing (no negative in a batch): refuse, in `recengine tune` and in a
+        training alike, rather than hand the ranker an untuned space under a tuned name."""
+        if pairs >= 2:
+            return
+        last = events["timestamp"].max() if events.height else None
+        raise DataError(
+            f"tuned interest ({self.mode}, field '{self.field}'): only {pairs} next-item pair(s) in the {events.height:,} "
+            f"events it may learn from (up to {last}; a pair is a user's event after an earlier one of theirs, on an "
+            f"item with a '{self.field}' text); tuning learns from many thousands. Give more events (in a training: "
+            "a later [labels] learned_fraction, so more events come before the boundary), or drop the tuned parts.")
 
     def training_pairs(self, events: pl.DataFrame, base: ItemEmbeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pooled contexts (the interest profile before each event), target rows in `base`, and which
@@ -192,6 +205,7 @@ class TunedInterest:
     def _fit_encoder(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
         """Adapters (or, full, every weight) tuned on pairs whose users are the profile weights of their items (interest's)."""
         texts, weights, targets, held_out = self.encoder_pairs(events, items, base)
+        self._check_pairs(len(targets), events)
         adapters, result = tune_lora(self.encoder(), texts, weights, targets, held_out, rank=self.lora["rank"],
                                      alpha=self.lora["alpha"], full=self.mode == "full", adalora=self.adalora, **self.tuning)
         self.last_tuning = (result, len(targets))
