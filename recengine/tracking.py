@@ -20,6 +20,11 @@ What a person comparing runs sees:
   boosting iteration, a curve), `time/..._s`, and MLflow's `system/...` (CPU, memory, disk, network);
 - the datasets: the raw data with a digest of its content only, and the labelled example tables
   with a digest of that and the feature set's digest, so the same data shows the same digest.
+
+Faults (issue #25): a run records its process (`recengine.host`, `recengine.pid`, and on Linux the pid
+namespace and the process's start) so that a later run on the machine can end a run whose process died
+(SIGKILL, out of memory) as KILLED; SIGTERM ends the run KILLED as Ctrl-C does; `@champion` is compared
+and moved under a lock; a store with no room left gives a `StoreError` saying where the model was kept.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,7 +49,8 @@ import numpy as np
 
 from recengine.errors import ConfigError
 from recengine.featureset import FeatureSet
-from recengine.store import STORE_DIR, default_uri, tracking_uri
+from recengine.store import (STORE_DIR, StoreError, default_uri, open_store, out_of_space, sqlite_file, store_full,
+                             store_lock)
 from recengine.training import TrainResult, early_stopping_metric
 
 CHAMPION = "champion"
@@ -51,6 +61,12 @@ HEADLINE = ("ndcg@10", "ndcg@5", "recall@10", "hr@10", "mrr@10", "auc", "coverag
 # Seconds between samples of MLflow's system metrics: short trainings still record a few.
 SYSTEM_METRICS_INTERVAL_S = 2
 NAME_DIFFERENCES = 3  # differences spelled out in a run name; the description lists them all
+# A promotion waits this long for another one of the same model on a store without a local lock file.
+PROMOTION_WAIT_S = 120
+# A registry lock older than this is taken to be left by a process that died holding it.
+PROMOTION_LOCK_STALE_S = 600
+LOCK_SUFFIX = ".promotion-lock"
+log = logging.getLogger(__name__)
 
 
 def metric_key(name: str) -> str:
@@ -93,7 +109,8 @@ def training_run(
     store until `log_training`: a failed training leaves no files."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(open_store())
+    end_abandoned_runs(mlflow.MlflowClient())
     experiment_id = _experiment(mlflow, experiment)
     params = feature_set_params(feature_set)
     previous = _previous_run(mlflow, experiment_id)
@@ -101,22 +118,18 @@ def training_run(
     stem = Path(feature_set_path).stem if feature_set_path else feature_set.name
     name = run_name or run_name_for(stem, differences)
     tags = {"feature_set": feature_set.name, "feature_set.digest": feature_set_digest(feature_set),
-            **_git_tags(Path(feature_set_path) if feature_set_path else None)}
+            **_git_tags(Path(feature_set_path) if feature_set_path else None), **process_tags()}
     if feature_set_path:
         tags["feature_set.path"] = _shown_path(feature_set_path)
     _quiet_system_metrics_messages()
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     description = _description(feature_set, stem, previous, differences)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, description=description,
-                          log_system_metrics=True) as run:
+    with _open_run(mlflow, experiment_id=experiment_id, run_name=name, tags=tags, description=description,
+                   log_system_metrics=True) as run:
         mlflow.log_params(params)
         started = time.time()
-        try:
-            yield TrainingRun(run.info.run_id, experiment_id, name, started)
-        except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-            raise
+        yield TrainingRun(run.info.run_id, experiment_id, name, started)
         _await_a_system_sample(started)
 
 
@@ -128,22 +141,47 @@ def log_training(
     promote: bool = False,
     feature_set_path: str | Path | None = None,
     run_name: str | None = None,
+    model_folder: str | Path | None = None,
 ) -> LoggedRun:
     """Log `result` into the open `training_run` (or a run opened for it now, in `experiment`);
     register the model under `model_name` (if given) and move `@champion` to it when `promote` is set,
-    when there is none yet, or when it beats the champion's validation NDCG@10."""
+    when there is none yet, or when it beats the champion's validation NDCG@10. A store with no room
+    left raises `StoreError`, the trained model kept in `model_folder` (where it was saved already) or
+    else in a new temporary folder, which the message names."""
     import mlflow
 
     run = mlflow.active_run()
     if run is None:
         with training_run(feature_set, experiment, feature_set_path, run_name) as opened:
-            return _log(mlflow, result, feature_set, opened, model_name, promote)
+            return _log(mlflow, result, feature_set, opened, model_name, promote, model_folder)
     opened = TrainingRun(run.info.run_id, run.info.experiment_id, run.info.run_name, run.info.start_time / 1000)
-    return _log(mlflow, result, feature_set, opened, model_name, promote)
+    return _log(mlflow, result, feature_set, opened, model_name, promote, model_folder)
 
 
 def _log(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun, model_name: str | None,
-         promote: bool) -> LoggedRun:
+         promote: bool, model_folder: str | Path | None) -> LoggedRun:
+    try:
+        return _log_all(mlflow, result, feature_set, run, model_name, promote)
+    except Exception as exc:
+        reason = out_of_space(exc)
+        if reason is None:
+            raise
+        raise store_full(mlflow.get_tracking_uri(), reason, run.run_id, _keep_model(result, model_folder)) from exc
+
+
+def _keep_model(result: TrainResult, model_folder: str | Path | None) -> Path | None:
+    """Where the trained model survives a store that had no room for it: the folder it was saved to
+    already, else a new folder under the system's temporary folder (None when that has no room either)."""
+    if model_folder is not None and (Path(model_folder) / "model.txt").is_file():
+        return Path(model_folder)
+    try:
+        return Path(result.model.save(Path(tempfile.mkdtemp(prefix="recengine-model-")) / "model"))
+    except OSError:
+        return None
+
+
+def _log_all(mlflow, result: TrainResult, feature_set: FeatureSet, run: TrainingRun, model_name: str | None,
+             promote: bool) -> LoggedRun:
     clock = time.perf_counter()
     spec = result.model.spec
     mlflow.set_tags({"dataset": result.lineage["dataset"], "data.digest": result.lineage["digest"],
@@ -178,16 +216,14 @@ def check_model_name(name: str) -> None:
 @contextmanager
 def tuning_run(experiment: str = "recengine-tuning", run_name: str | None = None, tags: dict[str, str] | None = None):
     """An MLflow run for one `recengine tune`, in the project's store; yields the run's id. A failure
-    ends it FAILED with the message in the `error` tag."""
+    ends it FAILED with the message in the `error` tag (SIGTERM or Ctrl-C: KILLED)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(experiment_id=_experiment(mlflow, experiment), run_name=run_name, tags=tags) as run:
-        try:
-            yield run.info.run_id
-        except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-            raise
+    mlflow.set_tracking_uri(open_store())
+    end_abandoned_runs(mlflow.MlflowClient())
+    with _open_run(mlflow, experiment_id=_experiment(mlflow, experiment), run_name=run_name,
+                   tags={**(tags or {}), **process_tags()}) as run:
+        yield run.info.run_id
 
 
 def log_tuning(mlflow, params: dict[str, Any], state: dict[str, Any], adapter: Path | None = None,
@@ -256,7 +292,8 @@ def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run
         tuned = part if callable(getattr(part, "adapter", None)) and callable(getattr(part, "settings", None)) else None
         params = tuned.settings() if tuned is not None else {k: json.dumps(v) for k, v in tables.get(key, {}).items()}
         with mlflow.start_run(experiment_id=run.experiment_id, run_name=f"{run.name} / {' + '.join(keys)}", nested=True,
-                              tags={"learned_parts": ",".join(keys), "learned_until": until.isoformat()}):
+                              tags={"learned_parts": ",".join(keys), "learned_until": until.isoformat(),
+                                    **process_tags()}):
             with tempfile.TemporaryDirectory() as folder:
                 adapter = None
                 if tuned is not None:
@@ -346,9 +383,16 @@ def _description(feature_set: FeatureSet, stem: str, previous, differences: list
 
 
 def _previous_run(mlflow, experiment_id: str):
-    runs = mlflow.MlflowClient().search_runs([experiment_id], "attributes.status = 'FINISHED'",
-                                             order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    """The experiment's latest finished training: a child run (a tuned part's curves, logged inside a
+    training) is part of its parent, not a training to compare with."""
+    client, token = mlflow.MlflowClient(), None
+    while True:
+        runs = client.search_runs([experiment_id], "attributes.status = 'FINISHED'", max_results=100,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        found = next((run for run in runs if "mlflow.parentRunId" not in run.data.tags), None)
+        if found is not None or not runs.token:
+            return found
+        token = runs.token
 
 
 def _shown_path(path: str | Path) -> str:
@@ -549,32 +593,322 @@ def _drop_local_paths(mlflow, info, scratch: Path) -> None:
 
 def _register(mlflow, logged: LoggedRun, name: str, result: TrainResult, feature_set: FeatureSet,
               promote: bool) -> LoggedRun:
-    """Register the logged model; the version says what it scored and why it is (not) the champion."""
-    from mlflow.exceptions import MlflowException
-
+    """Register the logged model; the version says what it scored and why it is (not) the champion.
+    Reading the champion, creating the version (its description and decision in the same call, so no
+    interruption leaves a version without them) and moving `@champion` happen under the promotion lock,
+    so two trainings finishing together compare with each other: the better one ends as champion and
+    only one is "the first version". SIGTERM waits until the step is done."""
+    client = mlflow.MlflowClient()
     score = result.metrics.get("ndcg@10", float("nan"))
     tags = {"ndcg_at_10": f"{score:.4f}", "run_name": logged.run_name, "feature_set": feature_set.name,
             "feature_set.digest": feature_set_digest(feature_set), "data.digest": result.lineage["digest"]}
-    version = str(mlflow.register_model(logged.model_uri, name, tags=tags).version)
-    client = mlflow.MlflowClient()
+    with _promotion_lock(mlflow, client, name), _sigterm_deferred():
+        reason, champion = _decision(client, name, score, promote)
+        tags["champion_decision"] = f"@{CHAMPION}: {reason}" if champion else reason
+        description = (f"Run `{logged.run_name}` ({logged.run_id}), feature set {feature_set.name}, data "
+                       f"{result.lineage['dataset']} (digest {result.lineage['digest']}): validation NDCG@10 "
+                       f"{score:.4f}. {reason[0].upper()}{reason[1:]}.")
+        version = _create_version(client, name, logged, tags, description)
+        if champion:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    logged.registered, logged.version, logged.champion = name, version, champion
+    return logged
+
+
+def _decision(client, name: str, score: float, promote: bool) -> tuple[str, bool]:
+    """Why a version scoring `score` is (not) the champion, and whether it is."""
+    from mlflow.exceptions import MlflowException
+
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
         best = client.get_run(current.run_id).data.metrics.get(PRIMARY_METRIC, float("-inf"))
     except MlflowException:
-        current, best = None, float("-inf")
-    if current is None:
-        reason, champion = "the first version: no champion yet", True
-    elif score > best:
-        reason, champion = f"beats the champion, version {current.version} (validation NDCG@10 {best:.4f})", True
+        return "the first version: no champion yet", True
+    if score > best:
+        return f"beats the champion, version {current.version} (validation NDCG@10 {best:.4f})", True
+    reason = f"does not beat the champion, version {current.version} (validation NDCG@10 {best:.4f})"
+    return (f"promoted with --promote although it {reason}", True) if promote else (reason, False)
+
+
+def _create_version(client, name: str, logged: LoggedRun, tags: dict[str, str], description: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    model_id = logged.model_uri.removeprefix("models:/")
+    return str(client.create_model_version(name, logged.model_uri, run_id=logged.run_id, tags=tags,
+                                           description=description, model_id=model_id).version)
+
+
+# -- concurrent promotions ---------------------------------------------------------------------------
+
+@contextmanager
+def _promotion_lock(mlflow, client, name: str) -> Iterator[None]:
+    """One promotion of a store at a time: a lock file beside a local SQLite registry; for other stores
+    (a tracking server, a database server) an entry the registry creates for one caller only."""
+    uri = mlflow.get_registry_uri()
+    if sqlite_file(uri) is not None:
+        with store_lock(uri):
+            yield
     else:
-        reason = f"does not beat the champion, version {current.version} (validation NDCG@10 {best:.4f})"
-        reason, champion = (f"promoted with --promote although it {reason}", True) if promote else (reason, False)
-    logged.registered, logged.version = name, version
-    client.update_model_version(name, version, description=(
-        f"Run `{logged.run_name}` ({logged.run_id}), feature set {feature_set.name}, data {result.lineage['dataset']} "
-        f"(digest {result.lineage['digest']}): validation NDCG@10 {score:.4f}. {reason[0].upper()}{reason[1:]}."))
-    client.set_model_version_tag(name, version, "champion_decision", f"@{CHAMPION}: {reason}" if champion else reason)
-    if champion:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    logged.champion = champion
-    return logged
+        with registry_lock(client, name):
+            yield
+
+
+@contextmanager
+def registry_lock(client, name: str, wait_s: float = PROMOTION_WAIT_S) -> Iterator[None]:
+    """Hold the registered model `<name>.promotion-lock`, which only one caller can create (the registry
+    refuses a second with RESOURCE_ALREADY_EXISTS); deleted when done. One whose process is gone, or
+    older than PROMOTION_LOCK_STALE_S, is taken away."""
+    from mlflow.exceptions import MlflowException
+
+    lock, deadline = f"{name}{LOCK_SUFFIX}", time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags=process_tags(), description=(
+                f"Held while a recengine training moves @{CHAMPION} of {name}; deleted when it is done."))
+            break
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        if _stale_lock(client, lock):
+            with suppress(MlflowException):  # (another waiter may have taken it away first)
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise StoreError(f"Another training has been moving @{CHAMPION} of {name} for over {wait_s:.0f} s (it "
+                             f"holds the registered model {lock}). Wait for it and train again; if no training is "
+                             f"running, delete {lock} in the MLflow UI first.")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException as exc:
+            log.warning("could not delete the registry lock %s (%s); delete it in the MLflow UI if promotions of %s "
+                        "wait for it", lock, exc, name)
+
+
+def _stale_lock(client, lock: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return False  # released meanwhile: try again
+    age_s = time.time() - held.creation_timestamp / 1000
+    return age_s > PROMOTION_LOCK_STALE_S or process_gone(held.tags)
+
+
+# -- processes that ended without closing their run (issue #25) ---------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during a run (`timeout`, a container stop, `kill`): raised where Ctrl-C raises
+    KeyboardInterrupt, so the run ends KILLED and the CLI stops as it does on Ctrl-C."""
+
+
+@dataclass
+class _Sigterm:
+    deferred: bool = False
+    pending: bool = False
+    raised: bool = False
+
+
+_sigterm = _Sigterm()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a run is open, SIGTERM raises `Terminated` instead of ending the process on the spot (which
+    leaves the run RUNNING). Only where SIGTERM's handler is the default one and only in the main thread
+    (the one place Python runs signal handlers); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        if _sigterm.deferred:
+            _sigterm.pending = True
+        elif not _sigterm.raised:  # a second SIGTERM lets the first one's cleanup finish
+            _sigterm.raised = True
+            raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm.deferred = _sigterm.pending = _sigterm.raised = False
+
+
+@contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """SIGTERM waits until the block is done (a promotion: version, description and alias together)."""
+    _sigterm.deferred = True
+    try:
+        yield
+    finally:
+        _sigterm.deferred = False
+    if _sigterm.pending and not _sigterm.raised:
+        _sigterm.pending, _sigterm.raised = False, True
+        raise Terminated("SIGTERM")
+
+
+@contextmanager
+def _open_run(mlflow, **start: Any) -> Iterator[Any]:
+    """`mlflow.start_run(**start)`, ended FINISHED; on an exception ended FAILED (SIGTERM or Ctrl-C: KILLED)
+    with the reason in the `error` tag and its pending logged models marked FAILED. A store that cannot
+    be written at the start raises StoreError."""
+    with _sigterm_raises():
+        try:
+            run = mlflow.start_run(**start)
+        except Exception as exc:
+            reason = out_of_space(exc)
+            if reason is None:
+                raise
+            raise StoreError(f"The MLflow store {mlflow.get_tracking_uri()} cannot take a new run ({reason}). Free "
+                             "space on its disk, or set MLFLOW_TRACKING_URI to a store elsewhere.") from exc
+        try:
+            yield run
+        except BaseException as exc:
+            _end_failed(mlflow, run.info, exc)
+            raise
+        mlflow.end_run()
+
+
+def _end_failed(mlflow, info, exc: BaseException) -> None:
+    """End the active run after `exc`; when the store cannot be written (no room left) the run stays
+    RUNNING, and the next run on this machine ends it, its process being gone."""
+    if isinstance(exc, Terminated):
+        why = "Terminated: SIGTERM (a `timeout`, a container stop or `kill`) stopped the process"
+    elif isinstance(exc, KeyboardInterrupt):
+        why = "KeyboardInterrupt: stopped with Ctrl-C"
+    else:
+        why = f"{type(exc).__name__}: {exc}"[:4000]
+    # (Failures here are logged at debug level only: `exc` is what the user needs to read.)
+    try:
+        mlflow.set_tag("error", why)
+        _fail_pending_models(mlflow.MlflowClient(), info.experiment_id, info.run_id, why)
+    except Exception as error:
+        log.debug("could not record why run %s ended: %s", info.run_id, error)
+    try:
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    except Exception as error:
+        log.debug("could not end run %s: %s", info.run_id, error)
+
+
+def process_tags() -> dict[str, str]:
+    """The run's process: host and pid, and on Linux its pid namespace and start (boot id and start
+    tick), so that a later run can tell a dead process from a live one that reuses the pid."""
+    tags = {"recengine.host": socket.gethostname(), "recengine.pid": str(os.getpid())}
+    namespace, start = _pid_namespace(), _process_start(os.getpid())
+    if namespace:
+        tags["recengine.pid_namespace"] = namespace
+    if start:
+        tags["recengine.process_start"] = start
+    return tags
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process `process_tags` recorded has ended: only for one on this host and pid namespace
+    (another machine's or container's processes cannot be seen from here)."""
+    if tags.get("recengine.host") != socket.gethostname() or not tags.get("recengine.pid", "").isdigit():
+        return False
+    if tags.get("recengine.pid_namespace", _pid_namespace()) != _pid_namespace():
+        return False
+    pid = int(tags["recengine.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start(pid)
+    recorded = tags.get("recengine.process_start")
+    return start == "zombie" or (recorded is not None and start is not None and start != recorded)
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """`<boot id>:<start tick>` of a process (Linux), "zombie" for one that ended and awaits its parent."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return "zombie" if fields[0] in ("Z", "X") else f"{boot}:{fields[19]}"
+
+
+def end_abandoned_runs(client) -> list[str]:
+    """End as KILLED the RUNNING runs of this machine whose process is gone (killed with SIGKILL, out of
+    memory, a crash): the `error` tag says so, their pending logged models are marked FAILED, and a
+    registration they left half done is described. Returns their ids. Called as each run starts; a
+    store that cannot be searched is left as it is (the run's own start reports it)."""
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        query = f"attributes.status = 'RUNNING' AND tags.`recengine.host` = '{socket.gethostname()}'"
+        runs = client.search_runs(experiments, query, max_results=1000) if experiments else []
+    except Exception as exc:
+        log.warning("could not look for runs left RUNNING: %s", (str(exc).strip().splitlines() or [repr(exc)])[0])
+        return []
+    ended = []
+    for run in runs:
+        if process_gone(run.data.tags):
+            _end_abandoned(client, run)
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _end_abandoned(client, run) -> None:
+    tags, run_id = run.data.tags, run.info.run_id
+    why = (f"Killed: process {tags['recengine.pid']} on {tags['recengine.host']} ended without closing this run "
+           "(SIGKILL, out of memory, a crash or a power loss); marked KILLED by a later recengine run at "
+           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    client.set_tag(run_id, "error", tags.get("error") or why)
+    client.set_tag(run_id, "recengine.ended", why)
+    _fail_pending_models(client, run.info.experiment_id, run_id, why)
+    _settle_versions(client, run_id)
+    client.set_terminated(run_id, "KILLED", end_time=_last_seen(client, run))
+
+
+def _fail_pending_models(client, experiment_id: str, run_id: str, why: str) -> None:
+    """Mark FAILED the run's logged models still PENDING (their files may be partial: a truncated model.txt)."""
+    # (Filtered here: the SQL store keeps the status as a number, and `status = 'PENDING'` finds nothing.)
+    models = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+    for model in [m for m in models if str(m.status) == "PENDING"]:
+        client.set_logged_model_tags(model.model_id, {"error": f"not complete: {why}"})
+        client.finalize_logged_model(model.model_id, "FAILED")
+
+
+def _settle_versions(client, run_id: str) -> None:
+    """A registration the killed process left half done: a version without its description, or one
+    that says it is the champion although the process died before moving @champion to it."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        name, number = version.name, version.version
+        claimed = (version.tags.get("champion_decision") or "").startswith(f"@{CHAMPION}")
+        if not version.description:
+            client.update_model_version(name, number, description=(
+                f"Registered by run {run_id}, whose process was killed before the registration was finished: "
+                f"not compared with @{CHAMPION}, which did not move here."))
+            client.set_model_version_tag(name, number, "champion_decision", "undecided: the process was killed")
+        elif claimed and CHAMPION not in version.aliases:
+            note = f"its process was killed before @{CHAMPION} moved here; @{CHAMPION} did not move"
+            client.update_model_version(name, number, description=f"{version.description} But {note}.")
+            decision = f"{version.tags['champion_decision']}; {note}"
+            client.set_model_version_tag(name, number, "champion_decision", decision)
+
+
+def _last_seen(client, run) -> int | None:
+    """When the run was last alive (its last system metric sample, in ms), else None (now)."""
+    history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    return max((m.timestamp for m in history), default=None)

@@ -1,6 +1,7 @@
 """MLflow tracking against a real SQLite store in ./mlruns, and the tracking server's REST API."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -335,3 +336,52 @@ def test_data_digest_is_the_same_in_another_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).parents[1]).stdout.strip()
     assert other == data_digest(interactions().sample(fraction=1.0, shuffle=True, seed=3), catalogue())
+
+
+def test_a_run_is_compared_with_the_previous_training_not_its_nested_runs(tmp_path, monkeypatch):
+    """A tuned training logs its tuning as a child run, which starts after its parent: the next training
+    compares itself with the parent (a training), not with that child."""
+    import mlflow
+    from mlflow.entities import Param
+    from recengine.tracking import feature_set_params, training_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.create_experiment("nested")
+    parent = client.create_run(experiment, start_time=1_000, run_name="before")
+    params = feature_set_params(feature_set(learning_rate=0.1))
+    client.log_batch(parent.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    child = client.create_run(experiment, start_time=2_000, run_name="before / tuned_interest",
+                              tags={"mlflow.parentRunId": parent.info.run_id})
+    client.log_param(child.info.run_id, "mode", "head")
+    for run in (parent, child):
+        client.set_terminated(run.info.run_id)
+    with pytest.raises(ValueError), training_run(feature_set(), "nested") as opened:
+        raise ValueError("only named")
+    assert opened.name == "synthetic (learning_rate=0.05)"
+    assert f"previous run `before` ({parent.info.run_id})" in client.get_run(opened.run_id).data.tags["mlflow.note.content"]
+
+
+def test_the_registry_lock_admits_one_holder_and_takes_over_a_dead_ones(tmp_path, monkeypatch):
+    """The promotion lock of stores without a local lock file (a tracking server): a registered model
+    only one caller can create."""
+    import mlflow
+    from recengine.store import StoreError, open_store
+    from recengine.tracking import process_tags, registry_lock
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = open_store()
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    with registry_lock(client, "shop"):
+        with pytest.raises(StoreError, match="Another training has been moving @champion of shop .*shop.promotion-lock"):
+            with registry_lock(client, "shop", wait_s=0.3):
+                pass
+    assert not client.search_registered_models("name = 'shop.promotion-lock'")  # released
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait(timeout=60)
+    client.create_registered_model("shop.promotion-lock", tags={**process_tags(), "recengine.pid": str(ended.pid)})
+    with registry_lock(client, "shop", wait_s=0.3):  # its holder is gone: taken over at once
+        assert client.get_registered_model("shop.promotion-lock").tags["recengine.pid"] == str(os.getpid())
