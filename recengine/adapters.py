@@ -165,6 +165,7 @@ def parse_adapter(data: bytes, source: str) -> Adapter:
         raise DataError(f"adapter {source}: its tensors do not match the digest recorded in it "
                         f"({str(meta.get('digest'))[:16]}...): the file was altered or damaged. Write it again with "
                         "`recengine tune`, or give the URI of the copy logged in MLflow.")
+    _check_finite(tensors, source)
     known = {"format", "mode", "encoder", "encoder_params", "base_id", "lora_rank", "lora_alpha", "lora_modules",
              "field", "tuned_until", "digest"}
     try:
@@ -176,6 +177,16 @@ def parse_adapter(data: bytes, source: str) -> Adapter:
                        extra={k: v for k, v in meta.items() if k not in known})
     except (KeyError, ValueError, TypeError) as exc:
         raise DataError(damaged.format(f"metadata {type(exc).__name__}: {exc}")) from None
+
+
+def _check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
+    """A NaN or infinite weight makes every embedding NaN: refuse it here (the digest cannot tell, since it
+    was computed over the same values), not after a catalogue has been encoded to nothing."""
+    bad = sorted(name for name, value in tensors.items() if value.dtype.kind in "fc" and not np.isfinite(value).all())
+    if bad:
+        raise DataError(f"adapter {source}: tensor {bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} "
+                        "holds NaN or infinite values (the tuning diverged, or the file was altered). Tune again with "
+                        "`recengine tune` (a lower --param lr), or give another adapter.")
 
 
 def _utc(moment: datetime) -> datetime:
@@ -196,8 +207,10 @@ class AdaptedEncoder:
 
     def __init__(self, encoder, adapters: dict[str, np.ndarray], digest: str, rank: int = 8, alpha: int = 16,
                  full: bool = False, *, mode: str | None = None, until: datetime | None = None,
-                 modules: tuple[str, ...] = ("query", "value")):
+                 modules: tuple[str, ...] = ("query", "value"), source: str = ""):
+        # `source`: where the adapter came from (a path or URI), for messages.
         self.encoder, self.adapters, self.rank, self.alpha, self.full = encoder, adapters, rank, alpha, full
+        self.source = source
         self.mode = mode or ("full" if full else "lora")
         self.full = self.mode == "full"
         self.until, self.modules = until, tuple(modules)
@@ -209,13 +222,30 @@ class AdaptedEncoder:
         self._model = None
 
     @classmethod
-    def from_adapter(cls, encoder, adapter: Adapter) -> "AdaptedEncoder":
+    def from_adapter(cls, encoder, adapter: Adapter, source: str = "") -> "AdaptedEncoder":
         return cls(encoder, adapter.tensors, adapter.digest[:24], adapter.lora_rank, adapter.lora_alpha,
-                   mode=adapter.mode, until=adapter.until, modules=adapter.lora_modules)
+                   mode=adapter.mode, until=adapter.until, modules=adapter.lora_modules, source=source)
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """One unit vector per text. A row the adapter makes NaN, infinite or zero (weights of zeros, or
+        overflowing) is refused: as a missing embedding it would silently drop the item from every feature."""
         if self.mode == "head":
-            return self._encode_head(texts)
+            vectors, expected = self._encode_head(texts)
+        else:
+            vectors = self._encode_model(texts)
+            expected = np.ones(len(vectors), dtype=bool)  # a text model embeds every text
+        with np.errstate(invalid="ignore", over="ignore"):
+            unit = np.isfinite(vectors).all(axis=1) & (np.linalg.norm(vectors, axis=1) > 0.5)
+        broken = np.flatnonzero(expected & ~unit)
+        if len(broken):
+            raise DataError(
+                f"adapted encoder {self.id}: the adapter{f' {self.source}' if self.source else ''} turns "
+                f"{len(broken):,} of {len(texts):,} texts (the first {texts[broken[0]]!r}) into NaN, infinite or zero "
+                "vectors: its weights are degenerate (all zeros, say) or were altered. Tune it again with "
+                "`recengine tune`, or drop the adapter from the encoder's parameters.")
+        return vectors
+
+    def _encode_model(self, texts: list[str]) -> np.ndarray:
         import torch
 
         from recengine.tuning import AdaloraSchedule, encode_catalogue, lora_model
@@ -238,14 +268,17 @@ class AdaptedEncoder:
         with torch.no_grad():
             return encode_catalogue(torch, self._model, self.encoder, token_ids)
 
-    def _encode_head(self, texts: list[str]) -> np.ndarray:
+    def _encode_head(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The mapped vectors, and which rows the base encoder embedded (a NaN base row, no embedding
+        for that value, stays NaN)."""
         from recengine.features.interest import on_grid
 
         base = on_grid(self.encoder.encode(list(texts)))
         mapped = base @ (self.adapters["projection"].astype(np.float64) / SCALE)
         with np.errstate(invalid="ignore", divide="ignore"):
             # On the grid, every value is exact in float32: the cache and the tuned part hold the same numbers.
-            return on_grid(mapped / np.linalg.norm(mapped, axis=1, keepdims=True)).astype(np.float32)
+            vectors = on_grid(mapped / np.linalg.norm(mapped, axis=1, keepdims=True)).astype(np.float32)
+        return vectors, np.isfinite(base).all(axis=1)
 
 
 def adapted_encoder(name: str, params: dict[str, Any], base, uri: str) -> AdaptedEncoder:
@@ -262,4 +295,4 @@ def adapted_encoder(name: str, params: dict[str, Any], base, uri: str) -> Adapte
             f"(id {adapter.base_id}), but it is given to encoder '{name}' with {json.dumps(given, sort_keys=True)} "
             f"(id {base.id}). Give the encoder the base model the adapter was tuned on, or tune one for this model "
             "with `recengine tune`.")
-    return AdaptedEncoder.from_adapter(base, adapter)
+    return AdaptedEncoder.from_adapter(base, adapter, str(uri))

@@ -71,10 +71,42 @@ RESERVED_RANKER_KEYS = {
     "force_row_wise": "recengine sets it",
     "force_col_wise": "recengine sets force_row_wise, and LightGBM refuses both",
 }
+# LightGBM parameters that make training read or write files, or open network sockets (distributed
+# training binds a port and waits for peers, and segfaults when none come): a feature set, or the spec
+# of a model folder someone sent, must not reach the file system or the network through them.
+UNSAFE_RANKER_KEYS = {
+    "config": "it reads a LightGBM configuration file",
+    "task": "recengine runs the training task itself",
+    "data": "it names a training data file to read; recengine builds the training data itself",
+    "valid": "it names validation data files to read; recengine builds the validation data itself",
+    "input_model": "it reads a model file to continue training from",
+    "output_model": "it writes a model file; recengine writes the model folder itself",
+    "snapshot_freq": "it writes model snapshots to files",
+    "save_binary": "it writes the training data to a binary file",
+    "output_result": "it writes predictions to a file",
+    "convert_model": "it writes the model as code to a file",
+    "convert_model_language": "it writes the model as code to a file",
+    "forcedsplits_filename": "it reads a file of forced splits",
+    "forcedbins_filename": "it reads a file of bin bounds",
+    "parser_config_file": "it reads a parser configuration file",
+    "machines": "distributed training opens network sockets",
+    "machine_list_filename": "it reads a file of machines for distributed training, which opens network sockets",
+    "local_listen_port": "distributed training opens network sockets",
+    "time_out": "distributed training opens network sockets",
+    "pre_partition": "it is for distributed training, which opens network sockets",
+}
+# Allowed only at the value that keeps training on this machine: (the value, why).
+LOCAL_RANKER_VALUES = {
+    "tree_learner": ("serial", "the other tree learners are distributed training, which opens network sockets"),
+    "num_machines": (1, "more machines is distributed training, which opens network sockets"),
+}
 FRACTION = {"above": 0, "maximum": 1}
+MAX_THREADS = 256  # more threads than any machine has cores; LightGBM segfaults creating 100,000
+MAX_BINS = 65_535  # histogram bins per feature (default 255); memory grows with it
 RANKER_RANGES: dict[str, dict[str, Any]] = {
     "learning_rate": {"above": 0},
-    "num_leaves": {"integer": True, "minimum": 2},
+    "num_leaves": {"integer": True, "minimum": 2, "maximum": 131_072},  # LightGBM's own bound
+    "num_threads": {"integer": True, "maximum": MAX_THREADS},  # 0 or less: LightGBM's default
     "max_depth": {"integer": True},
     "min_data_in_leaf": {"integer": True, "minimum": 0},
     "min_sum_hessian_in_leaf": {"minimum": 0},
@@ -85,7 +117,7 @@ RANKER_RANGES: dict[str, dict[str, Any]] = {
     "lambda_l1": {"minimum": 0},
     "lambda_l2": {"minimum": 0},
     "min_gain_to_split": {"minimum": 0},
-    "max_bin": {"integer": True, "minimum": 2},
+    "max_bin": {"integer": True, "minimum": 2, "maximum": MAX_BINS},
     "lambdarank_truncation_level": {"integer": True, "minimum": 1},
     "seed": {"integer": True, "minimum": 0, "maximum": 2**31 - 1},
     "num_boost_round": {"integer": True, "minimum": 1},
@@ -206,6 +238,13 @@ class FeatureSet:
                                       f"'{column}'; give one of them different parameters or drop it.")
                 owners[column] = name
 
+    def columns(self) -> list[str]:
+        """The model's inputs, in order: each source's score and rank, then each extractor's columns."""
+        from recengine.parts import candidate_columns
+
+        columns = [c for name in self.candidates for c in candidate_columns(name)]
+        return columns + [c for extractor in self.build_extractors() for c in extractor.columns]
+
     def to_dict(self) -> dict[str, Any]:
         """The plain-data form `from_dict` reads back: what a model spec stores."""
         keys = ("name", "description", "candidates", "features", "labels", "ranker", "exclude_seen")
@@ -297,6 +336,7 @@ def _check_ranker(given: dict[str, Any], source: str) -> dict[str, Any]:
                               "https://lightgbm.readthedocs.io/en/latest/Parameters.html")
         if main in RESERVED_RANKER_KEYS:
             raise ConfigError(f"{source}: [ranker] {key} cannot be set: {RESERVED_RANKER_KEYS[main]}. Remove it.")
+        _check_local(source, key, main, given[key])
         if main in named:
             raise ConfigError(f"{source}: [ranker] {named[main]} and {key} are the same LightGBM parameter "
                               f"({main}); keep one of them.")
@@ -307,6 +347,18 @@ def _check_ranker(given: dict[str, Any], source: str) -> dict[str, Any]:
     if set(named) - {*RANKER_RANGES, "objective", "refit", "eval_at"}:  # parameters only LightGBM can judge
         _lightgbm_accepts(ranker, source)
     return ranker
+
+
+def _check_local(source: str, key: str, main: str, value: Any) -> None:
+    """Refuse LightGBM options that read or write files or open sockets (UNSAFE_RANKER_KEYS)."""
+    if main in UNSAFE_RANKER_KEYS:
+        raise ConfigError(f"{source}: [ranker] {key} = {value!r} cannot be set: {UNSAFE_RANKER_KEYS[main]}, and "
+                          "recengine trains on this machine, from memory, writing only its model folder. Remove it.")
+    if main in LOCAL_RANKER_VALUES:
+        allowed, why = LOCAL_RANKER_VALUES[main]
+        if value != allowed or isinstance(value, bool):
+            raise ConfigError(f"{source}: [ranker] {key} = {value!r} cannot be set: {why}. Remove it, or give "
+                              f"{key} = {allowed!r}.")
 
 
 def _check_ranker_value(part: str, key: str, main: str, value: Any) -> None:
@@ -321,6 +373,11 @@ def _check_ranker_value(part: str, key: str, main: str, value: Any) -> None:
             raise ConfigError(f"{part}: eval_at = {value!r}; give a list of cut-offs, e.g. [5, 10].")
         for cutoff in value:
             plugins.check_number(part, key, cutoff, integer=True, minimum=1)
+    elif main == "max_bin_by_feature":
+        if not isinstance(value, list):
+            raise ConfigError(f"{part}: {key} = {value!r}; give a list of bin counts, one per feature.")
+        for bins in value:
+            plugins.check_number(part, key, bins, integer=True, minimum=2, maximum=MAX_BINS)
     elif main in RANKER_RANGES:
         plugins.check_number(part, key, value, **RANKER_RANGES[main])
     elif not _plain(value):

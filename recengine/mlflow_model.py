@@ -18,10 +18,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+try:  # where recengine is installed, its checks of the folder: spec.json's schema and digest, model.txt's structure
+    from recengine.model import read_model_files
+except ImportError:  # LightGBM alone: the digest check below
+    read_model_files = None
+
 
 class LightGBMRanker(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         folder = Path(context.artifacts["ranker"])
+        if read_model_files is not None:
+            self.spec, text = read_model_files(folder)
+            self.booster = lgb.Booster(model_str=text)
+            return
         self.spec = json.loads((folder / "spec.json").read_text())
         text = (folder / "model.txt").read_bytes()
         # The digest recengine recorded: a truncated or swapped model.txt must not score (LightGBM

@@ -179,10 +179,7 @@ def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: Fe
 
 def feature_columns(feature_set: FeatureSet) -> list[str]:
     """The model's inputs, in order: each source's score and rank, then each extractor's columns."""
-    columns = [c for name in feature_set.candidates for c in candidate_columns(name)]
-    for extractor in feature_set.build_extractors():
-        columns.extend(extractor.columns)
-    return columns
+    return feature_set.columns()
 
 
 def fit(

@@ -169,3 +169,45 @@ def test_a_regular_install_carries_the_bundled_feature_sets(tmp_path):
                             "print(resolve('movielens'), FeatureSet.load('impressions').name)"],
                            cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
     assert shown.stdout.split() == [str(target / "recengine" / "feature_sets" / "movielens.toml"), "impressions"]
+
+
+# [ranker] options that would make training read or write files or open sockets (`machines` binds a port
+# and then segfaults), and resource options past their bounds (`num_threads = 100000` segfaults): #25.
+@pytest.mark.parametrize("ranker, expect", [
+    ({"machines": "127.0.0.1:12400,127.0.0.1:12401"}, "machines = '127.0.0.1:12400,127.0.0.1:12401' cannot be set: distributed"),
+    ({"workers": "127.0.0.1:12400"}, "workers = '127.0.0.1:12400' cannot be set: distributed"),  # an alias
+    ({"local_listen_port": 12400}, "local_listen_port = 12400 cannot be set: distributed"),
+    ({"machine_list_filename": "hosts.txt"}, "machine_list_filename = 'hosts.txt' cannot be set: it reads a file"),
+    ({"tree_learner": "data"}, "tree_learner = 'data' cannot be set: .*distributed.*tree_learner = 'serial'"),
+    ({"tree": "voting"}, "tree = 'voting' cannot be set"),
+    ({"num_machines": 2}, "num_machines = 2 cannot be set"),
+    ({"forcedbins_filename": "/etc/passwd"}, "forcedbins_filename = '/etc/passwd' cannot be set: it reads a file"),
+    ({"forced_splits": "splits.json"}, "forced_splits = 'splits.json' cannot be set: it reads a file"),
+    ({"input_model": "old.txt"}, "input_model = 'old.txt' cannot be set: it reads a model file"),
+    ({"output_model": "/tmp/model.txt"}, "output_model = '/tmp/model.txt' cannot be set: it writes a model file"),
+    ({"save_binary": True}, "save_binary = True cannot be set: it writes"),
+    ({"config": "train.conf"}, "config = 'train.conf' cannot be set"),
+    ({"num_threads": 100_000}, "num_threads = 100000; give a whole number at most 256"),
+    ({"n_jobs": 100_000}, "n_jobs = 100000; give a whole number at most 256"),
+    ({"num_leaves": 1_000_000}, "num_leaves = 1000000; give a whole number 2 or more and at most 131072"),
+    ({"max_bin": 10**7}, "max_bin = 10000000; give a whole number 2 or more and at most 65535"),
+    ({"max_bin_by_feature": [255, 10**7]}, "max_bin_by_feature = 10000000; give a whole number 2 or more and at most 65535"),
+])
+def test_ranker_options_that_reach_files_sockets_or_unbounded_resources_are_refused(ranker, expect):
+    with pytest.raises(ConfigError, match=r"fs.toml: \[ranker\].*" + expect + r".*"):
+        FeatureSet.from_dict({"candidates": {"popular": {}}, "ranker": ranker}, "fs.toml")
+
+
+def test_ranker_options_at_their_local_values_and_within_bounds_are_accepted():
+    ranker = {"tree_learner": "serial", "num_machines": 1, "num_threads": 4, "max_bin": 1023, "num_leaves": 127}
+    assert {k: v for k, v in FeatureSet.from_dict({"candidates": {"popular": {}}, "ranker": ranker}).ranker.items()
+            if k in ranker} == ranker
+
+
+@pytest.mark.parametrize("params, expect", [
+    ({"mode": "lora", "lora_rank": 100_000}, "lora_rank = 100000; give a whole number 1 or more and at most 256"),
+    ({"mode": "adalora", "lora_rank": 8, "adalora_init_rank": 4096}, "adalora_init_rank = 4096; give a whole number 8 or more and at most 256"),
+])
+def test_tuned_ranks_are_bounded(params, expect):
+    with pytest.raises(ConfigError, match=r"\[features.tuned_interest\].*" + expect):
+        FeatureSet.from_dict({"candidates": {"popular": {}}, "features": {"tuned_interest": params}})

@@ -11,7 +11,7 @@ import pytest
 
 from recengine.data import Dataset
 from recengine.errors import ConfigError
-from recengine.model import MODEL_FILE, SPEC_FILE, RankerModel, check_model_destination, check_writable
+from recengine.model import MODEL_FILE, SPEC_DIGEST, SPEC_FILE, RankerModel, check_model_destination, check_writable
 from recengine.training import train
 
 from synthetic import catalogue, feature_set, interactions
@@ -79,7 +79,7 @@ def test_the_spec_records_the_model_files_digest_and_a_changed_file_is_refused(m
 def test_a_model_saved_without_digests_still_loads(model, tmp_path):
     folder = model.save(tmp_path / "model")
     spec = json.loads((folder / SPEC_FILE).read_text())
-    del spec["files"]
+    del spec["files"], spec[SPEC_DIGEST]  # as a spec.json written before either digest was recorded
     (folder / SPEC_FILE).write_text(json.dumps(spec))
     loaded = RankerModel.load(folder)
     matrix = np.random.default_rng(0).random((5, len(model.features)))
@@ -102,9 +102,15 @@ def test_an_invalid_spec_is_a_clear_error(model, tmp_path, content, expect):
 def test_a_model_text_lightgbm_rejects_is_a_clear_error(model, tmp_path):
     folder = model.save(tmp_path / "model")
     spec = json.loads((folder / SPEC_FILE).read_text())
-    del spec["files"]
+    del spec["files"], spec[SPEC_DIGEST]
     (folder / SPEC_FILE).write_text(json.dumps(spec))
+    text = (folder / MODEL_FILE).read_text()
     (folder / MODEL_FILE).write_text("tree\nversion=v4\n\nend of trees\n")
+    with pytest.raises(ConfigError, match="incomplete LightGBM model"):
+        RankerModel.load(folder)
+    # Well formed, but its parameters are not what LightGBM's reader turns into JSON.
+    assert "\n[eval_at: 5,10]\n" in text
+    (folder / MODEL_FILE).write_text(text.replace("\n[eval_at: 5,10]\n", "\n[eval_at: x]\n"))
     with pytest.raises(ConfigError, match="LightGBM cannot read it"):
         RankerModel.load(folder)
 

@@ -15,6 +15,7 @@ from recengine import Ranker
 from recengine.data import Dataset
 from recengine.encoders import EmbeddingCache
 from recengine.errors import ConfigError
+from recengine.model import spec_digest
 from recengine.featureset import FeatureSet
 from recengine.training import train
 
@@ -154,6 +155,7 @@ def test_load_from_an_mlflow_uri_and_refuse_a_missing_plugin(served, tmp_path, m
     shutil.copytree(folder / "model", broken)
     spec = json.loads((broken / "spec.json").read_text())
     spec["parts"].append({"kind": "encoders", "name": "clip", "plugin": "recengine-clip", "version": "2.0"})
+    spec["spec_sha256"] = spec_digest(spec)  # a consistent edit: only the plugin check may refuse it
     (broken / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="recengine-clip"):
         Ranker.load(broken, events, items)

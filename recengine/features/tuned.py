@@ -39,6 +39,9 @@ from recengine.tuning import AdaloraSchedule, adalora_ranks, next_item_pairs, tu
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
 MODES = ("head", "lora", "adalora", "full")
 PREFIX = {"lora": "lora:", "adalora": "adalora:", "full": "weights:"}  # the state's names of the encoder's tuned weights
+# The largest LoRA / AdaLoRA rank: beyond it an adapter is no longer low-rank, and memory and time grow
+# with the rank (two d x rank matrices per adapted module, d x rank gradients and optimiser state).
+MAX_RANK = 256
 
 
 def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -119,12 +122,12 @@ class TunedInterest:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
                               "on the frozen, cached embeddings; lora: adapters in the encoder's attention; adalora: "
                               "adapters whose ranks are allocated where tuning needs them; full: every weight of the encoder).")
-        check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1)
+        check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1, maximum=MAX_RANK)
         check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
         self.adalora = None
         if mode == "adalora":
-            check_number(self.part, "adalora_init_rank", adalora_init_rank, integer=True, minimum=lora_rank)
+            check_number(self.part, "adalora_init_rank", adalora_init_rank, integer=True, minimum=lora_rank, maximum=MAX_RANK)
             check_number(self.part, "adalora_interval", adalora_interval, integer=True, minimum=1)
             check_number(self.part, "adalora_warmup", adalora_warmup, minimum=0, below=1)
             check_number(self.part, "adalora_final", adalora_final, minimum=0, below=1)
