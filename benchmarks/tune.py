@@ -198,7 +198,7 @@ def main() -> None:
     rates = {m: statistics.median(i[m]["train_pairs_s"] for i in infos) for m in modes}
     for mode in modes:
         median = lambda key: statistics.median(i[mode][key] for i in infos)
-        versus = "".join(f"{rates[mode] / rates[peer]:8.3f}x" if peer in rates else f"{'-':>9}" for peer in ("head", "lora"))
+        versus = "".join(f"{rates[mode] / rates[peer]:8.3g}x" if peer in rates else f"{'-':>9}" for peer in ("head", "lora"))
         print(f"{mode:10}{median('tune_s'):16.1f}{rates[mode]:18,.1f}{versus}{median('recall_frozen'):18.4f}"
               f"{median('recall_tuned'):17.4f}{median('peak_mb'):9.0f}")
 

@@ -19,8 +19,11 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,7 +34,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recengine.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
-from recengine.errors import ConfigError, DataError
+from recengine.errors import ConfigError, DataError, RecengineError
 from recengine.extractors import FeatureContext
 from recengine.model import RankerModel, check_writable
 from recengine.topk import top_k
@@ -78,22 +81,26 @@ def rank_file(
     work = work_folder(output)
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
     bucket = chunk_of(chunks)
-    bar = tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress)
+    # Checked before the worker starts (a damaged part found here changes the manifest, which the
+    # worker writes as chunks finish) and before the bar is drawn (they are said on stderr).
+    finished = {chunk for chunk in range(chunks) if manifest.done(chunk, part_path(work, chunk))}
     skipped = 0
 
     def finish(chunk: int, part: Path, features: list, height: int, dropped: int) -> None:
-        write_parquet_atomic(scorer.top(features), part)
+        write_parquet_atomic(scorer.top(features), part, rerun=resume_advice(work))
         manifest.finish(chunk, height, dropped)
         bar.update(height)
 
     # A chunk's predict, top k and write run in a worker while the next chunk's features are built:
     # LightGBM releases the GIL and the features mostly use one core. One chunk in flight at a time
-    # keeps memory flat and the manifest written in chunk order.
-    with ThreadPoolExecutor(max_workers=1) as worker:
+    # keeps memory flat and the manifest written in chunk order. The bar is closed however the job
+    # ends, so an error's message starts on a line of its own.
+    with tqdm(total=total, desc="ranking", unit="row", unit_scale=True, disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as worker:
         pending: Future | None = None
         for chunk in range(chunks):
             part = part_path(work, chunk)
-            if manifest.done(chunk, part):
+            if chunk in finished:
                 skipped += 1
                 bar.update(manifest.rows[str(chunk)])
                 continue
@@ -105,7 +112,6 @@ def rank_file(
             pending = worker.submit(finish, chunk, part, features, batch.height, dropped)
         if pending is not None:
             pending.result()
-    bar.close()
     requests = merge_parts(work, chunks, output, keys)
     return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output, manifest.duplicates())
 
@@ -128,11 +134,17 @@ def chunk_of(chunks: int) -> pl.Expr:
     return pl.col("user_id").hash(seed=0) % chunks
 
 
+def resume_advice(work: Path) -> str:
+    """What to do after a write failed mid-job (the end of its message): the finished chunks stay."""
+    return f"run the same command again: it resumes from the chunks already finished (kept in {work})"
+
+
 def merge_parts(work: Path, chunks: int, output: Path, keys: list[str]) -> int:
     """Concatenate the parts in chunk order into `output` (atomically), remove `work`; the requests written."""
     # The output (top k per request) is far smaller than the input, so the merge fits in memory.
     merged = pl.concat([pl.read_parquet(part_path(work, c)) for c in range(chunks)])
-    write_parquet_atomic(merged, output)
+    write_parquet_atomic(merged, output, rerun=f"run the same command again: every chunk is finished (kept in {work}), "
+                                               "so it only merges them")
     requests = merged.select(keys).n_unique() if merged.height else 0
     shutil.rmtree(work, ignore_errors=True)
     return requests
@@ -301,39 +313,132 @@ def _frame_digest(frame: pl.LazyFrame | None) -> str:
 
 
 class _Manifest:
-    """Which chunks are finished (and their input rows), kept as JSON and replaced atomically."""
+    """Which chunks are finished (their input rows, repeats dropped and part file's digest), kept as
+    JSON and replaced atomically. Damaged resume state never stops a job for good: a manifest that
+    cannot be read, or a finished chunk's part that fails its check, is moved into `damaged/` (said
+    once, on stderr) and its chunks are ranked again; a job that finishes removes it with the parts."""
 
     def __init__(self, folder: Path, fingerprint: dict[str, str]):
-        self.path = folder / "manifest.json"
-        folder.mkdir(parents=True, exist_ok=True)
-        self._lock = _exclusive(folder)
-        state: dict[str, Any] = {}
-        if self.path.exists():
-            state = json.loads(self.path.read_text())
-            if state.get("fingerprint") != fingerprint:
-                raise DataError(_mismatch(folder, state.get("fingerprint"), fingerprint))
+        self.folder, self.path = folder, folder / "manifest.json"
+        with _writing(folder, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lock = _exclusive(folder)
+        state = self._read(fingerprint)
         self.fingerprint = fingerprint
         self.rows: dict[str, int] = state.get("rows", {})
         self.dropped: dict[str, int] = state.get("duplicates", {})
+        self.digests: dict[str, str] = state.get("parts", {})  # absent from manifests of older recengines
         self._write()
 
     def done(self, chunk: int, part: Path) -> bool:
-        return str(chunk) in self.rows and part.exists()
+        """Whether `chunk` is finished: listed, with its part as it was written. A listed part that is
+        missing or fails its check is forgotten (a damaged one set aside), so the chunk is ranked again."""
+        key = str(chunk)
+        if key not in self.rows:
+            return False
+        problem = _part_problem(part, self.digests.get(key)) if part.exists() else "missing"
+        if problem is None:
+            return True
+        if problem != "missing":
+            target = _set_aside(part, self.folder)
+            print(f"recengine: {part} is damaged ({problem}); moved it to {target} and ranking chunk {chunk} again.",
+                  file=sys.stderr)
+        for table in (self.rows, self.dropped, self.digests):
+            table.pop(key, None)
+        return False
 
     def finish(self, chunk: int, rows: int, duplicates: int = 0) -> None:
         self.rows[str(chunk)] = rows
         self.dropped[str(chunk)] = duplicates
+        self.digests[str(chunk)] = _file_digest(part_path(self.folder, chunk))
         self._write()
 
     def duplicates(self) -> int:
         """Repeated input rows dropped by every finished chunk, this run's and earlier runs'."""
         return sum(self.dropped.values())
 
+    def _read(self, fingerprint: dict[str, str]) -> dict[str, Any]:
+        """The saved state; {} for none, or for one that cannot be trusted (set aside, said on stderr)."""
+        if not self.path.exists():
+            return {}
+        try:
+            state = json.loads(self.path.read_bytes())
+        except ValueError as exc:  # (invalid JSON or UTF-8: a torn or overwritten file)
+            return self._damaged(f"not valid JSON: {exc}")
+        if not isinstance(state, dict) or not isinstance(state.get("fingerprint", {}), dict):
+            return self._damaged("not a manifest written by recengine")
+        if state.get("fingerprint") != fingerprint:
+            raise DataError(_mismatch(self.folder, state.get("fingerprint"), fingerprint))
+        problem = _state_problem(state)
+        return self._damaged(problem) if problem else state
+
+    def _damaged(self, problem: str) -> dict[str, Any]:
+        target = _set_aside(self.path, self.folder)
+        print(f"recengine: {self.path} is damaged ({problem}); moved it to {target}. Which chunks were finished is "
+              "unknown, so every chunk is ranked again.", file=sys.stderr)
+        return {}
+
     def _write(self) -> None:
         temp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows, "duplicates": self.dropped,
-                                    "updated": datetime.now().isoformat(timespec="seconds")}))
-        os.replace(temp, self.path)
+        with _writing(self.path, self.folder):
+            try:
+                temp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows,
+                                            "duplicates": self.dropped, "parts": self.digests,
+                                            "updated": datetime.now().isoformat(timespec="seconds")}))
+                os.replace(temp, self.path)
+            finally:
+                temp.unlink(missing_ok=True)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's tables of finished chunks (chunk number -> value), if anything."""
+    for table, kind in (("rows", int), ("duplicates", int), ("parts", str)):
+        entries = state.get(table, {})
+        if not isinstance(entries, dict):
+            return f"its '{table}' is {type(entries).__name__}, not a table of chunks"
+        for chunk, value in entries.items():
+            if not chunk.isdigit() or type(value) is not kind or (kind is int and value < 0):
+                return f"its '{table}' holds {chunk!r}: {value!r}"
+    return None
+
+
+def _part_problem(part: Path, digest: str | None) -> str | None:
+    """Why a finished chunk's part cannot be merged, if it cannot: its bytes are not those written
+    (their digest, kept in the manifest), or, for a manifest that kept none, its parquet footer and
+    row count cannot be read."""
+    if digest is not None:
+        found = _file_digest(part)
+        return None if found == digest else f"its sha256 is {found[:12]}..., not the {digest[:12]}... it was written with"
+    try:
+        pl.scan_parquet(part).select(pl.len()).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        return f"not a readable parquet file: {str(exc).splitlines()[0]}"
+    return None
+
+
+def _set_aside(path: Path, work: Path) -> Path:
+    """Move a damaged file of the job into `work`/damaged/ under a free name: kept for a look while
+    the job is unfinished, and out of its way."""
+    folder = work / "damaged"
+    target, copies = folder / path.name, 0
+    while target.exists():
+        copies += 1
+        target = folder / f"{path.name}.{copies}"
+    with _writing(target, work):
+        folder.mkdir(exist_ok=True)
+        os.replace(path, target)
+    return target
+
+
+@contextmanager
+def _writing(path: Path, work: Path) -> Iterator[None]:
+    """The job's own small files (manifest, lock, folders): a write the system refuses is a RecengineError
+    saying what to do, as `write_parquet_atomic` says it for the parts."""
+    try:
+        yield
+    except OSError as exc:
+        raise RecengineError(f"cannot write {path} ({exc.strerror or exc}); free space there (or make it writable), "
+                             f"then {resume_advice(work)}.") from None
 
 
 def _exclusive(folder: Path):

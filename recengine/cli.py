@@ -268,7 +268,8 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
         _report(result.metrics, result.baselines)
         if output:
             click.echo(f"model folder: {result.model.save(output)}")
-        logged = log_training(result, spec, experiment, None if no_register else (model_name or f"recengine-{spec.name}"), promote)
+        logged = log_training(result, spec, experiment, None if no_register else (model_name or f"recengine-{spec.name}"), promote,
+                              model_folder=output)
     click.echo(f"run id:    {logged.run_id}  '{logged.run_name}' (experiment '{experiment}', store {tracking_uri()})")
     click.echo(f"model URI: {logged.model_uri}")
     if logged.registered:
@@ -409,9 +410,10 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     if engine == "local":
         input_path = _local_input(input_path)
     if engine == "ray":
-        from recengine.distributed import connect, rank_on_ray as job
+        from recengine.distributed import rank_on_ray
 
-        connect(address)
+        # It joins the cluster after checking the input, so bad input never waits for a cluster.
+        job = functools.partial(rank_on_ray, address=address)
     report = job(model, input_path, output, context, k, chunk_rows, generate, parse_mapping(columns))
     resumed = f", {report.skipped} finished earlier and skipped" if report.skipped else ""
     click.echo(f"{report.rows:,} input rows in {report.chunks} chunk(s){resumed}: top {k} for {report.requests:,} "

@@ -442,16 +442,36 @@ def _check_not_future(lf: pl.LazyFrame, parsed: pl.Expr, source: str) -> None:
         )
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
-    """Write `frame` to a temp file beside `path`, then rename: readers never see half a file."""
+def write_parquet_atomic(frame: pl.DataFrame, path: str | Path, rerun: str = "run the command again") -> Path:
+    """Write `frame` to a temp file beside `path`, then rename: readers never see half a file.
+
+    A write the system refuses (a full disk, a quota or a file size limit) is a `RecengineError` naming
+    `path` and ending "..., then `rerun`.", not a raw OSError or polars ComputeError; no partial file
+    is left behind, and an older `path` stays as it was."""
+    import errno
+    import re
+
+    from recengine.errors import RecengineError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(partial)
         with open(partial, "rb") as handle:  # on disk before the rename makes it the file: a crash leaves the old or the new
             os.fsync(handle.fileno())
         os.replace(partial, path)
+    except (OSError, pl.exceptions.ComputeError) as exc:
+        # polars reports its writer's I/O failures as a ComputeError ending "(os error 28)".
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = exc.errno if isinstance(exc, OSError) else found and int(found.group(1))
+        if not code:
+            raise  # not the file system's refusal: a bug, which keeps its traceback
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise RecengineError(f"cannot write {path}: no room left ({os.strerror(code)}: the disk is full, or a quota "
+                                 f"or a file size limit was reached). Free space there, then {rerun}.") from None
+        raise RecengineError(f"cannot write {path} ({os.strerror(code)}); make sure that location can be written, "
+                             f"then {rerun}.") from None
     finally:
         partial.unlink(missing_ok=True)
     return path

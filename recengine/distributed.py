@@ -27,6 +27,7 @@ import math
 import os
 import re
 import resource
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ import polars as pl
 
 from recengine.batch import (
     JobReport, _ChunkScorer, _fingerprint, _Manifest, _now, _validated_input, check_output_file, chunk_of,
-    merge_parts, part_path, refuse_requests_before_every_event, validated_rows, work_folder,
+    merge_parts, part_path, refuse_requests_before_every_event, resume_advice, validated_rows, work_folder,
 )
 from recengine.errors import ConfigError, DataError, RecengineError
 from recengine.extractors import FeatureContext
@@ -68,12 +69,28 @@ def _ray():
     return ray
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+# How long the driver waits for the cluster at --address to answer before saying so: Ray's own
+# connection waits for ever when nothing answers there (measured: over 200 s on a port that accepts
+# and never speaks). An environment variable, as Ray's own settings are.
+CONNECT_TIMEOUT_ENV = "RECENGINE_RAY_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 30.0
+_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):([0-9]{1,5})$")
+# What a client sends first on an HTTP/2 connection (the preface and an empty SETTINGS frame), which a
+# Ray head's servers (gRPC) answer with a SETTINGS frame of their own.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
+            timeout: float | None = None) -> None:
     """Join the Ray cluster at `address` ("auto" finds one started with `ray start` on this machine),
-    or start a local one when no address is given. Nothing happens when Ray is already initialised."""
+    or start a local one when no address is given. Nothing happens when Ray is already initialised.
+    An address nothing answers at is refused within `timeout` seconds (default: the environment's
+    RECENGINE_RAY_CONNECT_TIMEOUT, else 30), a malformed one at once: each a ConfigError naming it."""
     ray = _ray()
     if ray.is_initialized():
         return
+    if address:
+        _check_answers(address, connect_timeout() if timeout is None else timeout)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -84,6 +101,84 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         raise ConfigError(f"cannot reach a Ray cluster at --address {address} ({exc}); start one there with "
                           "`ray start --head`, check the address it printed, or leave --address out to run "
                           "on a local Ray.") from exc
+
+
+def connect_timeout() -> float:
+    """The seconds to wait for the cluster at --address to answer: RECENGINE_RAY_CONNECT_TIMEOUT, else 30."""
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV}={text!r}: give the seconds to wait for a Ray cluster to answer, "
+                          f"a number above 0 (or unset it for {DEFAULT_CONNECT_TIMEOUT:g}).")
+    return seconds
+
+
+def check_address(address: str | None) -> tuple[str, int] | None:
+    """The host and port that `address` names (None for auto, local or no address), or a ConfigError
+    saying what an address looks like: Ray's own check is a traceback."""
+    if not address or address in ("auto", "local"):
+        return None
+    match = _ADDRESS.match(address)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"--address {address!r} is not a Ray cluster's address; give the head's host:port as "
+                          "`ray start --head` printed it (such as 10.0.0.5:6379), ray://HOST:10001 for Ray Client, "
+                          "or auto for a cluster started on this machine; or leave --address out to run on a local Ray.")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _check_answers(address: str, timeout: float) -> None:
+    """Refuse, within `timeout` seconds, an address where no Ray head answers: nothing listening, a
+    port that accepts and never speaks, or a server that is not a Ray head's."""
+    target = check_address(address) or _auto_address(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection(target, timeout=timeout) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS handshake comes first there: that Ray reports its own errors
+            connection.settimeout(max(0.001, deadline - time.monotonic()))
+            connection.sendall(_HTTP2_HELLO)
+            answer = b""
+            while len(answer) < 4 and (more := connection.recv(9)):
+                answer += more
+    except TimeoutError:
+        raise ConfigError(f"no Ray cluster answered at --address {address} within {timeout:g} s; check the address "
+                          "(`ray status` on the head prints it) and that nothing blocks the port, set "
+                          f"{CONNECT_TIMEOUT_ENV} to wait longer on a slow network, or leave --address out to run "
+                          "on a local Ray.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot reach a Ray cluster at --address {address} ({exc.strerror or exc}); start one "
+                          "there with `ray start --head`, check the address it printed, or leave --address out to "
+                          "run on a local Ray.") from None
+    if len(answer) < 4 or answer[3] != 4:  # the frame's type: 4 is SETTINGS
+        raise ConfigError(f"something answers at --address {address}, but not as a Ray head does (it does not speak "
+                          "gRPC); check the port: `ray start --head` prints the address to give (port 6379 unless "
+                          "--port was set), and the dashboard's port (8265) is not it.")
+
+
+def _auto_address(address: str) -> tuple[str, int] | None:
+    """The host and port "auto" stands for (a cluster started on this machine, or RAY_ADDRESS), when
+    Ray can say; None for "local", or when this Ray cannot say (then ray.init reports it)."""
+    if address != "auto":
+        return None
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        raise ConfigError("--address auto: no Ray cluster is running on this machine; start one with "
+                          "`ray start --head`, give the address of another, or leave --address out to run on a "
+                          "local Ray.") from None
+    except Exception:  # noqa: BLE001 (a private function of Ray's, which another version may lack or change)
+        return None
+    host, _, port = (found or "").rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
 
 
 def rank_on_ray(
@@ -100,13 +195,16 @@ def rank_on_ray(
     cpus_per_actor: float = 1,
     threads: int | None = None,
     share_state: bool = True,
+    address: str | None = None,
 ) -> RayJobReport:
     """`recengine.batch.rank_file` on the Ray cluster `connect` joined (a local one if none): same
     arguments, same output. `actors` scorers (default: the cluster's CPUs less one, so the tasks that
     read and shuffle keep a CPU) of `cpus_per_actor` CPUs each, LightGBM using `threads` threads in
     each (default: its CPUs). With `share_state`, the serving state the driver built is shipped to
-    the actors through the object store; otherwise each actor builds its own."""
+    the actors through the object store; otherwise each actor builds its own. `address`: the cluster
+    to join (see `connect`), after the input is checked."""
     ray = _ray()
+    check_address(address)  # a malformed one before any work
     started = time.perf_counter()
     output = Path(output)
     check_output_file(output)
@@ -119,6 +217,9 @@ def rank_on_ray(
     total, first, empty, keys, digest = checked
     scorer = _ChunkScorer(model, model.feature_set(), keys, context, generate, k)
     scorer(first)  # the local job's dry run: fails before any file is made
+    # After the checks, so bad input never waits for a Ray to start; before the parts folder is made,
+    # so a cluster that cannot be reached leaves nothing behind.
+    connect(address)
     chunks = max(1, math.ceil(total / chunk_rows))
     work = work_folder(output)
     # The local job's fingerprint (so either engine finishes the other's job); a URI's digest was taken
@@ -126,7 +227,6 @@ def rank_on_ray(
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context, digest))
     todo = [c for c in range(chunks) if not manifest.done(c, part_path(work, c))]
     skipped, nodes, peak, first = chunks - len(todo), Counter(), 0.0, 0.0
-    connect()  # after the checks: bad input never waits for a Ray to start
     pool = actors or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     if todo:
         if not share_state:
@@ -146,14 +246,15 @@ def rank_on_ray(
                 bar.update(int(result["rows"]))
         except Exception as exc:  # a worker's RecengineError reaches here wrapped in Ray's exceptions
             raise _user_error(exc) or exc
-        bar.close()
+        finally:
+            bar.close()  # however the job ends: an error's message starts on a line of its own
         # A chunk no user hashed to has no rows, so no group came back for it: the local job's part
         # for an empty chunk is the scorer's output for no rows.
         for chunk in todo:
             if not manifest.done(chunk, part_path(work, chunk)):
                 from recengine.data import write_parquet_atomic
 
-                write_parquet_atomic(scorer(empty), part_path(work, chunk))
+                write_parquet_atomic(scorer(empty), part_path(work, chunk), rerun=resume_advice(work))
                 manifest.finish(chunk, 0)
     requests = merge_parts(work, chunks, output, keys)
     return RayJobReport(total, requests, chunks, skipped, time.perf_counter() - started, output, manifest.duplicates(),
@@ -166,6 +267,7 @@ def _checked_input(path: Path, generate: bool, columns: dict[str, str], context:
     count, the first row, no rows (the frame of an empty chunk), the keys, and no digest (the local
     job's fingerprint takes it)."""
     if not path.is_dir():
+        _refuse_other_than_parquet(str(path))
         rows, keys = _validated_input(path, generate, columns, context)
     else:
         files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
@@ -173,8 +275,9 @@ def _checked_input(path: Path, generate: bool, columns: dict[str, str], context:
             raise DataError(f"{path}: the folder holds no .parquet files; --engine ray reads a parquet file or a "
                             "folder of them. Convert the input to parquet or give the file's path.")
         checked = [_validated_input(file, generate, columns, context) for file in files]
+        refuse_mixed_schemas(path, {str(file.relative_to(path)): _parquet_schema(file) for file in files})
         keys = checked[0][1]
-        rows = pl.concat([rows for rows, _ in checked], how="vertical_relaxed")
+        rows = pl.concat([rows for rows, _ in checked], how="diagonal_relaxed")  # by name: Ray's order may differ
     if generate:
         refuse_requests_before_every_event(rows, context, path)
     return rows.select(pl.len()).collect().item(), rows.head(1).collect(), rows.head(0).collect(), keys, None
@@ -213,11 +316,12 @@ def _checked_uri(uri: str, generate: bool, columns: dict[str, str], context: Fea
         names = sorted((f.path[len(root.rstrip("/")) + 1:] for f in found if f.type == pafs.FileType.File),
                        key=lambda name: name.split("/"))  # the order of the local job's sorted Paths
     else:
+        _refuse_other_than_parquet(uri)
         names = [""]
     if not any(name.endswith(".parquet") for name in names) and folder:
         raise DataError(f"{uri}: the folder holds no .parquet files; --engine ray reads a parquet file or a folder "
                         "of them. Convert the input to parquet or give the file's URI.")
-    digest, total, first, empty, keys = hashlib.sha256(), 0, None, None, None
+    digest, total, first, empty, keys, schemas = hashlib.sha256(), 0, None, None, None, {}
     with tempfile.TemporaryDirectory(prefix="recengine-input-") as temp:
         for name in names:
             source = f"{root.rstrip('/')}/{name}" if folder else root
@@ -236,8 +340,58 @@ def _checked_uri(uri: str, generate: bool, columns: dict[str, str], context: Fea
             except DataError as exc:
                 where = f"{uri.rstrip('/')}/{name}" if folder else uri
                 raise DataError(str(exc).replace(str(local), where)) from None
+            schemas[name] = _parquet_schema(local)
             local.unlink()
+    refuse_mixed_schemas(uri, schemas)
     return total, first, empty, keys, digest.hexdigest()
+
+
+def _refuse_other_than_parquet(source: str) -> None:
+    """Ray Data reads the input as parquet files named *.parquet: another file would fail mid-job."""
+    if not source.endswith(".parquet"):
+        raise DataError(f"{source}: --engine ray reads parquet input only (a .parquet file, or a folder of them); "
+                        "convert it to parquet, or run with --engine local, which reads CSV and NDJSON too.")
+
+
+def refuse_mixed_schemas(folder: Path | str, schemas: dict[str, Any]) -> None:
+    """Refuse a folder whose parquet files (name: pyarrow schema) Ray cannot read as one table: files
+    with other columns (Ray fills the missing ones with nulls, which the job refuses mid-way) or with
+    types pyarrow cannot unify (a string user_id beside an integer one: Ray fails mid-way). Checked on
+    the driver, so the job stops before anything is written, naming the files that differ."""
+    import pyarrow as pa
+
+    if len(schemas) < 2:
+        return
+    names = list(schemas)
+    reference = set(schemas[names[0]].names)
+    differ = [f"{name} has the columns {sorted(schemas[name].names)} but {names[0]} has {sorted(reference)}"
+              for name in names[1:] if set(schemas[name].names) != reference]
+    for column in [] if differ else schemas[names[0]].names:
+        files_of: dict[Any, list[str]] = {}
+        for name in names:
+            files_of.setdefault(schemas[name].field(column).type, []).append(name)
+        try:  # what Ray does with the blocks of a folder's files
+            pa.unify_schemas([pa.schema([pa.field(column, kind)]) for kind in files_of], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            differ.append(f"column '{column}' is " + ", but ".join(
+                f"{kind} in {_some(files)}" for kind, files in files_of.items()))
+    if differ:
+        raise DataError(f"{folder}: its parquet files differ in their columns or types, and Ray reads them as one "
+                        f"table: {'; '.join(differ[:3])}{f' (and {len(differ) - 3} more)' if len(differ) > 3 else ''}. "
+                        "Write every file with the same columns of the same types, or rank the files one at a time.")
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """A few of `names`, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _parquet_schema(path: Path):
+    """A parquet file's schema (its footer only): what Ray reads the file as."""
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path)
 
 
 def _stream(filesystem, source: str, digest, copy: Path | None) -> None:
@@ -308,7 +462,7 @@ class _ScoreChunks:
         batch = pl.from_arrow(group)
         chunk = int(batch["_chunk"][0])
         unique, dropped = self.scorer.unique(batch.drop("_chunk"))
-        write_parquet_atomic(self.scorer(unique), part_path(self.work, chunk))
+        write_parquet_atomic(self.scorer(unique), part_path(self.work, chunk), rerun=resume_advice(self.work))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return pa.table({"chunk": [chunk], "rows": [batch.height], "duplicates": [dropped], "node": [self.node],
                          "peak_mib": [peak]})

@@ -253,14 +253,113 @@ CONFIG_CASES: list[Case] = [
 # -- issue #25, one list per topic ------------------------------------------------------------------------
 # the MLflow store: runs, registry, promotion
 STORE_CASES: list[Case] = [
+    Case("store-is-not-a-database", TRAIN, _training_data(lambda f: (f / "notes.txt").write_text("my notes\n")),
+         ["notes.txt", "MLFLOW_TRACKING_URI", "is not an SQLite database", "new file name"],
+         env={"MLFLOW_TRACKING_URI": "sqlite:///notes.txt"}),
+    Case("store-is-a-folder", TRAIN, _training_data(lambda f: (f / "runs").mkdir()),
+         ["runs", "is a folder, not an SQLite file", "runs/mlflow.db"], env={"MLFLOW_TRACKING_URI": "sqlite:///runs"}),
+    Case("store-in-a-folder-that-cannot-be-made", TRAIN, _training_data(),
+         ["cannot write in folder /proc/recengine", "MLFLOW_TRACKING_URI"],
+         env={"MLFLOW_TRACKING_URI": "sqlite:////proc/recengine/mlflow.db"}),
 ]
 
 # the model folder as data from outside: spec.json, paths, model.txt, adapters, [ranker] options, plugins
+def _forged_model(change: Callable[[dict], object] | None = None, crafted: str | None = None, digests: bool = True):
+    """Valid data and a model folder ./model (test_model_trust.quick_model), then `change(spec)` or the
+    `crafted` model.txt of test_model_trust.CRAFTED, every digest rewritten to match (not if `digests` is
+    False: an edit by hand)."""
+    def make(folder: Path) -> None:
+        from test_model_trust import CRAFTED, edited, forged, quick_model
+
+        write_valid(folder)
+        saved = quick_model(folder / "model", SMALL_FEATURE_SET)
+        if not digests:
+            edited(saved, change)
+            return
+        text = CRAFTED[crafted][0]((saved / "model.txt").read_text()) if crafted else None
+        forged(saved, change, text)
+    return make
+
+
+def _old_plugin(spec: dict) -> None:
+    spec["parts"][0]["version"] = "0.0.1"
+
+
+RECOMMEND_MODEL = ["recommend", "--model", "model", *DATA, "--output", "out.parquet"]
+PLUGIN_AT_ANOTHER_VERSION = ["model was trained with plugin", "0.0.1", "is installed", "retrain the model"]
 MODEL_FOLDER_CASES: list[Case] = [
+    Case("model-spec-path-outside-the-folder", RECOMMEND_MODEL,
+         _forged_model(lambda spec: spec["files"].update({"learned/../../events.npz": "0" * 64})),
+         ["model/spec.json", "'learned/../../events.npz'", "outside the model folder"]),
+    Case("model-adapter-absolute-path", ["evaluate", "--model", "model", *DATA],
+         _forged_model(lambda spec: (spec["files"].update({"/etc/hostname": "0" * 64}), spec["adapters"].update({"a": "/etc/hostname"}))),
+         ["model/spec.json", "'/etc/hostname'", "outside the model folder"]),
+    Case("model-txt-truncated-digests-rewritten", RECOMMEND_MODEL, _forged_model(crafted="truncated"),
+         ["model/model.txt", "incomplete LightGBM model", "train the model again"]),
+    Case("model-txt-child-out-of-range-digests-rewritten", ["rank", "--model", "model", *DATA, "--input", "candidates.csv",
+                                                             "--output", "out.parquet"],
+         lambda f: (_forged_model(crafted="child-out-of-range")(f), (f / "candidates.csv").write_text(CANDIDATES)),
+         ["model/model.txt", "child node 999 does not exist", "train the model again"]),
+    Case("spec-json-k-edited", RECOMMEND_MODEL,
+         _forged_model(lambda spec: spec["feature_set"]["candidates"]["popular"].update(k=5), digests=False),
+         ["model/spec.json", "does not match the 'spec_sha256'", "edited", "train the model again"]),
+    Case("spec-json-exclude-seen-edited", ["evaluate", "--model", "model", *DATA],
+         _forged_model(lambda spec: spec["feature_set"].update(exclude_seen=False), digests=False),
+         ["model/spec.json", "does not match the 'spec_sha256'"]),
+    Case("spec-json-unknown-key", RECOMMEND_MODEL, _forged_model(lambda spec: spec.update(k=5)),
+         ["model/spec.json", "unknown key 'k'"]),
+    Case("spec-json-ranker-machines", RECOMMEND_MODEL,
+         _forged_model(lambda spec: spec["feature_set"]["ranker"].update(machines="127.0.0.1:12400")),
+         ["model/spec.json (its feature_set)", "[ranker] machines = '127.0.0.1:12400' cannot be set", "network sockets"]),
+    _train_with("[ranker]\nmachines = \"127.0.0.1:12400,127.0.0.1:12401\"\n", "train-ranker-machines",
+                ["[ranker] machines", "cannot be set", "network sockets", "remove it"]),
+    _train_with("[ranker]\ntree_learner = \"data\"\n", "train-ranker-tree-learner-data",
+                ["[ranker] tree_learner = 'data'", "tree_learner = 'serial'"]),
+    _train_with("[ranker]\nforcedbins_filename = \"/etc/passwd\"\n", "train-ranker-reads-a-file",
+                ["[ranker] forcedbins_filename", "it reads a file"]),
+    _train_with("[ranker]\nnum_threads = 100000\n", "train-ranker-num-threads", ["num_threads = 100000", "at most 256"]),
+    Case("rank-plugin-at-another-version", ["rank", "--model", "model", *DATA, "--input", "candidates.csv", "--output",
+                                            "out.parquet"],
+         lambda f: (_forged_model(_old_plugin)(f), (f / "candidates.csv").write_text(CANDIDATES)), PLUGIN_AT_ANOTHER_VERSION),
+    Case("recommend-plugin-at-another-version", RECOMMEND_MODEL, _forged_model(_old_plugin), PLUGIN_AT_ANOTHER_VERSION),
+    Case("evaluate-plugin-at-another-version", ["evaluate", "--model", "model", *DATA], _forged_model(_old_plugin),
+         PLUGIN_AT_ANOTHER_VERSION),
 ]
 
 # batch resume state and the Ray engine
+def _ray_input(folder: Path, second: pl.DataFrame | None = None) -> None:
+    """Valid data and candidates.parquet; with `second`, a folder parts/ of a.parquet and b.parquet = `second`."""
+    write_valid(folder)
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [2, 3, 4]}).write_parquet(folder / "candidates.parquet")
+    if second is not None:
+        (folder / "parts").mkdir()
+        pl.read_parquet(folder / "candidates.parquet").write_parquet(folder / "parts" / "a.parquet")
+        second.write_parquet(folder / "parts" / "b.parquet")
+
+
+RANK_RAY = ["rank", "--engine", "ray", "--model", "model", *DATA, "--output", "out.parquet"]
+# sitecustomize.py in the working folder (on PYTHONPATH) limits the CLI's own writes to 1 KiB: a real
+# write failure (EFBIG), as a full disk gives (ENOSPC), with root as without.
+FULL_DISK = {"sitecustomize_dot_py": "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, "
+                                     "(1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"}
+FULL_DISK_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")])),
+                 "PYTHONDONTWRITEBYTECODE": "1"}
+
 JOB_CASES: list[Case] = [
+    Case("rank-ray-address-not-an-address", [*RANK_RAY, "--input", "candidates.parquet", "--address", "not an address"],
+         _ray_input, ["--address 'not an address'", "not a Ray cluster's address", "host:port"], needs_model=True),
+    Case("rank-ray-address-nothing-listens", [*RANK_RAY, "--input", "candidates.parquet", "--address", "127.0.0.1:1"],
+         _ray_input, ["--address 127.0.0.1:1", "connection refused", "ray start --head"], needs_model=True),
+    Case("rank-ray-input-folder-mixing-schemas", [*RANK_RAY, "--input", "parts"],
+         lambda f: _ray_input(f, pl.DataFrame({"user_id": ["3"], "item_id": [5]})),
+         ["parts: its parquet files differ", "column 'user_id' is int64 in a.parquet, but large_string in b.parquet",
+          "same columns"], needs_model=True),
+    Case("rank-ray-input-not-parquet", [*RANK_RAY, "--input", "candidates.csv"], _with_files(candidates_dot_csv=CANDIDATES),
+         ["candidates.csv", "--engine ray reads parquet input only", "--engine local"], needs_model=True),
+    Case("recommend-disk-full", ["recommend", "--model", "model", *DATA, "--output", "out.parquet"],
+         _with_files(**FULL_DISK), ["cannot write out.parquet: no room left (File too large",
+                                    "free space there, then run the command again"],
+         needs_model=True, env=FULL_DISK_ENV),
 ]
 
 # tuning, learned parts, disk space

@@ -280,3 +280,38 @@ def test_requests_all_before_the_first_event_are_refused_before_any_work(setup, 
         rank_on_ray(model, tmp_path / "early.parquet", tmp_path / "out.parquet", context_of(events), k=5, generate=True,
                     progress=False, actors=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early.parquet"]  # nothing written
+
+
+def test_the_address_check_passes_a_real_ray_head(local_ray):
+    # The driver's bounded check (a TCP connection and an HTTP/2 greeting) must let a real head through.
+    from recengine.distributed import _check_answers, check_address
+
+    assert check_address(local_ray)[1] == int(local_ray.rsplit(":", 1)[1])
+    _check_answers(local_ray, 10)
+
+
+def test_a_damaged_part_left_by_a_local_job_is_set_aside_and_redone_on_ray(setup, local_ray, reference, tmp_path,
+                                                                           monkeypatch, capsys):
+    # The engines share the manifest: a local job stopped before its merge, one part truncated, is
+    # finished on Ray, which ranks that chunk again (said once) and writes the local job's bytes.
+    from recengine import batch
+
+    folder, model, events = setup
+    target = tmp_path / "ray.parquet"
+
+    def stop(*_):
+        raise RuntimeError("stopped before the merge")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(batch, "merge_parts", stop)
+        with pytest.raises(RuntimeError):
+            rank_file(model, folder / "candidates.parquet", target, context_of(events), k=5, chunk_rows=300, progress=False)
+    part = tmp_path / ".ray.parquet.parts" / "part-00003.parquet"
+    part.write_bytes(part.read_bytes()[:-20])
+    capsys.readouterr()
+    ran = rank_on_ray(model, folder / "candidates.parquet", target, context_of(events), k=5, chunk_rows=300,
+                      progress=False, actors=1)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("recengine:")]
+    assert len(said) == 1 and f"{part} is damaged" in said[0] and "ranking chunk 3 again" in said[0], said
+    assert ran.skipped == ran.chunks - 1 and sum(ran.nodes.values()) == 1
+    assert target.read_bytes() == reference.output.read_bytes()
