@@ -44,7 +44,7 @@ import polars as pl
 def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0, later: timedelta = timedelta(0)) -> None:
     """`rows` candidates: requests of `per_request` random catalogue items for random users, just after
     the data (the serving-state path), or `later` than that (the point-in-time path)."""
-    from recengine.datasets import movielens
+    from recengine.core.datasets import movielens
 
     data = movielens()
     events = data.events.select("user_id", "timestamp").collect()
@@ -61,11 +61,11 @@ def make_input(path: Path, rows: int, per_request: int = 1000, seed: int = 0, la
 
 def child(model_uri: str, input_path: str, output: str, chunk_rows: int) -> None:
     """One size, in this process: the job end to end, then the floor; prints JSON."""
-    from recengine.batch import rank_file
-    from recengine.datasets import movielens
-    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
-    from recengine.extractors import FeatureContext
-    from recengine.model import load_model
+    from recengine.running.batch import rank_file
+    from recengine.core.datasets import movielens
+    from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+    from recengine.parts.context import FeatureContext
+    from recengine.learning.model import load_model
 
     model = load_model(model_uri)
     data = movielens()
@@ -92,11 +92,11 @@ def child_ray(model_uri: str, input_path: str, output: str, chunk_rows: int, nod
     """The Ray job on a local Ray (`nodes` 0) or a simulated cluster of `nodes` nodes; prints JSON."""
     import ray
 
-    from recengine.datasets import movielens
-    from recengine.distributed import DEFAULT_OBJECT_STORE, rank_on_ray
-    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
-    from recengine.extractors import FeatureContext
-    from recengine.model import load_model
+    from recengine.core.datasets import movielens
+    from recengine.running.distributed import DEFAULT_OBJECT_STORE, rank_on_ray
+    from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+    from recengine.parts.context import FeatureContext
+    from recengine.learning.model import load_model
 
     model = load_model(model_uri)
     data = movielens()

@@ -29,8 +29,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from recengine.datasets import movielens_items
-from recengine.encoders import EmbeddingCache, create_encoder, embed
+from recengine.core.datasets import movielens_items
+from recengine.parts.encoders import EmbeddingCache, create_encoder, embed
 from recengine_transformers import packaged_model_path
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from recengine.encoders import EmbeddingCache, create_encoder, embed
+from recengine.parts.encoders import EmbeddingCache, create_encoder, embed
 
 
 def pictures(folder: Path, n: int, size: int) -> list[str]:

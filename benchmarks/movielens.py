@@ -1,6 +1,6 @@
 """recengine against collaborative-filtering peers on MovieLens ml-latest-small, rolling origin.
 
-Protocol (`recengine.rolling`): cutoffs at the 0.50, 0.55, ..., 0.95 quantiles of all event times. At
+Protocol (`recengine.core.rolling`): cutoffs at the 0.50, 0.55, ..., 0.95 quantiles of all event times. At
 each cutoff c every method (recengine's features and training, each peer's fit) sees only the events
 before c; the catalogue is the items released by c's year (the year in the title) plus any item with
 an event before c; the requests are the users with at least 5 events before c and at least one
@@ -38,17 +38,17 @@ import polars as pl
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from recengine import rolling
-from recengine.data import Dataset
-from recengine.datasets import movielens
-from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
-from recengine.extractors import FeatureContext
-from recengine.featureset import FeatureSet
-from recengine.metrics import evaluate
-from recengine.parts import candidate_columns
-from recengine.rolling import Window
-from recengine.topk import top_k
-from recengine.training import train
+from recengine.core import rolling
+from recengine.core.data import Dataset
+from recengine.core.datasets import movielens
+from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+from recengine.parts.context import FeatureContext
+from recengine.parts.featureset import FeatureSet
+from recengine.core.metrics import evaluate
+from recengine.parts.protocol import candidate_columns
+from recengine.core.rolling import Window
+from recengine.core.topk import top_k
+from recengine.learning.training import train
 
 METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
 KEYS = ["cutoff", "user_id"]

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from recengine import Ranker
-from recengine.datasets import movielens
-from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+from recengine.core.datasets import movielens
+from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

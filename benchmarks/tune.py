@@ -1,7 +1,7 @@
 """The tuned text space against the frozen one on MovieLens ml-latest-small, rolling origin: the
 embedding source alone, and what tuning costs.
 
-Protocol (`recengine.rolling`, as `benchmarks/movielens.py`): at each cutoff c the tuning (`tuned_embedding`,
+Protocol (`recengine.core.rolling`, as `benchmarks/movielens.py`): at each cutoff c the tuning (`tuned_embedding`,
 the very part `train` fits) sees only the events before c; the requests are the users with at least 5
 events before c and a catalogue item new to them in [c, next cutoff), which are the truth. Both sources
 propose their top 100 without the user's seen items: NDCG@10, Recall@10 and Recall@100 per (cutoff,
@@ -34,14 +34,14 @@ import time
 import polars as pl
 import psutil
 
-from recengine import rolling
-from recengine.candidates import generate
-from recengine.datasets import movielens
-from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
-from recengine.extractors import FeatureContext, fit_learned
+from recengine.core import rolling
+from recengine.parts.candidates import generate
+from recengine.core.datasets import movielens
+from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+from recengine.parts.context import FeatureContext, fit_learned
 from recengine.features.interest import EmbeddingSource
 from recengine.features.tuned import TunedEmbeddingSource
-from recengine.metrics import evaluate
+from recengine.core.metrics import evaluate
 
 KEYS = ["cutoff", "user_id"]
 K = 100

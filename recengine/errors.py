@@ -35,3 +35,7 @@ class BadValue(DataError):
 
     def __reduce__(self):  # keeps `value` across processes (a Ray actor raising it)
         return type(self), (str(self), self.value)
+
+
+class StoreError(RecengineError):
+    """The MLflow store cannot be opened or written (not a database, no room left, an unwritable folder)."""

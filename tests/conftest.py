@@ -11,7 +11,7 @@ DEVICE = os.environ.get("RECENGINE_TEST_DEVICE", "cpu")
 @pytest.fixture
 def cli_run():
     """Invoke the recengine CLI in-process; returns the click Result."""
-    from recengine.cli import cli
+    from recengine.interfaces.cli import cli
 
     def run(*args: str):
         return CliRunner().invoke(cli, list(args))
@@ -53,6 +53,6 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture
 def tiny_encoder(tiny_bert):
-    from recengine.encoders import create_encoder
+    from recengine.parts.encoders import create_encoder
 
     return create_encoder("transformers", {"model": str(tiny_bert), "device": DEVICE})

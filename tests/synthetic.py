@@ -67,7 +67,7 @@ def impressions(n_users: int = 150, n_items: int = 120, requests_per_user: int =
 
 
 def feature_set(**ranker):
-    from recengine.featureset import FeatureSet
+    from recengine.parts.featureset import FeatureSet
 
     return FeatureSet.from_dict({
         "name": "synthetic",

@@ -11,11 +11,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.adapters import load_adapter, save_adapter
-from recengine.encoders import create_encoder
+from recengine.parts.adapters import load_adapter, save_adapter
+from recengine.parts.encoders import create_encoder
 from recengine.errors import ConfigError
 from recengine.features.tuned import TunedInterest
-from recengine.tuning import AdaloraSchedule, lora_model
+from recengine.learning.tuning import AdaloraSchedule, lora_model
 
 from conftest import DEVICE
 from test_adapters import tune_through_the_cli
@@ -124,7 +124,7 @@ def test_recengine_tune_adalora_logs_the_ranks(tuned_run):
 
 FRESH = """
 import sys, numpy as np, polars as pl
-from recengine.encoders import create_encoder
+from recengine.parts.encoders import create_encoder
 encoder = create_encoder("transformers", {"model": sys.argv[1], "device": sys.argv[4], "adapter": sys.argv[2]})
 np.save(sys.argv[3], encoder.encode(pl.read_parquet("items.parquet")["title"].to_list()))
 """

@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.adapters import Adapter, AdaptedEncoder, is_adapter_file, load_adapter, save_adapter, tensors_digest
-from recengine.encoders import create_encoder
+from recengine.parts.adapters import Adapter, AdaptedEncoder, is_adapter_file, load_adapter, save_adapter, tensors_digest
+from recengine.parts.encoders import create_encoder
 from recengine.errors import ConfigError, DataError
 
 from synthetic import catalogue, interactions
@@ -101,7 +101,7 @@ def tune_through_the_cli(folder, tiny_bert, mode: str, settings: dict) -> tuple[
     folder: its own ./mlruns store); the adapter's URI and the command's output."""
     from click.testing import CliRunner
 
-    from recengine.cli import cli
+    from recengine.interfaces.cli import cli
 
     theme_events(n_users=60).write_parquet(folder / "events.parquet")
     noisy_catalogue().write_parquet(folder / "items.parquet")
@@ -150,7 +150,7 @@ def test_recengine_tune_logs_a_run_with_settings_curves_and_the_adapter(tuned_ru
 
 FRESH = """
 import sys, numpy as np, polars as pl
-from recengine.encoders import create_encoder
+from recengine.parts.encoders import create_encoder
 encoder = create_encoder("transformers", {"model": sys.argv[1], "device": sys.argv[4], "adapter": sys.argv[2]})
 titles = pl.read_parquet("items.parquet")["title"].to_list()
 np.save(sys.argv[3], encoder.encode(titles))
@@ -174,10 +174,10 @@ def test_an_adapter_logged_to_mlflow_loads_in_a_fresh_process_and_gives_the_same
 
 
 def test_requests_before_the_tuning_windows_end_get_nothing_from_an_adapted_encoder(tmp_path, tiny_bert):
-    from recengine.candidates import generate
-    from recengine.extractors import FeatureContext, compute_features
+    from recengine.parts.candidates import generate
+    from recengine.parts.context import FeatureContext, compute_features
     from recengine.features.interest import EmbeddingSource, InterestScores
-    from recengine.serving import Snapshot
+    from recengine.running.serving import Snapshot
 
     events, items = interactions(n_users=30), catalogue(60)
     events = events.filter(pl.col("item_id") < 60).with_columns(pl.col("timestamp").cast(pl.Datetime("ms")))
@@ -207,10 +207,10 @@ def test_requests_before_the_tuning_windows_end_get_nothing_from_an_adapted_enco
 def test_a_training_with_a_tuned_part_logs_a_child_run_with_the_curves_and_the_adapter(tmp_path, tiny_bert, monkeypatch):
     import mlflow
 
-    from recengine.data import Dataset
-    from recengine.featureset import FeatureSet
-    from recengine.tracking import log_training, training_run
-    from recengine.training import train
+    from recengine.core.data import Dataset
+    from recengine.parts.featureset import FeatureSet
+    from recengine.interfaces.tracking import log_training, training_run
+    from recengine.learning.training import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -242,7 +242,7 @@ def test_a_training_with_a_tuned_part_logs_a_child_run_with_the_curves_and_the_a
 def test_tune_refuses_to_replace_another_file_and_a_log_without_pairs(tmp_path, tiny_bert, monkeypatch):
     from click.testing import CliRunner
 
-    from recengine.cli import cli
+    from recengine.interfaces.cli import cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -274,11 +274,11 @@ def test_a_ranker_carries_the_adapter_its_feature_set_names_and_loads_without_th
     moved elsewhere, loads and ranks in a fresh process whose MLflow store has never seen the run."""
     import shutil
 
-    from recengine.data import Dataset
-    from recengine.featureset import FeatureSet
-    from recengine.model import RankerModel
-    from recengine.ranker import Ranker
-    from recengine.training import train
+    from recengine.core.data import Dataset
+    from recengine.parts.featureset import FeatureSet
+    from recengine.learning.model import RankerModel
+    from recengine.running.ranker import Ranker
+    from recengine.learning.training import train
 
     folder, uri, _ = tuned_run
     encoder = {**base_params(tiny_bert), "adapter": uri}
@@ -317,8 +317,8 @@ def test_a_ranker_carries_the_adapter_its_feature_set_names_and_loads_without_th
 def test_tune_until_after_the_last_event_marks_the_adapter_tuned_just_after_that_event(tmp_path, tiny_bert, monkeypatch):
     from click.testing import CliRunner
 
-    from recengine.cli import cli
-    from recengine.tuning import tuning_window
+    from recengine.interfaces.cli import cli
+    from recengine.learning.tuning import tuning_window
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -12,11 +12,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.batch import rank_file
-from recengine.data import Dataset
+from recengine.running.batch import rank_file
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError, DataError
-from recengine.extractors import FeatureContext
-from recengine.training import train
+from recengine.parts.context import FeatureContext
+from recengine.learning.training import train
 
 from synthetic import catalogue, feature_set, interactions
 
@@ -82,9 +82,9 @@ def test_generate_mode_ranks_the_sources_candidates(setup, tmp_path):
 
 RUN = """
 import sys
-from recengine.batch import rank_file
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
+from recengine.running.batch import rank_file
+from recengine.parts.context import FeatureContext
+from recengine.learning.model import RankerModel
 import polars as pl
 folder, out = sys.argv[1], sys.argv[2]
 context = FeatureContext.from_frames(pl.read_parquet(f"{folder}/events.parquet"), pl.read_parquet(f"{folder}/items.parquet"))
@@ -145,7 +145,7 @@ def test_bad_input_stops_before_any_output(setup, tmp_path):
 
 
 def test_a_model_needing_a_missing_plugin_names_it(setup, tmp_path):
-    from recengine.model import RankerModel
+    from recengine.learning.model import RankerModel
 
     folder, model, events = setup
     spec = {**model.spec, "parts": [*model.spec["parts"], {"kind": "feature_extractors", "name": "sentiment",
@@ -159,9 +159,9 @@ def test_a_model_needing_a_missing_plugin_names_it(setup, tmp_path):
 
 PARTIAL = """
 import sys
-from recengine.batch import rank_file
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
+from recengine.running.batch import rank_file
+from recengine.parts.context import FeatureContext
+from recengine.learning.model import RankerModel
 import polars as pl
 folder, events, items, out = sys.argv[1:]
 context = FeatureContext.from_frames(pl.read_parquet(events), pl.read_parquet(items))
@@ -232,7 +232,7 @@ def test_string_ids_in_the_input_are_aligned_with_integer_events(setup, tmp_path
 
 
 def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(setup, tmp_path):
-    from recengine.batch import _exclusive, work_folder
+    from recengine.running.batch import _exclusive, work_folder
     from recengine.errors import DataError
 
     folder, model, events = setup

@@ -134,7 +134,7 @@ def _damaged_model(damage: str) -> Callable[[Path], None]:
         import lightgbm as lgb
         import numpy as np
 
-        from recengine.model import RankerModel
+        from recengine.learning.model import RankerModel
 
         write_valid(folder)
         rng = np.random.default_rng(0)
@@ -383,7 +383,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def run_cli(folder: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environ = {**os.environ, "RECENGINE_CACHE_DIR": str(folder.parent / "cache"),
                "MLFLOW_TRACKING_URI": f"sqlite:///{folder.parent / 'mlflow.db'}", **(env or {})}
-    return subprocess.run([sys.executable, "-c", "from recengine.cli import cli; cli()", *args], cwd=folder,
+    return subprocess.run([sys.executable, "-c", "from recengine.interfaces.cli import cli; cli()", *args], cwd=folder,
                           capture_output=True, text=True, env=environ, timeout=300)
 
 

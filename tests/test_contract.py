@@ -1,10 +1,10 @@
-"""Every registered part, built-in or plugin, passes the contract checks of `recengine.testing`:
+"""Every registered part, built-in or plugin, passes the contract checks of `recengine.parts.contract`:
 a new built-in is checked the moment it registers, with no list to remember to extend."""
 
 import pytest
 
-from recengine import plugins
-from recengine.testing import check_extractor, check_source
+from recengine.parts import plugins
+from recengine.parts.contract import check_extractor, check_source
 
 from conftest import DEVICE
 

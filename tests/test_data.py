@@ -6,7 +6,7 @@ from datetime import datetime
 import polars as pl
 import pytest
 
-from recengine.data import Dataset, load_events, load_items, parse_mapping
+from recengine.core.data import Dataset, load_events, load_items, parse_mapping
 from recengine.errors import DataError
 
 EVENTS = {"userId": [1, 1, 2], "movieId": [10, 11, 10], "timestamp": [1_600_000_000, 1_600_000_060, 1_600_000_120]}

@@ -15,12 +15,12 @@ import polars as pl
 import pytest
 
 from recengine import Ranker
-from recengine.candidates import generate
-from recengine.data import Dataset
-from recengine.encoders import EmbeddingCache
-from recengine.extractors import FeatureContext
+from recengine.parts.candidates import generate
+from recengine.core.data import Dataset
+from recengine.parts.encoders import EmbeddingCache
+from recengine.parts.context import FeatureContext
 from recengine.features.interest import EmbeddingSource
-from recengine.topk import order, top_k, top_k_dense
+from recengine.core.topk import order, top_k, top_k_dense
 
 from conftest import DEVICE
 from synthetic import THEMES, catalogue, interactions
@@ -68,7 +68,7 @@ def test_embedding_candidates_do_not_depend_on_which_requests_share_a_product(ti
 def test_serving_equals_batch_and_two_loads_agree_with_duplicate_titles(tiny_bert, tmp_path):
     from test_ranker import batch_features, full_feature_set
 
-    from recengine.training import train
+    from recengine.learning.training import train
 
     events, items = interactions(n_users=60), duplicated_catalogue()
     cache = EmbeddingCache(tmp_path / "cache")
@@ -88,11 +88,11 @@ TRAIN_AND_RANK = """
 import sys
 from pathlib import Path
 import polars as pl
-from recengine.data import Dataset
-from recengine.encoders import EmbeddingCache
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
-from recengine.training import train
+from recengine.core.data import Dataset
+from recengine.parts.encoders import EmbeddingCache
+from recengine.parts.context import FeatureContext
+from recengine.learning.model import RankerModel
+from recengine.learning.training import train
 sys.path.insert(0, {tests!r})
 from test_determinism import duplicated_catalogue
 from test_ranker import full_feature_set

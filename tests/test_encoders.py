@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recengine.encoders import EmbeddingCache, create_encoder, embed, text_keys
+from recengine.parts.encoders import EmbeddingCache, create_encoder, embed, text_keys
 
 TEXTS = ["star war", "a love story in paris", "the dark future of time travel and space robot war", "kiss"]
 
@@ -155,7 +155,7 @@ def test_cache_files_and_folders_follow_the_umask(tiny_encoder, tmp_path, umask)
 
 
 def test_unique_texts_keep_each_text_its_own_width():
-    from recengine.encoders import unique_texts
+    from recengine.parts.encoders import unique_texts
 
     huge = "love " * 200_000
     unique, inverse = unique_texts(["kiss", huge, "kiss", "star"])
@@ -315,7 +315,7 @@ def test_packaged_minilm_knows_science_fiction_from_romance(minilm):
 FULL_DISK = """
 import resource, signal, sys
 import numpy as np
-from recengine.encoders import EmbeddingCache, create_encoder, embed
+from recengine.parts.encoders import EmbeddingCache, create_encoder, embed
 encoder = create_encoder("transformers", {"model": sys.argv[1], "device": "cpu"})
 texts = [f"space war {i} love story" for i in range(40)]
 expected = encoder.encode(texts)

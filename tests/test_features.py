@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.candidates import generate
-from recengine.extractors import FeatureContext, compute_features
+from recengine.parts.candidates import generate
+from recengine.parts.context import FeatureContext, compute_features
 from recengine.features.activity import UserActivity
 from recengine.features.attributes import ItemAttribute
 from recengine.features.categories import CategoryAffinity
@@ -16,7 +16,7 @@ from recengine.features.interest import EmbeddingSource, InterestScores, on_grid
 from recengine.features.popularity import (
     ItemAge, ItemCTR, ItemPopularity, ItemTrend, ItemValue, PopularSource, decayed_counts,
 )
-from recengine.metrics import evaluate
+from recengine.core.metrics import evaluate
 
 T0 = datetime(2024, 1, 10)
 DAY = timedelta(days=1)

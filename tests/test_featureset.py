@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from recengine.errors import ConfigError
-from recengine.featureset import FeatureSet
+from recengine.parts.featureset import FeatureSet
 
 FEATURES = Path(__file__).resolve().parents[1] / "features"
 
@@ -131,12 +131,12 @@ def test_a_lightgbm_alias_replaces_the_default_it_names():
 
 
 def test_the_bundled_feature_sets_load_by_name_from_anywhere(tmp_path, monkeypatch):
-    from recengine.featureset import bundled_names
+    from recengine.parts.featureset import bundled_names
 
     monkeypatch.chdir(tmp_path)  # no features/ folder here
     assert bundled_names() == ["collaborative", "impressions", "movielens", "tuned"]
     assert FeatureSet.load("movielens").source_text == (FEATURES / "movielens.toml").read_text()
-    from recengine.cli import bundled_feature_set
+    from recengine.interfaces.cli import bundled_feature_set
 
     assert FeatureSet.load(bundled_feature_set("impressions")).name == "impressions"
     with pytest.raises(ConfigError, match="nosuch: no such feature set file, and no bundled feature set of that name. "
@@ -165,7 +165,7 @@ def test_a_regular_install_carries_the_bundled_feature_sets(tmp_path):
                     "--target", str(target)], check=True, capture_output=True)
     assert sorted(p.name for p in (target / "recengine" / "feature_sets").iterdir()) == ["collaborative.toml", "impressions.toml", "movielens.toml", "tuned.toml"]
     assert not (target / "features").exists()
-    shown = subprocess.run([sys.executable, "-c", "from recengine.featureset import FeatureSet, resolve; "
+    shown = subprocess.run([sys.executable, "-c", "from recengine.parts.featureset import FeatureSet, resolve; "
                             "print(resolve('movielens'), FeatureSet.load('impressions').name)"],
                            cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
     assert shown.stdout.split() == [str(target / "recengine" / "feature_sets" / "movielens.toml"), "impressions"]

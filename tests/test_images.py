@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 from PIL import Image, ImageDraw
 
-from recengine.encoders import EmbeddingCache, create_encoder, embed
+from recengine.parts.encoders import EmbeddingCache, create_encoder, embed
 from recengine.errors import BadValue, DataError, PluginError
-from recengine.extractors import FeatureContext, compute_features
+from recengine.parts.context import FeatureContext, compute_features
 from recengine.features.interest import EmbeddingSource, InterestScores, item_embeddings
-from recengine.featureset import FeatureSet
-from recengine.testing import check_extractor, check_source, sample_events, sample_items
+from recengine.parts.featureset import FeatureSet
+from recengine.parts.contract import check_extractor, check_source, sample_events, sample_items
 
 from conftest import DEVICE, TINY_VOCAB
 
@@ -423,7 +423,7 @@ def test_cache_keys_and_cached_embeddings_need_neither_torch_nor_an_image(tiny_c
     embed(paths, images_encoder(tiny_clip, precision="fp32"), EmbeddingCache(tmp_path))
     script = (
         "import sys\n"
-        "from recengine.encoders import EmbeddingCache, create_encoder, embed\n"
+        "from recengine.parts.encoders import EmbeddingCache, create_encoder, embed\n"
         f"encoder = create_encoder('images', {{'model': {str(tiny_clip)!r}, 'device': {DEVICE!r}, 'precision': 'fp32'}})\n"
         f"_, stats = embed({paths!r}, encoder, EmbeddingCache({str(tmp_path)!r}))\n"
         f"assert (stats.hits, stats.misses) == ({len(paths)}, 0), stats\n"

@@ -20,12 +20,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine import batch
-from recengine.batch import rank_file, work_folder
-from recengine.data import Dataset, write_parquet_atomic
+from recengine.running import batch
+from recengine.running.batch import rank_file, work_folder
+from recengine.core.data import Dataset, write_parquet_atomic
 from recengine.errors import ConfigError, DataError, RecengineError
-from recengine.extractors import FeatureContext
-from recengine.training import train
+from recengine.parts.context import FeatureContext
+from recengine.learning.training import train
 
 from synthetic import catalogue, feature_set, interactions
 
@@ -188,7 +188,7 @@ def cli(folder, args, limit=None, env=None, timeout=300):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     environ = {**os.environ, "RECENGINE_CACHE_DIR": str(folder / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-c", "from recengine.cli import cli; cli()", *args], cwd=folder,
+    return subprocess.run([sys.executable, "-c", "from recengine.interfaces.cli import cli; cli()", *args], cwd=folder,
                           capture_output=True, text=True, env=environ, timeout=timeout, check=False,
                           preexec_fn=limited if limit else None)
 
@@ -254,7 +254,7 @@ def test_an_address_where_nothing_answers_is_refused_within_the_timeout(setup, t
 
 @pytest.mark.parametrize("value", ["soon", "0", "-3", "inf"])
 def test_a_connect_timeout_that_is_not_a_positive_number_is_refused(monkeypatch, value):
-    from recengine.distributed import connect_timeout
+    from recengine.running.distributed import connect_timeout
 
     monkeypatch.setenv("RECENGINE_RAY_CONNECT_TIMEOUT", value)
     with pytest.raises(ConfigError, match=f"RECENGINE_RAY_CONNECT_TIMEOUT='{value}'.*a number above 0"):
@@ -262,7 +262,7 @@ def test_a_connect_timeout_that_is_not_a_positive_number_is_refused(monkeypatch,
 
 
 def test_a_server_that_is_not_a_ray_head_is_refused_at_once():
-    from recengine.distributed import _check_answers
+    from recengine.running.distributed import _check_answers
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -293,7 +293,7 @@ def _mixed(folder, second: pl.DataFrame, first: pl.DataFrame | None = None):
 def test_a_folder_mixing_schemas_is_refused_naming_the_files(setup, tmp_path):
     # Was: the driver's checks passed (each file is fine alone), then Ray failed mid-job ("Unable to
     # merge: Field user_id has incompatible types") with a traceback, leaving a parts folder.
-    from recengine.distributed import _checked_input, _checked_uri
+    from recengine.running.distributed import _checked_input, _checked_uri
 
     events = setup[2]
     context = FeatureContext.from_frames(events, catalogue())
@@ -312,7 +312,7 @@ def test_a_folder_mixing_schemas_is_refused_naming_the_files(setup, tmp_path):
 
 def test_a_folder_whose_schemas_ray_unifies_is_accepted(setup, tmp_path):
     # Other column order and integer widths: Ray reads these as one table, so they are not refused.
-    from recengine.distributed import _checked_input
+    from recengine.running.distributed import _checked_input
 
     events = setup[2]
     second = pl.DataFrame({"item_id": [7, 8], "user_id": [5, 6]}, schema={"item_id": pl.Int32, "user_id": pl.Int64})

@@ -8,13 +8,13 @@ import polars as pl
 import pytest
 
 from recengine import Ranker
-from recengine.candidates import generate
-from recengine.data import Dataset
+from recengine.parts.candidates import generate
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext, compute_features, fit_learned
-from recengine.featureset import FeatureSet
-from recengine.model import RankerModel
-from recengine.training import train
+from recengine.parts.context import FeatureContext, compute_features, fit_learned
+from recengine.parts.featureset import FeatureSet
+from recengine.learning.model import RankerModel
+from recengine.learning.training import train
 
 from synthetic import catalogue, interactions
 
@@ -63,7 +63,7 @@ def test_an_event_at_or_after_the_boundary_changes_no_learned_feature():
 def test_a_part_missing_from_a_fitted_context_is_fit_at_its_boundary_which_stays_put():
     """A learned part the context holds no state for is fit on demand, at the boundary the others were
     fit at: not on every event (a leak for requests after the boundary), and without moving it."""
-    from recengine.parts import learned_state
+    from recengine.parts.context import learned_state
 
     events = Dataset(interactions(n_users=80).lazy()).events.collect()
     boundary = events["timestamp"].quantile(0.5, interpolation="lower")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recengine.data import Dataset
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError
-from recengine.model import MODEL_FILE, SPEC_DIGEST, SPEC_FILE, RankerModel, check_model_destination, check_writable
-from recengine.training import train
+from recengine.learning.model import MODEL_FILE, SPEC_DIGEST, SPEC_FILE, RankerModel, check_model_destination, check_writable
+from recengine.learning.training import train
 
 from synthetic import catalogue, feature_set, interactions
 
@@ -157,7 +157,7 @@ def test_recommend_aligns_string_ids_and_says_which_requests_got_nothing(model, 
 
 
 def test_a_model_folder_with_adapters_is_a_model_folder_again_for_the_next_train_output(tmp_path):
-    from recengine.model import check_model_destination
+    from recengine.learning.model import check_model_destination
 
     folder = tmp_path / "model"
     (folder / "learned").mkdir(parents=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recengine.data import Dataset
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError, DataError
-from recengine.model import MODEL_FILE, SPEC_DIGEST, SPEC_FILE, RankerModel, arrays_to_npz, spec_digest
-from recengine.training import train
+from recengine.learning.model import MODEL_FILE, SPEC_DIGEST, SPEC_FILE, RankerModel, arrays_to_npz, spec_digest
+from recengine.learning.training import train
 
 from conftest import DEVICE
 from synthetic import catalogue, feature_set, interactions
@@ -44,8 +44,8 @@ def quick_model(folder: Path, toml: str) -> Path:
 
     import lightgbm as lgb
 
-    from recengine.featureset import FeatureSet
-    from recengine.training import REQUEST_KEYS, feature_columns, model_spec
+    from recengine.parts.featureset import FeatureSet
+    from recengine.learning.training import REQUEST_KEYS, feature_columns, model_spec
 
     spec = FeatureSet.from_dict(tomllib.loads(toml), "fs.toml")
     features, rng = feature_columns(spec), np.random.default_rng(0)
@@ -150,7 +150,7 @@ CRAFTED = {
 LOAD_EACH = """
 import json, sys
 from recengine.errors import RecengineError
-from recengine.model import RankerModel
+from recengine.learning.model import RankerModel
 for folder in sys.argv[1:]:
     try:
         RankerModel.load(folder)
@@ -242,8 +242,8 @@ def test_learned_arrays_that_are_not_finite_or_not_plain_are_refused(model, tmp_
 
 
 def _head_adapter(tiny_bert, projection: np.ndarray):
-    from recengine.adapters import Adapter
-    from recengine.encoders import create_encoder
+    from recengine.parts.adapters import Adapter
+    from recengine.parts.encoders import create_encoder
 
     params = {"model": str(tiny_bert), "device": DEVICE}
     return Adapter({"projection": projection}, "transformers", params, "head", datetime(2024, 3, 1), field="title",
@@ -251,7 +251,7 @@ def _head_adapter(tiny_bert, projection: np.ndarray):
 
 
 def test_an_adapter_with_nan_weights_is_refused_when_read(tmp_path, tiny_bert):
-    from recengine.adapters import Adapter, load_adapter, save_adapter
+    from recengine.parts.adapters import Adapter, load_adapter, save_adapter
 
     weights = {"encoder.layer.0.attention.self.query.lora_A.default.weight": np.full((8, 32), np.nan, dtype=np.float32)}
     path = save_adapter(tmp_path / "nan.safetensors", Adapter(weights, "transformers", {}, "lora", datetime(2024, 3, 1)))
@@ -260,8 +260,8 @@ def test_an_adapter_with_nan_weights_is_refused_when_read(tmp_path, tiny_bert):
 
 
 def test_an_adapter_of_zeros_is_refused_and_puts_nothing_in_the_cache(tmp_path, tiny_bert):
-    from recengine.adapters import save_adapter
-    from recengine.encoders import EmbeddingCache, create_encoder, embed
+    from recengine.parts.adapters import save_adapter
+    from recengine.parts.encoders import EmbeddingCache, create_encoder, embed
 
     path = save_adapter(tmp_path / "zeros.safetensors", _head_adapter(tiny_bert, np.zeros((32, 32), dtype=np.int32)))
     encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": DEVICE, "adapter": str(path)})
@@ -278,7 +278,7 @@ def test_an_adapter_of_zeros_is_refused_and_puts_nothing_in_the_cache(tmp_path, 
 
 # -- plugins: one rule for every loader (item 9) ------------------------------------------------------------
 def test_loading_refuses_plugins_at_another_version_or_missing(model, tmp_path):
-    from recengine.ranker import Ranker
+    from recengine.running.ranker import Ranker
 
     part = model.spec["parts"][0]
     folder = forged(model.save(tmp_path / "old"), lambda spec: spec["parts"][0].update(version="0.0.1"))
@@ -296,7 +296,7 @@ def test_loading_refuses_plugins_at_another_version_or_missing(model, tmp_path):
 def test_the_mlflow_pyfunc_loader_applies_the_same_checks(model, tmp_path):
     import pandas as pd
 
-    from recengine.mlflow_model import LightGBMRanker
+    from recengine.interfaces.mlflow_model import LightGBMRanker
 
     class Context:
         artifacts = {"ranker": str(model.save(tmp_path / "model"))}
@@ -315,7 +315,7 @@ def test_the_mlflow_pyfunc_loader_applies_the_same_checks(model, tmp_path):
 SAVE_UNDER_LIMIT = """
 import json, resource, signal, sys
 from pathlib import Path
-from recengine import model as m
+from recengine.learning import model as m
 from recengine.errors import RecengineError
 source, dest, where = sys.argv[1:4]
 loaded = m.RankerModel.load(source)
@@ -371,7 +371,7 @@ def test_a_model_that_cannot_be_written_anywhere_says_so(model, tmp_path):
 TRAIN_ON_A_FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
-from recengine import model as m
+from recengine.learning import model as m
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 write = m._write_synced
@@ -382,7 +382,7 @@ def limited(file, data):  # the disk of the working folder is full; the system's
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 m._write_synced = limited
-from recengine.cli import cli
+from recengine.interfaces.cli import cli
 cli(sys.argv[1:])
 """
 

@@ -11,12 +11,13 @@ import polars as pl
 import pytest
 
 import recengine
-from recengine import Ranker, plugins
-from recengine.data import Dataset
-from recengine.featureset import FeatureSet
-from recengine.pit import recent_history
-from recengine.testing import check_extractor
-from recengine.training import train
+from recengine import Ranker
+from recengine.parts import plugins
+from recengine.core.data import Dataset
+from recengine.parts.featureset import FeatureSet
+from recengine.core.pit import recent_history
+from recengine.parts.contract import check_extractor
+from recengine.learning.training import train
 
 from synthetic import catalogue, interactions
 
@@ -74,7 +75,7 @@ def test_the_plugin_part_is_served_per_request_without_the_batch_pipeline(regist
     model = train(Dataset(events.lazy(), items.lazy()), feature_set, progress=False, say=lambda _: None).model
     ranker = Ranker.load(model.save(tmp_path / "model"), events, items)
 
-    import recengine.serving as serving
+    import recengine.running.serving as serving
 
     calls = []
     monkeypatch.setattr(serving, "compute_features", lambda *a, **k: calls.append(a) or pytest.fail("batch pipeline called"))

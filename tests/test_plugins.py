@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import recengine
-from recengine import plugins
+from recengine.parts import plugins
 from recengine.errors import PluginError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def plugins_json(site, **env):
     environment = {key: value for key, value in os.environ.items() if key != "RECENGINE_LOAD_PLUGINS"}
     environment.update(PYTHONPATH=str(site), **env)
     out = subprocess.run(
-        [sys.executable, "-m", "recengine.cli", "plugins"], env=environment, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "recengine.interfaces.cli", "plugins"], env=environment, capture_output=True, text=True, check=True
     )
     return {p["name"]: p for p in json.loads(out.stdout)}
 
@@ -119,7 +119,7 @@ def test_load_plugins_env_var_restricts_entry_points(example_installed):
 
 
 def test_bad_parameters_name_the_part_and_its_plugin():
-    from recengine.encoders import create_encoder
+    from recengine.parts.encoders import create_encoder
 
     with pytest.raises(PluginError, match=r"encoder 'transformers' \(from transformers\) has bad parameters \['nonsense'\]"):
         create_encoder("transformers", {"nonsense": 1})
@@ -130,7 +130,7 @@ def test_example_plugin_parts_pass_the_contract_check(example_installed, monkeyp
     monkeypatch.syspath_prepend(str(example_installed))
     from recengine_example import TextLength, TitleOverlap
 
-    from recengine.testing import check_extractor
+    from recengine.parts.contract import check_extractor
 
     check_extractor(TextLength)
     check_extractor(TitleOverlap)

@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 
 from recengine import Ranker
-from recengine.data import Dataset
-from recengine.encoders import EmbeddingCache
+from recengine.core.data import Dataset
+from recengine.parts.encoders import EmbeddingCache
 from recengine.errors import ConfigError
-from recengine.model import spec_digest
-from recengine.featureset import FeatureSet
-from recengine.training import train
+from recengine.learning.model import spec_digest
+from recengine.parts.featureset import FeatureSet
+from recengine.learning.training import train
 
 from conftest import DEVICE
 from synthetic import catalogue, interactions
@@ -136,14 +136,14 @@ def test_append_moves_the_state_forward_without_reloading(served, tiny_bert):
 
 
 def test_load_from_an_mlflow_uri_and_refuse_a_missing_plugin(served, tmp_path, monkeypatch):
-    from recengine.model import RankerModel
-    from recengine.tracking import log_training
+    from recengine.learning.model import RankerModel
+    from recengine.interfaces.tracking import log_training
 
     ranker, events, items, folder = served
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model = RankerModel.load(folder / "model")
-    from recengine.training import TrainResult
+    from recengine.learning.training import TrainResult
 
     result = TrainResult(model, {"ndcg@10": 0.5}, {}, {}, pl.DataFrame({"feature": model.features, "gain": [0.0] * len(model.features)}),
                          {"dataset": "synthetic", "digest": "x"})
@@ -168,7 +168,7 @@ def test_ranking_with_cached_embeddings_never_imports_torch(served, tmp_path):
     code = f"""
 import sys, polars as pl
 from recengine import Ranker
-from recengine.encoders import EmbeddingCache
+from recengine.parts.encoders import EmbeddingCache
 r = Ranker.load({str(folder / 'model')!r}, pl.read_parquet({str(tmp_path / 'events.parquet')!r}),
                 pl.read_parquet({str(tmp_path / 'items.parquet')!r}), cache=EmbeddingCache({str(folder / 'cache')!r}))
 assert len(r.rank(3, [1, 2, 3, 4])) == 4

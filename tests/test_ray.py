@@ -18,11 +18,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from recengine.batch import rank_file  # noqa: E402
-from recengine.data import Dataset  # noqa: E402
-from recengine.distributed import rank_on_ray  # noqa: E402
-from recengine.extractors import FeatureContext  # noqa: E402
-from recengine.training import train  # noqa: E402
+from recengine.running.batch import rank_file  # noqa: E402
+from recengine.core.data import Dataset  # noqa: E402
+from recengine.running.distributed import rank_on_ray  # noqa: E402
+from recengine.parts.context import FeatureContext  # noqa: E402
+from recengine.learning.training import train  # noqa: E402
 
 from synthetic import catalogue, feature_set, interactions  # noqa: E402
 
@@ -62,7 +62,7 @@ def local_cluster():
                                                             "include_dashboard": False,
                                                             "_system_config": {"enable_worker_prestart": True}})
     ray.init(address=cluster.address, log_to_driver=False)
-    warm = [ray.remote(lambda: importlib.import_module("recengine.distributed") and None).remote() for _ in range(2)]
+    warm = [ray.remote(lambda: importlib.import_module("recengine.running.distributed") and None).remote() for _ in range(2)]
     yield cluster
     ray.get(warm)
     ray.shutdown()
@@ -112,8 +112,8 @@ def test_the_cli_runs_the_same_job_on_ray(setup, local_ray, reference, cli_run, 
 def test_an_input_uri_is_checked_and_digested_as_the_local_path_is(setup, tmp_path):
     # No Ray needed: the driver's own reads of a URI. Its digest is the local job's for the same bytes
     # (so a job started on the local path can be finished from the URI), its errors name the URI.
-    from recengine.batch import _file_digest
-    from recengine.distributed import _checked_uri, input_uri
+    from recengine.running.batch import _file_digest
+    from recengine.running.distributed import _checked_uri, input_uri
     from recengine.errors import DataError
 
     folder, _, events = setup
@@ -137,8 +137,8 @@ def test_an_input_uri_is_checked_and_digested_as_the_local_path_is(setup, tmp_pa
 
 
 def test_embed_on_ray_encodes_only_what_the_cache_lacks(local_ray, tiny_bert, tmp_path):
-    from recengine.encoders import EmbeddingCache, create_encoder, embed, text_keys
-    from recengine.distributed import embed_on_ray
+    from recengine.parts.encoders import EmbeddingCache, create_encoder, embed, text_keys
+    from recengine.running.distributed import embed_on_ray
 
     params = {"model": str(tiny_bert), "device": "cpu"}
     encoder = create_encoder("transformers", params)
@@ -178,7 +178,7 @@ def test_an_actor_killed_mid_job_is_restarted_and_its_chunk_retried(setup, local
     # The scoring actor is SIGKILLed on its second chunk (its first is finished), once: mid-job at the
     # same point on every run. The scorer is the job's own, its class defined here so that Ray ships
     # it to the actor by value; a marker file records the kill, so the restarted actor goes on.
-    from recengine import distributed
+    from recengine.running import distributed
 
     folder, model, events = setup
     driver, marker = os.getpid(), tmp_path / "killed"
@@ -206,10 +206,10 @@ import signal
 import sys
 import polars as pl
 import ray
-from recengine import batch
-from recengine.distributed import rank_on_ray
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
+from recengine.running import batch
+from recengine.running.distributed import rank_on_ray
+from recengine.parts.context import FeatureContext
+from recengine.learning.model import RankerModel
 folder, out, address, die_after = sys.argv[1:]
 finish = batch._Manifest.finish
 
@@ -284,7 +284,7 @@ def test_requests_all_before_the_first_event_are_refused_before_any_work(setup, 
 
 def test_the_address_check_passes_a_real_ray_head(local_ray):
     # The driver's bounded check (a TCP connection and an HTTP/2 greeting) must let a real head through.
-    from recengine.distributed import _check_answers, check_address
+    from recengine.running.distributed import _check_answers, check_address
 
     assert check_address(local_ray)[1] == int(local_ray.rsplit(":", 1)[1])
     _check_answers(local_ray, 10)
@@ -294,7 +294,7 @@ def test_a_damaged_part_left_by_a_local_job_is_set_aside_and_redone_on_ray(setup
                                                                            monkeypatch, capsys):
     # The engines share the manifest: a local job stopped before its merge, one part truncated, is
     # finished on Ray, which ranks that chunk again (said once) and writes the local job's bytes.
-    from recengine import batch
+    from recengine.running import batch
 
     folder, model, events = setup
     target = tmp_path / "ray.parquet"

@@ -1,4 +1,4 @@
-"""The rolling-origin split (recengine.rolling) on a small synthetic log, checked against a brute-force
+"""The rolling-origin split (recengine.core.rolling) on a small synthetic log, checked against a brute-force
 reading of the protocol: no training event at or after the cutoff, the catalogue at c, the requests,
 and a truth without seen or unreleased items."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine import rolling
+from recengine.core import rolling
 from recengine.errors import DataError
 
 START = datetime(2020, 7, 1)

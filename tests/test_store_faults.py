@@ -42,14 +42,14 @@ FEATURES = {
 
 
 def feature_set(kind="wide"):
-    from recengine.featureset import FeatureSet
+    from recengine.parts.featureset import FeatureSet
 
     return FeatureSet.from_dict(FEATURES[kind])
 
 
 def fit(kind="wide"):
-    from recengine.data import Dataset
-    from recengine.training import train
+    from recengine.core.data import Dataset
+    from recengine.learning.training import train
     from synthetic import catalogue, interactions
 
     data = Dataset(interactions(n_users=30, per_user=12).lazy(), catalogue().lazy())
@@ -75,7 +75,7 @@ if mode == "race":
     # has read it too. Under the promotion lock the other cannot read before this one has moved it, so
     # that wait ends at its (short) timeout instead.
     import mlflow
-    from recengine.tracking import log_training
+    from recengine.interfaces.tracking import log_training
 
     kind = sys.argv[3]
     result = fit(kind)
@@ -94,7 +94,7 @@ if mode == "race":
 
 elif mode == "open":
     # Two first trainings into a store that does not exist yet.
-    from recengine.tracking import training_run
+    from recengine.interfaces.tracking import training_run
 
     barrier("start", 2)
     with training_run(feature_set(), "first") as run:
@@ -105,21 +105,21 @@ elif mode == "block":
     # A training that stops half way (after a logged model was started, as log_model starts one) until
     # it is signalled: `recengine train` itself, its fit replaced by one that blocks.
     import mlflow
-    import recengine.training
-    from recengine.cli import cli
+    import recengine.learning.training
+    from recengine.interfaces.cli import cli
 
     def blocking_fit(*args, **kwargs):
         mlflow.initialize_logged_model(name="ranker")
         say(run_id=mlflow.active_run().info.run_id, pid=os.getpid())
         sys.stdin.read()
 
-    recengine.training.train = blocking_fit
+    recengine.learning.training.train = blocking_fit
     cli(["train", "--events", "events.csv", "--items", "items.csv", "--feature-set", "fs.toml", "--model-name", "m"])
 
 elif mode == "kill-after-version":
     # A process killed right after the registry created its model version.
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
-    from recengine.tracking import log_training
+    from recengine.interfaces.tracking import log_training
 
     create = SqlAlchemyStore.create_model_version
 
@@ -136,7 +136,7 @@ elif mode == "full":
     # that fails with EFBIG, as a full disk fails one with ENOSPC.
     import resource
     from recengine.errors import RecengineError
-    from recengine.tracking import log_training, training_run
+    from recengine.interfaces.tracking import log_training, training_run
 
     try:
         with training_run(feature_set(), "full") as run:
@@ -249,7 +249,7 @@ def test_sigterm_mid_training_ends_the_run_killed_saying_so(store, tmp_path):
 
 
 def test_a_run_whose_process_was_killed_is_ended_by_the_next_training(store, tmp_path):
-    from recengine.tracking import training_run
+    from recengine.interfaces.tracking import training_run
 
     from synthetic import feature_set
 
@@ -270,7 +270,7 @@ def test_a_run_whose_process_was_killed_is_ended_by_the_next_training(store, tmp
 
 
 def test_a_live_process_keeps_its_run(store, tmp_path):
-    from recengine.tracking import end_abandoned_runs
+    from recengine.interfaces.tracking import end_abandoned_runs
 
     worker, where = _blocked_train(tmp_path)
     try:
@@ -282,7 +282,7 @@ def test_a_live_process_keeps_its_run(store, tmp_path):
 
 
 def test_a_promotion_killed_after_the_version_was_created_leaves_it_described(store, tmp_path):
-    from recengine.tracking import training_run
+    from recengine.interfaces.tracking import training_run
 
     from synthetic import feature_set
 
@@ -301,7 +301,7 @@ def test_a_promotion_killed_after_the_version_was_created_leaves_it_described(st
 
 
 def test_a_store_with_no_room_left_says_so_and_keeps_the_model(store, tmp_path):
-    from recengine.model import load_model
+    from recengine.learning.model import load_model
 
     worker = start(tmp_path, "full", str(256 * 1024))
     code, out, err = finish(worker)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recengine.data import Dataset
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError
-from recengine.featureset import FeatureSet
-from recengine.model import load_model
-from recengine.training import train
+from recengine.parts.featureset import FeatureSet
+from recengine.learning.model import load_model
+from recengine.learning.training import train
 
 from synthetic import catalogue, feature_set, interactions
 
@@ -62,7 +62,7 @@ def _git(folder, *args):
 def runs(tmp_path_factory):
     """Two trainings of two feature-set files in a git checkout, each inside its MLflow run, logged to
     the default store under a fresh cwd. Also yields each training's own wall time."""
-    from recengine.tracking import log_training, training_run
+    from recengine.interfaces.tracking import log_training, training_run
 
     folder = tmp_path_factory.mktemp("project")
     (folder / "features").mkdir()
@@ -124,7 +124,7 @@ def test_run_holds_params_metrics_history_and_lineage(runs):
 
 def test_registry_keeps_champion_unless_beaten_or_promoted(runs):
     import mlflow
-    from recengine.tracking import log_training
+    from recengine.interfaces.tracking import log_training
 
     folder, results, logged, sets, _ = runs
     assert logged[0].champion and logged[0].version == "1"
@@ -260,7 +260,7 @@ def test_early_stopping_follows_the_configured_metric_where_the_peaks_differ():
     (curves given as LightGBM evals): the stop and the best iteration follow the named metric."""
     import lightgbm as lgb
 
-    from recengine.training import StopOnMetric
+    from recengine.learning.training import StopOnMetric
 
     rounds = np.arange(1, 41)
     curves = {"ndcg@5": 0.5 - np.abs(rounds - 3) / 100, "ndcg@10": 0.5 - np.abs(rounds - 9) / 100}
@@ -304,7 +304,7 @@ def test_unknown_early_stopping_metric_is_refused_before_training():
 
 def test_failed_training_ends_its_run_failed_with_the_reason(tmp_path, monkeypatch):
     import mlflow
-    from recengine.tracking import training_run
+    from recengine.interfaces.tracking import training_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -317,7 +317,7 @@ def test_failed_training_ends_its_run_failed_with_the_reason(tmp_path, monkeypat
 
 
 def test_run_names_spell_out_what_differs():
-    from recengine.tracking import param_differences, run_name_for
+    from recengine.interfaces.tracking import param_differences, run_name_for
 
     before = {"candidates.covisitation": "k=60,window=3", "features.interest": "recent=10", "ranker.learning_rate": "0.05",
               "data.events": "100"}
@@ -329,10 +329,10 @@ def test_run_names_spell_out_what_differs():
 
 
 def test_data_digest_is_the_same_in_another_process():
-    from recengine.training import data_digest
+    from recengine.learning.training import data_digest
 
     code = ("import sys; sys.path.insert(0, 'tests'); from synthetic import catalogue, interactions; "
-            "from recengine.training import data_digest; print(data_digest(interactions(), catalogue().lazy()))")
+            "from recengine.learning.training import data_digest; print(data_digest(interactions(), catalogue().lazy()))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).parents[1]).stdout.strip()
     assert other == data_digest(interactions().sample(fraction=1.0, shuffle=True, seed=3), catalogue())
@@ -343,7 +343,7 @@ def test_a_run_is_compared_with_the_previous_training_not_its_nested_runs(tmp_pa
     compares itself with the parent (a training), not with that child."""
     import mlflow
     from mlflow.entities import Param
-    from recengine.tracking import feature_set_params, training_run
+    from recengine.interfaces.tracking import feature_set_params, training_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -368,8 +368,8 @@ def test_the_registry_lock_admits_one_holder_and_takes_over_a_dead_ones(tmp_path
     """The promotion lock of stores without a local lock file (a tracking server): a registered model
     only one caller can create."""
     import mlflow
-    from recengine.store import StoreError, open_store
-    from recengine.tracking import process_tags, registry_lock
+    from recengine.core.store import StoreError, open_store
+    from recengine.interfaces.tracking import process_tags, registry_lock
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

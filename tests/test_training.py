@@ -6,11 +6,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine.data import Dataset
-from recengine.extractors import FeatureContext
-from recengine.model import load_model
-from recengine.samples import sample_requests
-from recengine.training import train
+from recengine.core.data import Dataset
+from recengine.parts.context import FeatureContext
+from recengine.learning.model import load_model
+from recengine.learning.samples import sample_requests
+from recengine.learning.training import train
 
 from synthetic import catalogue, feature_set, impressions, interactions
 
@@ -101,7 +101,7 @@ def test_impression_logs_train_on_logged_groups_with_graded_labels():
 
 
 def test_ctr_reads_impressions_before_t_only():
-    from recengine.extractors import compute_features
+    from recengine.parts.context import compute_features
     from recengine.features.popularity import ItemCTR
 
     shown = impressions(n_users=20)

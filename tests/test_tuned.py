@@ -8,13 +8,13 @@ import polars as pl
 import pytest
 
 from recengine import Ranker
-from recengine.data import Dataset
+from recengine.core.data import Dataset
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext, compute_features, fit_learned
+from recengine.parts.context import FeatureContext, compute_features, fit_learned
 from recengine.features.interest import InterestScores
 from recengine.features.tuned import TunedInterest
-from recengine.featureset import FeatureSet
-from recengine.training import train
+from recengine.parts.featureset import FeatureSet
+from recengine.learning.training import train
 
 from conftest import DEVICE, TINY_VOCAB
 from synthetic import THEMES, WORDS, catalogue, interactions
@@ -127,9 +127,9 @@ def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
     import scipy.sparse as sp
     import torch
 
-    from recengine.encoders import create_encoder
+    from recengine.parts.encoders import create_encoder
     from recengine.features.interest import item_embeddings
-    from recengine.tuning import encode_with, lora_model, next_item_pairs, tune_lora
+    from recengine.learning.tuning import encode_with, lora_model, next_item_pairs, tune_lora
 
     encoder = create_encoder("transformers", {"model": str(tiny_bert), "device": DEVICE})
     items = noisy_catalogue()
@@ -166,7 +166,7 @@ def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
 @pytest.mark.parametrize("mode", ["lora", "adalora", "full"])
 def test_lora_and_full_modes_pass_the_part_contract_and_move_the_features(tiny_bert, mode):
     pytest.importorskip("peft")
-    from recengine.testing import check_extractor
+    from recengine.parts.contract import check_extractor
 
     params = {"encoder_params": {"model": str(tiny_bert), "device": DEVICE}, "mode": mode, "recent": 3, "history": 8,
               "epochs": 2, "batch_size": 32, "lr": 0.03 if mode == "adalora" else 5e-3, "patience": 2, "seed": 1}
@@ -189,7 +189,7 @@ def test_lora_and_full_modes_pass_the_part_contract_and_move_the_features(tiny_b
 
 
 def test_the_tuned_source_proposes_the_users_theme_shares_the_extractors_fit_and_nothing_before_the_boundary(tiny_bert):
-    from recengine.candidates import generate
+    from recengine.parts.candidates import generate
     from recengine.features.interest import EmbeddingSource
     from recengine.features.tuned import TunedEmbeddingSource
 
@@ -219,7 +219,7 @@ def test_the_tuned_source_proposes_the_users_theme_shares_the_extractors_fit_and
 
 
 def test_hard_negatives_are_each_items_nearest_others_and_tuning_with_them_learns_the_theme(tiny_bert):
-    from recengine.tuning import hard_negatives
+    from recengine.learning.tuning import hard_negatives
 
     rng = np.random.default_rng(0)
     items = np.round(rng.normal(size=(50, 8)) * 4) / 4  # coarse values: many tied cosines

@@ -1,4 +1,4 @@
-"""Tuning on behaviour (recengine.tuning): next-item pairs point in time, and the head's InfoNCE
+"""Tuning on behaviour (recengine.learning.tuning): next-item pairs point in time, and the head's InfoNCE
 learning a structure the frozen embeddings hide, repeatably."""
 
 from datetime import datetime, timedelta
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from recengine.tuning import next_item_pairs, tune_head
+from recengine.learning.tuning import next_item_pairs, tune_head
 
 GROUPS, PER_GROUP, DIM = 4, 10, 16
 
@@ -69,7 +69,7 @@ def test_no_improvement_keeps_the_identity_and_stops_early():
 def test_a_duplicate_target_in_the_batch_is_not_a_negative():
     import torch
 
-    from recengine.tuning import _info_nce
+    from recengine.learning.tuning import _info_nce
 
     x = torch.eye(3)
     ctx = torch.eye(3)[[0, 0, 1]]
@@ -104,7 +104,7 @@ def test_next_item_pairs_take_the_context_strictly_before_each_event_capped_and_
 def test_held_out_recall_breaks_ties_by_item_row_so_equal_scores_are_not_all_hits():
     import torch
 
-    from recengine.tuning import _recall
+    from recengine.learning.tuning import _recall
 
     items = np.tile([1.0, 0.0], (30, 1))  # every item the same vector: every score ties
     contexts = np.tile([1.0, 0.0], (30, 1))

@@ -11,6 +11,3 @@ as a third party's package does.
 - `tuned`: interest in a text space tuned on what users took next (a learned head)
 """
 
-BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
-    "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative", "tuned",
-))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import polars as pl
 
-import recengine
-from recengine.extractors import days
-from recengine.pit import asof_before, cumulative
+from recengine.core.pit import asof_before, cumulative
+from recengine.parts.context import days
+from recengine.parts.hookspecs import hookimpl
 
 
 class UserActivity:
@@ -35,6 +35,6 @@ class UserActivity:
         )
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("user_activity", UserActivity, "User's event count, recency, tenure and mean value.")

@@ -7,11 +7,11 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-import recengine
+from recengine.core.pit import recent_history
 from recengine.errors import ConfigError
-from recengine.extractors import exact_sum, exact_sum_expr
-from recengine.pit import recent_history
-from recengine.plugins import check_number
+from recengine.parts.context import exact_sum, exact_sum_expr
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 
 class ItemAttribute:
@@ -69,6 +69,6 @@ class ItemAttribute:
         return out
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("item_attribute", ItemAttribute, "Numeric item fields, and their gap to the user's recent items' mean.")

@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-import recengine
+from recengine.core.pit import cumulative, totals_before
 from recengine.errors import ConfigError
-from recengine.pit import cumulative, totals_before
+from recengine.parts.hookspecs import hookimpl
 
 
 def item_categories(context, field: str, separator: str, part: str = "category_affinity") -> pl.LazyFrame:
@@ -85,6 +85,6 @@ class CategoryAffinity:
         return {self.columns[0]: mean / total, self.columns[1]: best / total}
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("category_affinity", CategoryAffinity, "User's share of events in the item's categories.")

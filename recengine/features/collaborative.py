@@ -14,11 +14,11 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-import recengine
-from recengine.candidates import source_top_k
-from recengine.parts import learned_state
-from recengine.pit import recent_history
-from recengine.plugins import check_number
+from recengine.core.pit import recent_history
+from recengine.parts.candidates import source_top_k
+from recengine.parts.context import learned_state
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 SCALE = 2.0**20
 
@@ -163,11 +163,11 @@ class EASESource(_EASE):
         return source_top_k(out.lazy(), self.k)
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("ease", EASEScores, "EASE collaborative score and rank of the item for the user's history (learned).")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_candidate_sources(register):
     register("ease", EASESource, "Best EASE collaborative scores for the user's history (learned).")

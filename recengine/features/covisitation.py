@@ -15,13 +15,13 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-import recengine
-from recengine.candidates import source_top_k
+from recengine.core.pit import cumulative, recent_history, totals_before
+from recengine.core.topk import DECIMALS
 from recengine.errors import ConfigError
-from recengine.extractors import FIXED_POINT, RESOLUTION, exact_sum, exact_sum_expr
-from recengine.pit import cumulative, recent_history, totals_before
-from recengine.plugins import check_number
-from recengine.topk import DECIMALS
+from recengine.parts.candidates import source_top_k
+from recengine.parts.context import FIXED_POINT, RESOLUTION, exact_sum, exact_sum_expr
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 
 def check_window(window: int, part: str) -> None:
@@ -224,7 +224,7 @@ class CovisitationSource:
 
 def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
     """A mask over the stored scores keeping each row's k best and every score tied with the k-th
-    (after the rounding of `recengine.topk`), so the exact tie-break by item_id happens there."""
+    (after the rounding of `recengine.core.topk`), so the exact tie-break by item_id happens there."""
     keep = np.ones(scores.nnz, dtype=bool)
     for r in np.flatnonzero(np.diff(scores.indptr) > k):
         lo, hi = scores.indptr[r], scores.indptr[r + 1]
@@ -233,11 +233,11 @@ def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
     return keep
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("covisitation", Covisitation, "Co-visitation of the item with the user's recent items.")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_candidate_sources(register):
     register("covisitation", CovisitationSource, "Co-visited with the user's recent items.")

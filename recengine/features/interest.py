@@ -19,25 +19,14 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-import recengine
-from recengine.data import TIMESTAMP
-from recengine.encoders import create_encoder, embed
+from recengine.core.data import TIMESTAMP
+from recengine.core.grid import GRID, on_grid  # noqa: F401  (GRID: read by other parts through here before)
+from recengine.core.pit import DAY, recent_history
+from recengine.core.topk import top_k_dense
 from recengine.errors import BadValue, ConfigError, DataError
-from recengine.plugins import check_number
-from recengine.pit import DAY, recent_history
-from recengine.topk import top_k_dense
-
-
-# Embeddings and profiles sit on a grid of 2^-16 (far finer than any ranking needs) and are held in
-# float64. A product of two grid values is a multiple of 2^-32, and float64 holds any sum of up to 2^21
-# such products exactly. So every cosine is exact: the same bits whatever BLAS kernel, block size or row
-# placement computes it, and batch, serving and two processes agree to the last bit.
-GRID = 2.0**16
-
-
-def on_grid(matrix: np.ndarray) -> np.ndarray:
-    """`matrix` (rows of norm <= 1) rounded to the grid, as float64: what every cosine multiplies."""
-    return np.round(np.asarray(matrix, dtype=np.float64) * GRID) / GRID
+from recengine.parts.encoders import create_encoder, embed
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 
 @dataclass
@@ -320,11 +309,11 @@ class EmbeddingSource:
         return aligned.fill_null(np.iinfo(np.int64).max).to_numpy()
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("interest", InterestScores, "Cosine of the item's text embedding to the user's history (mean profile, max over recent).")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_candidate_sources(register):
     register("embedding", EmbeddingSource, "Nearest items to the user's text-embedding profile.")

@@ -9,11 +9,11 @@ from typing import Sequence
 
 import polars as pl
 
-import recengine
-from recengine.candidates import source_top_k
-from recengine.extractors import days
-from recengine.pit import DAY, cumulative, totals_before
-from recengine.plugins import check_number
+from recengine.core.pit import DAY, cumulative, totals_before
+from recengine.parts.candidates import source_top_k
+from recengine.parts.context import days
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 
 class ItemPopularity:
@@ -179,7 +179,7 @@ class PopularSource:
         return keyed.join(best, on="_on").select("_request", "item_id", "score")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("item_popularity", ItemPopularity, "Item event counts before t: all time, windows, decayed.")
     register("item_trend", ItemTrend, "Item daily rate in a short window over a long one.")
@@ -188,6 +188,6 @@ def register_feature_extractors(register):
     register("item_ctr", ItemCTR, "Item clicks per impression with a Beta prior (impression logs).")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_candidate_sources(register):
     register("popular", PopularSource, "Most events in the days before the request, decayed.")

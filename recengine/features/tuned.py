@@ -1,8 +1,8 @@
 """Interest in a space tuned on behaviour (issue #15), as a learned part: `tuned_interest`.
 
 `fit` embeds the catalogue's text with the frozen encoder, builds next-item pairs from the window's
-events (`recengine.tuning.next_item_pairs`: the user's events strictly before each event, and the
-item taken), and tunes a linear head on them (`recengine.tuning.tune_head`, mode `head`). The state
+events (`recengine.learning.tuning.next_item_pairs`: the user's events strictly before each event, and the
+item taken), and tunes a linear head on them (`recengine.learning.tuning.tune_head`, mode `head`). The state
 is the head, a d x d map in fixed point (whole multiples of 2^-16, as int32), and the tuning's
 held-out recall@K and loss per epoch.
 
@@ -27,14 +27,15 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-import recengine
-from recengine.adapters import Adapter, AdaptedEncoder as _AdaptedEncoder, naive_utc, tensors_digest
-from recengine.encoders import EmbeddingCache, create_encoder
 from recengine.errors import ConfigError, DataError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
-from recengine.parts import learned_state
-from recengine.plugins import check_number
-from recengine.tuning import AdaloraSchedule, adalora_ranks, next_item_pairs, tune_head, tune_lora
+from recengine.learning.tuning import adalora_ranks, next_item_pairs, tune_head, tune_lora
+from recengine.parts.adapters import AdaloraSchedule, Adapter, naive_utc, tensors_digest
+from recengine.parts.adapters import AdaptedEncoder as _AdaptedEncoder
+from recengine.parts.context import learned_state
+from recengine.parts.encoders import EmbeddingCache, create_encoder
+from recengine.parts.hookspecs import hookimpl
+from recengine.parts.plugins import check_number
 
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
 MODES = ("head", "lora", "adalora", "full")
@@ -122,6 +123,9 @@ class TunedInterest:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
                               "on the frozen, cached embeddings; lora: adapters in the encoder's attention; adalora: "
                               "adapters whose ranks are allocated where tuning needs them; full: every weight of the encoder).")
+        if "adapter" in (encoder_params or {}):
+            raise ConfigError("tuned interest: encoder_params has an adapter; tuning starts from a base encoder, so "
+                              "leave the adapter out (tune the base model again on the events it should learn from).")
         check_number(self.part, "lora_rank", lora_rank, integer=True, minimum=1, maximum=MAX_RANK)
         check_number(self.part, "lora_alpha", lora_alpha, integer=True, minimum=1)
         self.mode, self.lora = mode, {"rank": lora_rank, "alpha": lora_alpha}
@@ -347,13 +351,13 @@ TunedEmbeddingSource.__signature__ = inspect.Signature([
     *list(inspect.signature(TunedInterest.__init__).parameters.values())[1:]])
 
 
-@recengine.hookimpl
+@hookimpl
 def register_candidate_sources(register):
     register("tuned_embedding", TunedEmbeddingSource,
              "Nearest items to the user's profile in a text space tuned on what users took next (learned; new_items: only untaken ones).")
 
 
-@recengine.hookimpl
+@hookimpl
 def register_feature_extractors(register):
     register("tuned_interest", TunedInterest,
              "Interest (cosine to the user's profile, max to recent items) in a text space tuned on what users took next (learned).")

@@ -2,7 +2,7 @@
 
 `TextLength` depends on the item alone and says so (`scope = "item"`): serving computes it once per
 item. `TitleOverlap` depends on user and item; its `prepare`/`serve` pair is its fast path for
-online requests, which `recengine.testing.check_extractor` holds equal to its `transform`.
+online requests, which `recengine.parts.contract.check_extractor` holds equal to its `transform`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import polars as pl
 import scipy.sparse as sp
 
 import recengine
-from recengine.pit import recent_history
+from recengine.core.pit import recent_history
 
 _WORD = re.compile(r"\w+")
 

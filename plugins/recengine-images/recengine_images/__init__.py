@@ -35,7 +35,7 @@ import numpy as np
 
 import recengine
 from recengine.errors import BadValue, PluginError
-from recengine.plugins import check_number
+from recengine.parts.plugins import check_number
 from recengine_transformers import CHARS_PER_TOKEN, Placement, padded
 
 ENCODER_VERSION = 1

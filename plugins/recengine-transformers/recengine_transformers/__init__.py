@@ -16,7 +16,7 @@ import numpy as np
 
 import recengine
 from recengine.errors import PluginError
-from recengine.plugins import check_number
+from recengine.parts.plugins import check_number
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_VERSION = 1

@@ -10,7 +10,7 @@ At each cutoff c (by default the 0.50, 0.55, ..., 0.95 quantiles of all event ti
   catalogue item new to them in `[c, next cutoff)` (the last window runs to the end of the log);
 - **truth**: those items, each flagged `cold` when nobody had an event with it before c.
 
-    from recengine.rolling import windows
+    from recengine.core.rolling import windows
     for window in windows(events, items):
         model = fit(window.events, window.items)             # only the past
         ranked = model.top10(window.requests)                 # user_id, timestamp = window.cutoff
@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from recengine.data import TIMESTAMP
+from recengine.core.data import TIMESTAMP
 from recengine.errors import DataError
 
 QUANTILES: tuple[float, ...] = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))

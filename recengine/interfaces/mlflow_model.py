@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 try:  # where recengine is installed, its checks of the folder: spec.json's schema and digest, model.txt's structure
-    from recengine.model import read_model_files
+    from recengine.learning.model import read_model_files
 except ImportError:  # LightGBM alone: the digest check below
     read_model_files = None
 

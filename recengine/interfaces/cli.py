@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -16,7 +16,7 @@ from recengine.errors import RecengineError
 if TYPE_CHECKING:
     import polars as pl
 
-    from recengine.data import Dataset
+    from recengine.core.data import Dataset
 
 
 def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,7 +63,7 @@ def cli() -> None:
 @_friendly_errors
 def plugins() -> None:
     """Print the loaded plugins and what each registered, as JSON."""
-    from recengine.plugins import plugin_info
+    from recengine.parts.plugins import plugin_info
 
     click.echo(json.dumps(plugin_info(), indent=2))
 
@@ -94,7 +94,7 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def load_dataset(
     events: Path | None, items: Path | None, users: Path | None, columns: str | None, timestamp_unit: str
 ) -> "Dataset":
-    from recengine.data import Dataset, parse_mapping
+    from recengine.core.data import Dataset, parse_mapping
 
     if events is None:
         if items or users or columns:
@@ -102,7 +102,7 @@ def load_dataset(
                 "--items, --users and --columns need --events as well. Pass the events file with --events, "
                 "or leave them all out to use the bundled MovieLens."
             )
-        from recengine.datasets import movielens
+        from recengine.core.datasets import movielens
 
         return movielens()
     return Dataset.load(events, items, users, parse_mapping(columns), timestamp_unit)
@@ -162,8 +162,9 @@ def _check_engine(engine: str, address: str | None) -> None:
 def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -> None:
     """Precompute item embeddings into the cache; report rows/s, hits and misses."""
     _check_engine(engine, address)
-    from recengine.data import load_items, parse_mapping
-    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder, embed as embed_texts
+    from recengine.core.data import load_items, parse_mapping
+    from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache, create_encoder
+    from recengine.parts.encoders import embed as embed_texts
 
     catalogue = load_items(items, parse_mapping(columns)) if items else _bundled_items()
     model = create_encoder(encoder, parse_params(params))
@@ -171,7 +172,7 @@ def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -
     for field in fields:
         texts = _field_texts(catalogue, field, str(items or "the bundled catalogue"))
         if engine == "ray":
-            from recengine.distributed import connect, embed_on_ray
+            from recengine.running.distributed import connect, embed_on_ray
 
             connect(address)
             _, stats = embed_on_ray(texts, encoder, parse_params(params), cache, encoder_id=model.id)
@@ -185,7 +186,7 @@ def embed(items, columns, fields, encoder, params, cache_dir, engine, address) -
 
 
 def _bundled_items():
-    from recengine.datasets import movielens_items
+    from recengine.core.datasets import movielens_items
 
     return movielens_items()
 
@@ -199,7 +200,7 @@ def _field_texts(items: "pl.LazyFrame", field: str, source: str) -> list[str]:
 
 
 def _cache(cache_dir: Path | None):
-    from recengine.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
+    from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
 
     return EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR)
 
@@ -245,11 +246,12 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
 def train(events, items, users, columns, timestamp_unit, feature_set, experiment, run_name, model_name, no_register, promote, output,
           cache_dir) -> None:
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
-    from recengine.featureset import FeatureSet
-    from recengine.model import check_model_destination
-    from recengine.store import tracking_uri
-    from recengine.tracking import check_model_name, log_training, training_run
-    from recengine.training import check_ranker, train as fit_ranker
+    from recengine.core.store import tracking_uri
+    from recengine.interfaces.tracking import check_model_name, log_training, training_run
+    from recengine.learning.model import check_model_destination
+    from recengine.learning.training import check_ranker
+    from recengine.learning.training import train as fit_ranker
+    from recengine.parts.featureset import FeatureSet
 
     if output:
         check_model_destination(output)  # training takes minutes: a bad --output must fail now, not after it
@@ -286,8 +288,8 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
 @_friendly_errors
 def evaluate(model_uri, events, items, users, columns, timestamp_unit, since, until, cache_dir) -> None:
     """Evaluate a model on a held-out time window: one request per user at their first event in it."""
-    from recengine.model import load_model
-    from recengine.training import evaluate_window
+    from recengine.learning.model import load_model
+    from recengine.learning.training import evaluate_window
 
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
@@ -317,63 +319,28 @@ def evaluate(model_uri, events, items, users, columns, timestamp_unit, since, un
 def recommend(model_uri, events, items, users, columns, timestamp_unit, requests_path, k, output, cache_dir,
               learned_state="refit") -> None:
     """Top-k items per request: candidates, features as of the request time, seen items excluded."""
-    import polars as pl
-
-    from recengine.batch import align_ids, check_output_file
-    from recengine.data import TIMESTAMP, load_requests, parse_mapping, write_parquet_atomic
-    from recengine.extractors import FeatureContext
-    from recengine.model import load_model
+    from recengine.core.data import parse_mapping, write_parquet_atomic
+    from recengine.learning.model import load_model
+    from recengine.parts.context import FeatureContext
+    from recengine.running.batch import check_output_file
+    from recengine.running.requests import recommend_requests, unserved
 
     check_output_file(output)  # before any work: an unwritable --output must not fail only at the end
     model = load_model(model_uri)
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
-    first = dataset.events.select(pl.col("timestamp").min()).collect().item()
-    if requests_path:
-        requests = load_requests(requests_path, parse_mapping(columns), timestamp_unit)
-        requests = align_ids(requests, dataset.events.collect_schema(), str(requests_path)).collect()
-        _refuse_requests_before_every_event(requests, first, requests_path)
-        given = requests.height  # a request given twice would get its top k twice over, each item twice
-        requests = requests.unique(["user_id", "timestamp"], keep="first", maintain_order=True)
-        if requests.height < given:
-            click.echo(f"{given - requests.height:,} repeated request(s) dropped from {requests_path} (the same user and "
-                       "time again; the first was ranked).")
-    else:
-        last = dataset.events.select(pl.col("timestamp").max()).collect().item()
-        # In the events' time unit (a bare Python datetime would be microseconds): every later join matches.
-        requests = dataset.events.select("user_id").unique().sort("user_id").with_columns(
-            pl.lit(last + timedelta(seconds=1)).cast(TIMESTAMP).alias("timestamp")).collect()
+    requests = recommend_requests(dataset, requests_path, parse_mapping(columns), timestamp_unit)
+    if requests.repeats:
+        click.echo(f"{requests.repeats:,} repeated request(s) dropped from {requests_path} (the same user and time "
+                   "again; the first was ranked).")
     context = FeatureContext.from_frames(dataset.events, dataset.items, cache=_cache(cache_dir), progress=True)
     if learned_state == "saved":
         model.use_saved_state(context)
-    ranked = model.recommend(requests.select("user_id", "timestamp"), context, k)
+    ranked = model.recommend(requests.frame.select("user_id", "timestamp"), context, k)
     write_parquet_atomic(ranked, output)
-    click.echo(f"{ranked.height:,} recommendations for {requests.height:,} requests written to {output}")
-    _warn_unserved(requests, ranked, first)
-
-
-def _refuse_requests_before_every_event(requests: "pl.DataFrame", first: datetime, source: Path) -> None:
-    """Features come only from events before a request: requests all at or before the first event
-    would give an empty output, which must not pass for a result."""
-    import polars as pl
-
-    from recengine.errors import DataError
-
-    if requests.filter(pl.col("timestamp") > first).height == 0:
-        raise DataError(
-            f"{source}: all {requests.height:,} requests are at or before the first event ({first}); recommendations "
-            "use only events before a request, so none of them can get any. Give request times after the first "
-            "event, or leave out --requests to recommend for every user as of just after the last event.")
-
-
-def _warn_unserved(requests: "pl.DataFrame", ranked: "pl.DataFrame", first: datetime) -> None:
-    """Say how many requests got no recommendation at all, and how many of those came too early."""
-    import polars as pl
-
-    unserved = requests.join(ranked.select("user_id", "timestamp").unique(), on=["user_id", "timestamp"], how="anti")
-    if unserved.height:
-        early = unserved.filter(pl.col("timestamp") <= first).height
-        click.echo(f"warning: {unserved.height:,} of {requests.height:,} requests got no recommendations "
-                   f"({early:,} of them at or before the first event, {first}, when nothing is known yet).", err=True)
+    click.echo(f"{ranked.height:,} recommendations for {requests.frame.height:,} requests written to {output}")
+    note = unserved(requests, ranked)
+    if note:
+        click.echo(note, err=True)
 
 
 @cli.command()
@@ -395,10 +362,10 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
          engine, address, learned_state="refit") -> None:
     """Batch-rank a candidates or requests table in chunks; a killed job resumes where it stopped."""
     _check_engine(engine, address)
-    from recengine.batch import check_output_file, rank_file
-    from recengine.data import parse_mapping
-    from recengine.extractors import FeatureContext
-    from recengine.model import load_model
+    from recengine.core.data import parse_mapping
+    from recengine.learning.model import load_model
+    from recengine.parts.context import FeatureContext
+    from recengine.running.batch import check_output_file, rank_file
 
     check_output_file(output)  # before loading anything (rank_file checks again, for callers in Python)
     model = load_model(model_uri)
@@ -407,10 +374,8 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
     if learned_state == "saved":
         model.use_saved_state(context)
     job = rank_file
-    if engine == "local":
-        input_path = _local_input(input_path)
     if engine == "ray":
-        from recengine.distributed import rank_on_ray
+        from recengine.running.distributed import rank_on_ray
 
         # It joins the cluster after checking the input, so bad input never waits for a cluster.
         job = functools.partial(rank_on_ray, address=address)
@@ -448,23 +413,16 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
     import time
 
     import mlflow
-    import polars as pl
 
-    from recengine import plugins
-    from recengine.adapters import is_adapter_file, save_adapter
+    from recengine.core.store import tracking_uri
     from recengine.errors import ConfigError, DataError
-    from recengine.store import tracking_uri
-    from recengine.tracking import log_tuning, tuning_run
-    from recengine.tuning import tuning_window
+    from recengine.interfaces.tracking import log_tuning, tuning_run
+    from recengine.learning.tuning import tuning_window
+    from recengine.parts import plugins
+    from recengine.parts.adapters import check_adapter_destination, save_adapter
 
-    if output.is_dir() or (output.exists() and not is_adapter_file(output)):
-        raise ConfigError(f"--output {output} exists and is {'a folder' if output.is_dir() else 'not an adapter file'}; "
-                          "recengine tune replaces only adapter files it wrote. Give another path, e.g. "
-                          "--output adapter.safetensors.")
+    check_adapter_destination(output)  # before the tuning: only a file tune wrote may be replaced
     base_params, settings = parse_params(encoder_params), parse_params(params)
-    if "adapter" in base_params:
-        raise ConfigError("--encoder-param adapter=...: tuning starts from a base encoder; leave the adapter out "
-                          "(tune the base model again on the events you want it to learn from).")
     taken = sorted(set(settings) & {"mode", "field", "encoder", "encoder_params"})
     if taken:
         raise ConfigError(f"--param {taken[0]}=...: give it with --{taken[0].replace('_', '-')} instead.")
@@ -521,18 +479,6 @@ def tune(events, items, users, columns, timestamp_unit, mode, field, encoder, en
                "(caches the tuned catalogue), then recengine train --feature-set YOUR.toml")
 
 
-def _local_input(text: str) -> Path:
-    """The local engine reads local files: a URI gets a message saying what to do instead."""
-    import re
-
-    from recengine.errors import DataError
-
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text) and not Path(text).exists():
-        raise DataError(f"--input {text}: a URI, and the local engine reads local files only. Run with --engine ray "
-                        "(Ray Data reads file://, s3://, gs:// and other filesystems), or copy the input to a local path.")
-    return Path(text)
-
-
 def _toml_inline(values: dict[str, Any]) -> str:
     """A TOML inline table (strings, numbers and booleans as JSON writes them, which TOML reads alike)."""
     return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }"
@@ -540,7 +486,7 @@ def _toml_inline(values: dict[str, Any]) -> str:
 
 def bundled_feature_set(name: str = "movielens") -> Path:
     """The bundled feature set NAME's file, shipped inside the package (the repository's features/NAME.toml)."""
-    from recengine.featureset import bundled
+    from recengine.parts.featureset import bundled
 
     return bundled(name)
 
@@ -551,11 +497,12 @@ def bundled_feature_set(name: str = "movielens") -> Path:
 @_friendly_errors
 def quickstart(ctx, cache_dir) -> None:
     """The whole job on the bundled MovieLens: validate, embed, train, log to MLflow, recommend."""
-    from recengine.datasets import movielens
-    from recengine.encoders import create_encoder, embed as embed_texts
+    from recengine.core.datasets import movielens
+    from recengine.parts.encoders import create_encoder
+    from recengine.parts.encoders import embed as embed_texts
 
     dataset = movielens()
-    click.echo(f"1/4 validating {dataset.name} (bundled; licence: recengine/datasets/movielens/README.txt)")
+    click.echo(f"1/4 validating {dataset.name} (bundled; licence: recengine/core/datasets/movielens/README.txt)")
     for key, value in dataset.summary().items():
         click.echo(f"  {key:16} {value}")
     encoder = create_encoder("transformers")

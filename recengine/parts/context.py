@@ -4,23 +4,23 @@ both paths of a feature share.
 An extractor (see `recengine.parts`) receives requests `(_row, user_id, item_id, timestamp, ...)` as
 a LazyFrame and returns `_row` plus its `columns`. It may read anything in the `FeatureContext`, but
 only events strictly before each request's timestamp may shape that request's values: build on
-`recengine.pit`. The built-in extractors live in `recengine.features`, one module per family.
+`recengine.core.pit`. The built-in extractors live in `recengine.features`, one module per family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
 
-from recengine.data import TIMESTAMP
-from recengine.encoders import EmbeddingCache
+from recengine.core.data import TIMESTAMP
+from recengine.core.pit import DAY
 from recengine.errors import ConfigError
-from recengine.parts import FeatureExtractor, learns
-from recengine.pit import DAY
+from recengine.parts.encoders import EmbeddingCache
+from recengine.parts.protocol import FeatureExtractor, learns
 
 
 @dataclass
@@ -129,3 +129,19 @@ def fit_learned(parts: Sequence[Any], context: FeatureContext, until: datetime, 
             context.learned[getattr(part, "key", type(part).__name__)] = state
     context.learned_until = until
     return context.learned
+
+
+def learned_state(context: Any, part: Any) -> tuple[dict[str, Any], Any]:
+    """The part's fitted state in `context` and the end of its fitting window (requests before it
+    must not read the state). A context that holds none (ranking with a trained model) fits every
+    learned part on all its events once: the freshest state, as a nightly refit would have."""
+    key = getattr(part, "key", type(part).__name__)
+    if key not in context.learned:
+        # At the boundary the context's other parts were fit at, if any: moving it would change what
+        # they may serve.
+        until = context.learned_until
+        if until is None:
+            last = context.events.select(pl.col("timestamp").max()).collect().item()
+            until = (last or datetime(1970, 1, 1)) + timedelta(milliseconds=1)
+        fit_learned([part], context, until=until, keep=True)
+    return context.learned[key], context.learned_until

@@ -18,14 +18,14 @@ hookimpl = HookimplMarker("recengine")
 
 @hookspec
 def register_encoders(register):
-    """Register text encoders: factories returning a `recengine.encoders.Encoder`."""
+    """Register text encoders: factories returning a `recengine.parts.encoders.Encoder`."""
 
 
 @hookspec
 def register_feature_extractors(register):
-    """Register feature extractors: factories returning a `recengine.extractors.FeatureExtractor`."""
+    """Register feature extractors: factories returning a `recengine.parts.context.FeatureExtractor`."""
 
 
 @hookspec
 def register_candidate_sources(register):
-    """Register candidate sources: factories returning a `recengine.candidates.CandidateSource`."""
+    """Register candidate sources: factories returning a `recengine.parts.candidates.CandidateSource`."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recengine.data import Dataset, events_from, load_items
+from recengine.core.data import Dataset, events_from, load_items
 
 MOVIELENS_DIR = Path(__file__).resolve().parent / "movielens"
 MOVIELENS_COLUMNS = {"userId": "user_id", "movieId": "item_id"}

@@ -18,18 +18,20 @@ or another tuning, and whose `until` tells the parts using it which requests it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
 import tempfile
-from dataclasses import dataclass, field as _field
+from dataclasses import dataclass
+from dataclasses import field as _field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recengine.encoders import atomic_write_bytes
+from recengine.core.files import atomic_write_bytes
 from recengine.errors import ConfigError, DataError
 
 FORMAT = "recengine-adapter-v1"
@@ -108,6 +110,15 @@ def is_adapter_file(path: str | Path) -> bool:
         return False
 
 
+def check_adapter_destination(path: Path) -> None:
+    """Refuse, before any tuning, a destination that writing an adapter would destroy: a folder, or an
+    existing file that is not an adapter this module wrote (an adapter file is replaced)."""
+    if path.is_dir() or (path.exists() and not is_adapter_file(path)):
+        raise ConfigError(f"--output {path} exists and is {'a folder' if path.is_dir() else 'not an adapter file'}; "
+                          "recengine tune replaces only adapter files it wrote. Give another path, e.g. "
+                          "--output adapter.safetensors.")
+
+
 def load_adapter(uri: str | Path) -> Adapter:
     """The adapter at a local path or an MLflow URI, its digest checked. Every problem (missing,
     damaged, altered) is a DataError naming `uri` and saying what to do."""
@@ -130,7 +141,7 @@ def adapter_bytes(uri: str | Path) -> bytes:
 def _download(uri: str, folder: str) -> Path:
     import mlflow.artifacts
 
-    from recengine.store import tracking_uri
+    from recengine.core.store import tracking_uri
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder, tracking_uri=tracking_uri()))
@@ -198,6 +209,74 @@ def naive_utc(moment: datetime) -> datetime:
     return _utc(moment).replace(tzinfo=None)
 
 
+@dataclass(frozen=True)
+class AdaloraSchedule:
+    """AdaLoRA's rank schedule, in shares of the run's optimiser steps (peft wants step counts, which
+    depend on the pairs and the batch size): every module starts at `init_rank`; after the first `warmup`
+    share the budget shrinks, every `interval` steps, towards an average of the target rank; the last
+    `final` share trains at the allocated ranks. `orth_weight`: the orthogonality penalty on the
+    singular vectors (peft adds it only to a model output's own loss, so the tuning adds it here)."""
+
+    init_rank: int = 12
+    warmup: float = 0.1
+    final: float = 0.2
+    interval: int = 1
+    orth_weight: float = 0.5
+
+    def steps(self, total: int) -> tuple[int, int]:
+        """(tinit, tfinal) for `total` steps, leaving at least one step of budgeting, as peft requires."""
+        tinit, tfinal = int(self.warmup * total), int(self.final * total)
+        while tinit + tfinal >= total and (tinit or tfinal):
+            tinit, tfinal = (tinit - 1, tfinal) if tinit >= tfinal else (tinit, tfinal - 1)
+        return tinit, tfinal
+
+
+def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), full: bool = False,
+               adalora: AdaloraSchedule | None = None, total_steps: int = 1):
+    """A copy of the encoder's model with fresh LoRA adapters, (`adalora`) AdaLoRA ones scheduled over
+    `total_steps`, or (`full`) with every weight trainable; the encoder's own model is untouched."""
+    import copy
+
+    base = copy.deepcopy(encoder._load()).float()
+    if full:
+        for parameter in base.parameters():
+            parameter.requires_grad_(True)
+        return base
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if adalora is None:
+        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
+    tinit, tfinal = adalora.steps(total_steps)
+    return get_peft_model(base, AdaLoraConfig(
+        init_r=adalora.init_rank, target_r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0,
+        total_step=max(total_steps, 1), tinit=tinit, tfinal=tfinal, deltaT=adalora.interval,
+        orth_reg_weight=adalora.orth_weight))
+
+
+def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndarray):
+    """Unit embeddings of catalogue rows `rows` through `model`, pooled as the encoder pools."""
+    pad = encoder._tokenizer.pad_token_id or 0
+    width = max(max((len(token_ids[r]) for r in rows), default=1), 1)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(token_ids[r])] = torch.as_tensor(token_ids[r])
+        mask[i, : len(token_ids[r])] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    # The encoder's own precision: bf16/fp16 autocast on CUDA, fp32 on the CPU.
+    with encoder._autocast() if hasattr(encoder, "_autocast") else contextlib.nullcontext():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return torch.nn.functional.normalize(encoder._pool(hidden, mask), dim=1)
+
+
+def encode_catalogue(torch, model, encoder, token_ids: list[list[int]], block: int = 256) -> np.ndarray:
+    """Unit embeddings (numpy, float32) of every tokenised text through `model`, `block` at a time."""
+    return torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(start, min(start + block, len(token_ids))))
+                      for start in range(0, len(token_ids), block)]).cpu().numpy()
+
+
+
 class AdaptedEncoder:
     """The base encoder with tuned weights, as an encoder. `lora` / `adalora` / `full`: the model with
     the adapters (or every weight) loaded, run in fp32; `head`: the base encoder's unit vectors on the 2^-16 grid,
@@ -248,8 +327,6 @@ class AdaptedEncoder:
     def _encode_model(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        from recengine.tuning import AdaloraSchedule, encode_catalogue, lora_model
-
         if self._model is None:
             schedule = AdaloraSchedule(init_rank=self.init_rank) if self.mode == "adalora" else None
             model = lora_model(self.encoder, self.rank, self.alpha, self.modules, full=self.full, adalora=schedule)
@@ -271,7 +348,7 @@ class AdaptedEncoder:
     def _encode_head(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The mapped vectors, and which rows the base encoder embedded (a NaN base row, no embedding
         for that value, stays NaN)."""
-        from recengine.features.interest import on_grid
+        from recengine.core.grid import on_grid
 
         base = on_grid(self.encoder.encode(list(texts)))
         mapped = base @ (self.adapters["projection"].astype(np.float64) / SCALE)

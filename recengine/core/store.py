@@ -1,6 +1,6 @@
 """Where MLflow keeps runs and models: `MLFLOW_TRACKING_URI`, else SQLite in ./mlruns (artifacts in
-./mlruns/artifacts). Its own module, so that loading a model (`recengine.model`) and logging a
-training (`recengine.tracking`) read one definition without importing each other.
+./mlruns/artifacts). Its own module, so that loading a model (`recengine.learning.model`) and logging a
+training (`recengine.interfaces.tracking`) read one definition without importing each other.
 
 A local SQLite store is shared by every process on the machine: `store_lock` serialises what must not
 interleave (creating the database, moving `@champion`), and `open_store` creates or checks it under
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from recengine.errors import RecengineError
+from recengine.errors import StoreError
 
 STORE_DIR = Path("mlruns")
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -22,10 +22,6 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 SPACE_WORDS = ("database or disk is full", "disk I/O error", "No space left on device", "File too large",
                "Disk quota exceeded")
-
-
-class StoreError(RecengineError):
-    """The MLflow store cannot be opened or written (not a database, no room left, an unwritable folder)."""
 
 
 def tracking_uri() -> str:

@@ -11,7 +11,7 @@ third-party part always was: it depends on user and item, and serves through the
 - `history_depth`: how many of the user's latest events `serve` reads from `snapshot.histories`.
 - `encoders`: the `(encoder name, parameters)` pairs the part embeds text with; the model records them.
 - `prepare(snapshot) -> tables` once per serving state, and `serve(tables, user, idx) -> {column: values}`
-  per request: the part's own fast path, which `recengine.testing.check_extractor` holds equal to
+  per request: the part's own fast path, which `recengine.parts.contract.check_extractor` holds equal to
   `transform`. `idx` are item indices in `snapshot.item_ids` (-1: an item the state does not know).
 - `serve_whole(tables, users) -> {user: {column: values over every item index, then the unknown item}}`:
   an optional batched form for users with rows for much of the catalogue (a batch job's users).
@@ -24,7 +24,6 @@ third-party part always was: it depends on user and item, and serves through the
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import polars as pl
@@ -70,24 +69,6 @@ def serves(part: Any) -> bool:
 def learns(part: Any) -> bool:
     """Whether the part has a state fit on a window of events."""
     return callable(getattr(part, "fit", None))
-
-
-def learned_state(context: Any, part: Any) -> tuple[dict[str, Any], Any]:
-    """The part's fitted state in `context` and the end of its fitting window (requests before it
-    must not read the state). A context that holds none (ranking with a trained model) fits every
-    learned part on all its events once: the freshest state, as a nightly refit would have."""
-    from recengine.extractors import fit_learned
-
-    key = getattr(part, "key", type(part).__name__)
-    if key not in context.learned:
-        # At the boundary the context's other parts were fit at, if any: moving it would change what
-        # they may serve.
-        until = context.learned_until
-        if until is None:
-            last = context.events.select(pl.col("timestamp").max()).collect().item()
-            until = (last or datetime(1970, 1, 1)) + timedelta(milliseconds=1)
-        fit_learned([part], context, until=until, keep=True)
-    return context.learned[key], context.learned_until
 
 
 def candidate_columns(source_name: str) -> list[str]:

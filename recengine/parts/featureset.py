@@ -31,8 +31,8 @@ from typing import Any
 
 import polars as pl
 
-from recengine import plugins
 from recengine.errors import ConfigError, RecengineError
+from recengine.parts import plugins
 
 # `learned_fraction`: with learned parts (a collaborative model, a tuned encoder), they are fit on the
 # events before this quantile of event times, and the ranker's training requests come after it.
@@ -142,7 +142,7 @@ def _bundled_folder():
     try:  # an installed package: the TOML files are package data of recengine.feature_sets
         return importlib.resources.files("recengine.feature_sets")
     except ModuleNotFoundError:  # a source checkout (or an editable install): the repository's features/
-        return Path(__file__).resolve().parents[1] / "features"
+        return Path(__file__).resolve().parents[2] / "features"
 
 
 def bundled(name: str):
@@ -221,7 +221,7 @@ class FeatureSet:
             for name, params in parts.items():
                 if "encoder" not in params and "encoder_params" not in params:
                     continue
-                # `adapter` (tuned weights, recengine.adapters) applies to any encoder: create_encoder takes it.
+                # `adapter` (tuned weights, recengine.parts.adapters) applies to any encoder: create_encoder takes it.
                 encoder_params = {k: v for k, v in dict(params.get("encoder_params") or {}).items() if k != "adapter"}
                 try:
                     plugins.check_params(plugins.get("encoders", params.get("encoder", "transformers")), encoder_params)
@@ -240,7 +240,7 @@ class FeatureSet:
 
     def columns(self) -> list[str]:
         """The model's inputs, in order: each source's score and rank, then each extractor's columns."""
-        from recengine.parts import candidate_columns
+        from recengine.parts.protocol import candidate_columns
 
         columns = [c for name in self.candidates for c in candidate_columns(name)]
         return columns + [c for extractor in self.build_extractors() for c in extractor.columns]
@@ -253,8 +253,8 @@ class FeatureSet:
     def candidate_rows(self, requests, context):
         """Candidates for `requests` (user_id, timestamp, ...) from the sources, seen items dropped if
         `exclude_seen`, with every extractor's features as of each request's timestamp."""
-        from recengine.candidates import generate
-        from recengine.extractors import compute_features
+        from recengine.parts.candidates import generate
+        from recengine.parts.context import compute_features
 
         rows = generate(requests, self.build_sources(), context, self.exclude_seen)
         return compute_features(rows, self.build_extractors(), context)
@@ -262,10 +262,9 @@ class FeatureSet:
     def given_rows(self, rows, keys: list[str], context):
         """Features for given candidate rows (`keys` naming each request, user_id, item_id, timestamp):
         each source's score and rank where it would have proposed the item, then every extractor's."""
-        from recengine.candidates import generate
-        from recengine.extractors import compute_features
-
-        from recengine.data import TIMESTAMP
+        from recengine.core.data import TIMESTAMP
+        from recengine.parts.candidates import generate
+        from recengine.parts.context import compute_features
 
         rows = rows.with_columns(pl.col("timestamp").cast(TIMESTAMP))
         requests = rows.select(list(dict.fromkeys([*keys, "user_id", "timestamp"]))).unique(keys, maintain_order=True)

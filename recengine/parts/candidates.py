@@ -14,12 +14,12 @@ from typing import Sequence
 
 import polars as pl
 
-from recengine.data import TIMESTAMP
+from recengine.core.data import TIMESTAMP
+from recengine.core.pit import cumulative, totals_before
+from recengine.core.topk import rounded, top_k
 from recengine.errors import ConfigError
-from recengine.extractors import FeatureContext
-from recengine.parts import CandidateSource, candidate_columns
-from recengine.pit import cumulative, totals_before
-from recengine.topk import rounded, top_k
+from recengine.parts.context import FeatureContext
+from recengine.parts.protocol import CandidateSource, candidate_columns
 
 
 def source_top_k(scored: pl.LazyFrame, k: int, by: str = "_request") -> pl.LazyFrame:

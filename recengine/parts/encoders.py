@@ -21,7 +21,6 @@ Files and folders are created with the permissions the umask gives, like any oth
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,13 +29,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from recengine import plugins
+from recengine.core.files import _atomic_file, atomic_write_bytes
 from recengine.errors import PluginError
+from recengine.parts import plugins
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECENGINE_CACHE_DIR", ".recengine/cache"))
 _KEY = np.dtype("S16")
@@ -57,14 +57,14 @@ class Encoder(Protocol):
 def create_encoder(name: str, params: dict[str, Any] | None = None) -> Encoder:
     """Build the registered encoder `name` with keyword `params`. With `adapter` among them (a path or
     an MLflow URI of a file `recengine tune` wrote), the encoder built from the other parameters with
-    the tuned weights applied (`recengine.adapters.AdaptedEncoder`), once the file is checked to have
+    the tuned weights applied (`recengine.parts.adapters.AdaptedEncoder`), once the file is checked to have
     been tuned on that encoder."""
     params = dict(params or {})
     adapter = params.pop("adapter", None)
     base = plugins.create("encoders", name, params)
     if adapter is None:
         return base
-    from recengine.adapters import adapted_encoder
+    from recengine.parts.adapters import adapted_encoder
 
     return adapted_encoder(name, params, base, str(adapter))
 
@@ -229,29 +229,6 @@ def _owner(folder: Path) -> str | None:
 def _write_shard(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
     with _atomic_file(path, ".npz") as handle:
         np.savez(handle, keys=keys.astype(_KEY), vectors=vectors.astype(np.float32))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """`data` as the file `path`, all or nothing (see `_atomic_file`)."""
-    with _atomic_file(path, "") as handle:
-        handle.write(data)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path, suffix: str) -> Iterator[BinaryIO]:
-    """A new file in `path`'s folder, synced and renamed onto `path` when the block ends; removed if it fails.
-    Created with os.open's 0o666 so the umask decides its mode (mkstemp would make it 0600 whatever the umask)."""
-    temporary = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def embed(

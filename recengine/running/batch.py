@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,11 +34,11 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from recengine.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
+from recengine.core.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
+from recengine.core.topk import top_k
 from recengine.errors import ConfigError, DataError, RecengineError
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel, check_writable
-from recengine.topk import top_k
+from recengine.learning.model import RankerModel, check_writable
+from recengine.parts.context import FeatureContext
 
 
 @dataclass
@@ -67,6 +68,7 @@ def rank_file(
     started = time.perf_counter()
     output = Path(output)
     check_output_file(output)
+    input_path = local_path(input_path)
     model.check_plugins()
     rows, keys = _validated_input(input_path, generate, columns or {}, context)
     if generate:
@@ -116,7 +118,7 @@ def rank_file(
     return JobReport(total, requests, chunks, skipped, time.perf_counter() - started, output, manifest.duplicates())
 
 
-# The pieces below are shared with the Ray engine (recengine/distributed.py), which must write the
+# The pieces below are shared with the Ray engine (recengine/running/distributed.py), which must write the
 # same parts, in the same chunks, merged the same way: its output is this job's, byte for byte.
 
 
@@ -186,7 +188,7 @@ class _ChunkScorer:
         parts = []
         if now.height:
             if self._state is None:
-                from recengine.serving import ServingState
+                from recengine.running.serving import ServingState
 
                 self._state = ServingState(self.feature_set, self.model.features, self.context)
             now = now.sort("user_id")  # the state reads a user's rows together: sorted, they need no reordering
@@ -232,6 +234,14 @@ def validated_rows(path, generate: bool, columns: dict[str, str], now: datetime,
     rows = align_ids(rows, events, str(path))
     keys = ["request_id"] if "request_id" in rows.collect_schema() else ["user_id", "timestamp"]
     return rows, keys
+
+
+def local_path(text: str | Path) -> Path:
+    """The local job reads local files: a URI gets a message saying what to do instead."""
+    if isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text) and not Path(text).exists():
+        raise DataError(f"--input {text}: a URI, and the local engine reads local files only. Run with --engine ray "
+                        "(Ray Data reads file://, s3://, gs:// and other filesystems), or copy the input to a local path.")
+    return Path(text)
 
 
 def check_output_file(output: str | Path, option: str = "--output") -> None:

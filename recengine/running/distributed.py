@@ -1,6 +1,6 @@
 """The batch job on Ray: `recengine rank --engine ray` and `recengine embed --engine ray`.
 
-The same job as `recengine.batch.rank_file`, spread over a Ray cluster (or a local Ray). Everything
+The same job as `recengine.running.batch.rank_file`, spread over a Ray cluster (or a local Ray). Everything
 that decides the answer is the local job's own code: the input is checked on the driver exactly as
 the local job checks it, the rows are split into the same chunks (a hash of the user), each chunk is
 scored by the same `_ChunkScorer` and written as the same part file, recorded in the same manifest,
@@ -38,13 +38,25 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from recengine.batch import (
-    JobReport, _ChunkScorer, _fingerprint, _Manifest, _now, _validated_input, check_output_file, chunk_of,
-    merge_parts, part_path, refuse_requests_before_every_event, resume_advice, validated_rows, work_folder,
-)
 from recengine.errors import ConfigError, DataError, RecengineError
-from recengine.extractors import FeatureContext
-from recengine.model import RankerModel
+from recengine.learning.model import RankerModel
+from recengine.parts.context import FeatureContext
+from recengine.running.batch import (
+    JobReport,
+    _ChunkScorer,
+    _fingerprint,
+    _Manifest,
+    _now,
+    _validated_input,
+    check_output_file,
+    chunk_of,
+    merge_parts,
+    part_path,
+    refuse_requests_before_every_event,
+    resume_advice,
+    validated_rows,
+    work_folder,
+)
 
 # Explicit, small: Ray's default takes 30% of the machine's memory for the object store, which on a
 # shared box starves everything else. Holds the shuffled input (about 40 bytes a row) with room.
@@ -197,7 +209,7 @@ def rank_on_ray(
     share_state: bool = True,
     address: str | None = None,
 ) -> RayJobReport:
-    """`recengine.batch.rank_file` on the Ray cluster `connect` joined (a local one if none): same
+    """`recengine.running.batch.rank_file` on the Ray cluster `connect` joined (a local one if none): same
     arguments, same output. `actors` scorers (default: the cluster's CPUs less one, so the tasks that
     read and shuffle keep a CPU) of `cpus_per_actor` CPUs each, LightGBM using `threads` threads in
     each (default: its CPUs). With `share_state`, the serving state the driver built is shipped to
@@ -252,7 +264,7 @@ def rank_on_ray(
         # for an empty chunk is the scorer's output for no rows.
         for chunk in todo:
             if not manifest.done(chunk, part_path(work, chunk)):
-                from recengine.data import write_parquet_atomic
+                from recengine.core.data import write_parquet_atomic
 
                 write_parquet_atomic(scorer(empty), part_path(work, chunk), rerun=resume_advice(work))
                 manifest.finish(chunk, 0)
@@ -457,7 +469,7 @@ class _ScoreChunks:
     def __call__(self, group):
         import pyarrow as pa
 
-        from recengine.data import write_parquet_atomic
+        from recengine.core.data import write_parquet_atomic
 
         batch = pl.from_arrow(group)
         chunk = int(batch["_chunk"][0])
@@ -498,7 +510,7 @@ def embed_on_ray(
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from recengine.encoders import CacheStats, cache_keys, create_encoder, unique_texts
+    from recengine.parts.encoders import CacheStats, cache_keys, create_encoder, unique_texts
 
     ray = _ray()
     connect()
@@ -541,7 +553,7 @@ class _EncodeTexts:
     """An actor of the embedding pool: loads the encoder once (on its GPU when it has one)."""
 
     def __init__(self, name: str, params: dict[str, Any], encoder_id: str):
-        from recengine.encoders import create_encoder
+        from recengine.parts.encoders import create_encoder
 
         self.encoder = create_encoder(name, params)
         if self.encoder.id != encoder_id:  # another plugin version on this node would fill the cache wrongly

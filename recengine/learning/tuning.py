@@ -2,7 +2,7 @@
 and users are embedded.
 
 - `next_item_pairs`: from a window of events, (context, target) pairs: the context is the user's last
-  events strictly before an event (what `recengine.pit.recent_history` gives a request at that time),
+  events strictly before an event (what `recengine.core.pit.recent_history` gives a request at that time),
   the target is that event's item. Sampled deterministically (a seed), capped in number.
 - `tune_head`: the `head` mode: a d x d linear map, initialised at the identity, trained on frozen
   (cached) item embeddings and the pairs' pooled context vectors with InfoNCE over in-batch negatives:
@@ -23,7 +23,6 @@ read users the same way. torch is imported only when tuning runs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
+from recengine.core.pit import recent_history
+from recengine.core.topk import top_k_dense
 from recengine.errors import DataError
-from recengine.pit import recent_history
-from recengine.topk import top_k_dense
+from recengine.parts.adapters import AdaloraSchedule, encode_catalogue, encode_with, lora_model
 
 
 def next_item_pairs(events: pl.DataFrame, context: int = 10, max_pairs: int = 100_000, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -93,28 +93,6 @@ class TuneResult:
     seconds: float = 0.0
     pairs_per_second: float = 0.0
     ranks: list[dict[str, int]] = field(default_factory=list)  # adalora: each module's rank, when recall was read
-
-
-@dataclass(frozen=True)
-class AdaloraSchedule:
-    """AdaLoRA's rank schedule, in shares of the run's optimiser steps (peft wants step counts, which
-    depend on the pairs and the batch size): every module starts at `init_rank`; after the first `warmup`
-    share the budget shrinks, every `interval` steps, towards an average of the target rank; the last
-    `final` share trains at the allocated ranks. `orth_weight`: the orthogonality penalty on the
-    singular vectors (peft adds it only to a model output's own loss, so the tuning adds it here)."""
-
-    init_rank: int = 12
-    warmup: float = 0.1
-    final: float = 0.2
-    interval: int = 1
-    orth_weight: float = 0.5
-
-    def steps(self, total: int) -> tuple[int, int]:
-        """(tinit, tfinal) for `total` steps, leaving at least one step of budgeting, as peft requires."""
-        tinit, tfinal = int(self.warmup * total), int(self.final * total)
-        while tinit + tfinal >= total and (tinit or tfinal):
-            tinit, tfinal = (tinit - 1, tfinal) if tinit >= tfinal else (tinit, tfinal - 1)
-        return tinit, tfinal
 
 
 def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held_out: np.ndarray, *,
@@ -303,28 +281,6 @@ def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out
         torch.set_num_threads(was_threads)
 
 
-def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...] = ("query", "value"), full: bool = False,
-               adalora: AdaloraSchedule | None = None, total_steps: int = 1):
-    """A copy of the encoder's model with fresh LoRA adapters, (`adalora`) AdaLoRA ones scheduled over
-    `total_steps`, or (`full`) with every weight trainable; the encoder's own model is untouched."""
-    import copy
-
-    base = copy.deepcopy(encoder._load()).float()
-    if full:
-        for parameter in base.parameters():
-            parameter.requires_grad_(True)
-        return base
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-    if adalora is None:
-        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
-    tinit, tfinal = adalora.steps(total_steps)
-    return get_peft_model(base, AdaLoraConfig(
-        init_r=adalora.init_rank, target_r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0,
-        total_step=max(total_steps, 1), tinit=tinit, tfinal=tfinal, deltaT=adalora.interval,
-        orth_reg_weight=adalora.orth_weight))
-
-
 def adalora_ranks(tensors: dict[str, np.ndarray]) -> dict[str, int]:
     """Each adapted module's rank in AdaLoRA weights (parameter name -> values): its singular values
     (`lora_E`) that are not pruned to zero. Keyed by the module's path in the base model."""
@@ -357,29 +313,6 @@ def _orthogonality(torch, model):
             cov = p @ p.T if ".lora_A" in name else p.T @ p
             terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device, dtype=cov.dtype)))
     return torch.stack(terms).mean() if terms else 0.0
-
-
-def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndarray):
-    """Unit embeddings of catalogue rows `rows` through `model`, pooled as the encoder pools."""
-    pad = encoder._tokenizer.pad_token_id or 0
-    width = max(max((len(token_ids[r]) for r in rows), default=1), 1)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(token_ids[r])] = torch.as_tensor(token_ids[r])
-        mask[i, : len(token_ids[r])] = 1
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    # The encoder's own precision: bf16/fp16 autocast on CUDA, fp32 on the CPU.
-    with encoder._autocast() if hasattr(encoder, "_autocast") else contextlib.nullcontext():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-    return torch.nn.functional.normalize(encoder._pool(hidden, mask), dim=1)
-
-
-def encode_catalogue(torch, model, encoder, token_ids: list[list[int]], block: int = 256) -> np.ndarray:
-    """Unit embeddings (numpy, float32) of every tokenised text through `model`, `block` at a time."""
-    return torch.cat([encode_with(torch, model, encoder, token_ids, np.arange(start, min(start + block, len(token_ids))))
-                      for start in range(0, len(token_ids), block)]).cpu().numpy()
 
 
 def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alpha, modules, temperature, epochs,

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from recengine.encoders import EmbeddingCache
+from recengine.core.topk import order
 from recengine.errors import ConfigError, DataError
-from recengine.model import LEARNED_STATES, RankerModel, load_model
-from recengine.topk import order
+from recengine.learning.model import LEARNED_STATES, RankerModel, load_model
+from recengine.parts.encoders import EmbeddingCache
 
 
 class Ranker:
@@ -51,8 +51,8 @@ class Ranker:
 
     def refresh(self, events, items=None) -> None:
         """Rebuild the state from a new events snapshot (and catalogue), then swap it in."""
-        from recengine.extractors import FeatureContext
-        from recengine.serving import ServingState
+        from recengine.parts.context import FeatureContext
+        from recengine.running.serving import ServingState
 
         with self._lock:
             frame = events.lazy().collect()

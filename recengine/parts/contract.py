@@ -1,7 +1,7 @@
 """Contract checks every part must pass, built-in or plugin (in the manner of scikit-learn's
 `check_estimator`). A plugin author runs them in their own tests:
 
-    from recengine.testing import check_extractor, check_source
+    from recengine.parts.contract import check_extractor, check_source
     def test_my_extractor():
         check_extractor(MyExtractor, {"field": "title"})
 
@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
-from recengine.candidates import generate
-from recengine.data import Dataset
-from recengine.extractors import FeatureContext, compute_features, fit_learned
-from recengine.parts import history_depth, learns, scope_of, serves
+from recengine.core.data import Dataset
+from recengine.parts.candidates import generate
+from recengine.parts.context import FeatureContext, compute_features, fit_learned
+from recengine.parts.protocol import history_depth, learns, scope_of, serves
 
 WORDS = ("space star war alien love story romance robot galaxy heart wedding comedy drama action "
          "adventure ship planet kiss paris summer night dark future time travel").split()
@@ -152,7 +152,7 @@ def _check_scope(part, requests: pl.DataFrame, values: pl.DataFrame, context, co
 
 
 def _check_serving(part, events: pl.DataFrame, items: pl.DataFrame | None, columns: list[str]) -> None:
-    from recengine.serving import Snapshot
+    from recengine.parts.snapshot import Snapshot
 
     name = type(part).__name__
     context = FeatureContext.from_frames(events, items)

@@ -21,9 +21,8 @@ from typing import Any, Callable
 
 import pluggy
 
-from recengine import hookspecs
 from recengine.errors import ConfigError, PluginError
-from recengine.features import BUILTIN_MODULES
+from recengine.parts import hookspecs
 
 ENTRY_POINT_GROUP = "recengine"
 ENV_VAR = "RECENGINE_LOAD_PLUGINS"
@@ -32,6 +31,11 @@ KINDS = {
     "feature_extractors": "register_feature_extractors",
     "candidate_sources": "register_candidate_sources",
 }
+
+# The built-in parts, registered through the hooks as a third party's package is (recengine/features/).
+BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
+    "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative", "tuned",
+))
 
 pm = pluggy.PluginManager("recengine")
 pm.add_hookspecs(hookspecs)
@@ -54,7 +58,7 @@ def load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    from recengine import __version__
+    __version__ = engine_version()
 
     for module_name in BUILTIN_MODULES:
         if pm.get_plugin(module_name) is None:
@@ -283,3 +287,12 @@ def plugin_versions() -> dict[str, str]:
     """Name -> version of every registered plugin, for model specs."""
     load_plugins()
     return {name: _versions.get(name, "unknown") for name, _ in pm.list_name_plugin()}
+
+
+def engine_version() -> str:
+    """recengine's installed version (the package's own `__version__`, read without importing the
+    package's init, which imports the Ranker)."""
+    try:
+        return importlib.metadata.version("recengine")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"

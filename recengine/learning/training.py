@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime, timedelta
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 import lightgbm as lgb
@@ -22,18 +22,17 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-import recengine
-from recengine import plugins
-from recengine.candidates import drop_seen
-from recengine.data import Dataset
-from recengine.encoders import EmbeddingCache, create_encoder
+from recengine.core.data import Dataset
+from recengine.core.metrics import evaluate
 from recengine.errors import ConfigError, DataError
-from recengine.extractors import FeatureContext, compute_features, fit_learned
-from recengine.featureset import FeatureSet
-from recengine.metrics import evaluate
-from recengine.model import SPEC_FORMAT, RankerModel
-from recengine.parts import candidate_columns, encoders_of, learns
-from recengine.samples import attach_labels, future_items, sample_requests, time_split
+from recengine.learning.model import SPEC_FORMAT, RankerModel
+from recengine.learning.samples import attach_labels, future_items, sample_requests, time_split
+from recengine.parts import plugins
+from recengine.parts.candidates import drop_seen
+from recengine.parts.context import FeatureContext, compute_features, fit_learned
+from recengine.parts.encoders import EmbeddingCache, create_encoder
+from recengine.parts.featureset import FeatureSet
+from recengine.parts.protocol import candidate_columns, encoders_of, learns
 
 REQUEST_KEYS = ["user_id", "timestamp"]
 IMPRESSION_KEYS = ["request_id"]
@@ -298,7 +297,7 @@ def evaluate_split(
 def model_spec(feature_set: FeatureSet, features: list[str], keys: list[str], booster: lgb.Booster, trained_on: dict) -> dict[str, Any]:
     return {
         "format": SPEC_FORMAT,
-        "recengine_version": recengine.__version__,
+        "recengine_version": plugins.engine_version(),
         "feature_set": feature_set.to_dict(),
         "features": features,
         "group_keys": keys,

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import polars as pl
 
-from recengine.pit import DAY
+from recengine.core.pit import DAY
 
 
 def sample_requests(events: pl.LazyFrame, per_user: int = 2, min_history: int = 5, seed: int = 0,

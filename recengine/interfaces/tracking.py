@@ -47,11 +47,19 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from recengine.core.store import (
+    STORE_DIR,
+    StoreError,
+    default_uri,
+    open_store,
+    out_of_space,
+    sqlite_file,
+    store_full,
+    store_lock,
+)
 from recengine.errors import ConfigError
-from recengine.featureset import FeatureSet
-from recengine.store import (STORE_DIR, StoreError, default_uri, open_store, out_of_space, sqlite_file, store_full,
-                             store_lock)
-from recengine.training import TrainResult, early_stopping_metric
+from recengine.learning.training import TrainResult, early_stopping_metric
+from recengine.parts.featureset import FeatureSet
 
 CHAMPION = "champion"
 PRIMARY_METRIC = "ndcg_at_10"
@@ -252,7 +260,7 @@ def _log_ranks(mlflow, state: dict[str, Any]) -> None:
     """AdaLoRA's rank allocation: the kept state's rank per module as a parameter, the total rank per
     held-out reading as a curve (`adalora_rank_total`, step 0: before tuning), and the whole table
     (module -> rank at each reading) as `adalora_ranks.json`."""
-    from recengine.tuning import adalora_ranks
+    from recengine.learning.tuning import adalora_ranks
 
     final = adalora_ranks(state)
     table = np.asarray(state["ranks"])
@@ -270,7 +278,7 @@ def _log_learned_parts(mlflow, result: TrainResult, feature_set: FeatureSet, run
     tuned on every training event)."""
     from datetime import datetime
 
-    from recengine.adapters import save_adapter
+    from recengine.parts.adapters import save_adapter
 
     states = result.model.learned
     curved = [key for key in sorted(states) if "loss" in states[key] and "recall" in states[key]]
@@ -398,7 +406,7 @@ def _previous_run(mlflow, experiment_id: str):
 def _shown_path(path: str | Path) -> str:
     """The feature-set file relative to the working folder when it lies inside it, else absolute."""
     try:
-        from recengine.featureset import resolve
+        from recengine.parts.featureset import resolve
 
         resolved = Path(resolve(path)).resolve()
     except Exception:  # an older featureset without bundled names, or a path that vanished
@@ -544,10 +552,9 @@ def _log_datasets(mlflow, run_id: str, result: TrainResult, feature_set: Feature
 
 
 def _log_model(mlflow, result: TrainResult):
+    import lightgbm
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-
-    import lightgbm
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("double", name, required=False) for name in result.model.features]),
