@@ -363,7 +363,22 @@ JOB_CASES: list[Case] = [
 ]
 
 # tuning, learned parts, disk space
+def _events_with(value: float) -> Callable[[Path], None]:
+    """Valid data whose events' value column holds `value` at row 7."""
+    def make(folder: Path) -> None:
+        events = interactions(n_users=30, per_user=12)
+        events = events.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(value).otherwise(pl.col("value")).alias("value"))
+        write_valid(folder, events=events)
+    return make
+
+
 TUNING_CASES: list[Case] = [
+    Case("validate-nan-value", ["validate", *DATA], _events_with(float("nan")),
+         ["events.csv", "'value'", "not finite", "row 7"]),
+    Case("train-infinite-value", [*TRAIN], _training_data(_events_with(float("inf"))),
+         ["events.csv", "'value'", "not finite", "row 7: inf"]),
+    Case("tune-from-an-adapter", ["tune", *DATA, "--encoder-param", "adapter=old.safetensors"], _with_files(),
+         ["encoder_params has an adapter", "base encoder"]),
 ]
 
 CASES = DATA_CASES + MODEL_CASES + CONFIG_CASES + STORE_CASES + MODEL_FOLDER_CASES + JOB_CASES + TUNING_CASES
