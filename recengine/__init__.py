@@ -13,21 +13,21 @@ __all__ = ["Ranker", "hookimpl", "__version__"]
 
 # Module paths from before the layers (recengine.pit, recengine.testing, ...) still import: a plugin or
 # script written against them gets the module that now lives in its layer.
-_MOVED = {old: new for old, new in (
-    ("recengine.data", "recengine.core.data"), ("recengine.pit", "recengine.core.pit"),
-    ("recengine.topk", "recengine.core.topk"), ("recengine.metrics", "recengine.core.metrics"),
-    ("recengine.store", "recengine.core.store"), ("recengine.rolling", "recengine.core.rolling"),
-    ("recengine.datasets", "recengine.core.datasets"), ("recengine.hookspecs", "recengine.parts.hookspecs"),
-    ("recengine.plugins", "recengine.parts.plugins"), ("recengine.extractors", "recengine.parts.context"),
-    ("recengine.candidates", "recengine.parts.candidates"), ("recengine.featureset", "recengine.parts.featureset"),
-    ("recengine.encoders", "recengine.parts.encoders"), ("recengine.adapters", "recengine.parts.adapters"),
-    ("recengine.testing", "recengine.parts.contract"), ("recengine.samples", "recengine.learning.samples"),
-    ("recengine.training", "recengine.learning.training"), ("recengine.tuning", "recengine.learning.tuning"),
-    ("recengine.model", "recengine.learning.model"), ("recengine.serving", "recengine.running.serving"),
-    ("recengine.ranker", "recengine.running.ranker"), ("recengine.batch", "recengine.running.batch"),
-    ("recengine.distributed", "recengine.running.distributed"), ("recengine.cli", "recengine.interfaces.cli"),
-    ("recengine.tracking", "recengine.interfaces.tracking"), ("recengine.mlflow_model", "recengine.interfaces.mlflow_model"),
-)}
+_MOVED = {
+    "recengine.data": "recengine.core.data", "recengine.pit": "recengine.core.pit",
+    "recengine.topk": "recengine.core.topk", "recengine.metrics": "recengine.core.metrics",
+    "recengine.store": "recengine.core.store", "recengine.rolling": "recengine.core.rolling",
+    "recengine.datasets": "recengine.core.datasets", "recengine.hookspecs": "recengine.parts.hookspecs",
+    "recengine.plugins": "recengine.parts.plugins", "recengine.extractors": "recengine.parts.context",
+    "recengine.candidates": "recengine.parts.candidates", "recengine.featureset": "recengine.parts.featureset",
+    "recengine.encoders": "recengine.parts.encoders", "recengine.adapters": "recengine.parts.adapters",
+    "recengine.testing": "recengine.parts.contract", "recengine.samples": "recengine.learning.samples",
+    "recengine.training": "recengine.learning.training", "recengine.tuning": "recengine.learning.tuning",
+    "recengine.model": "recengine.learning.model", "recengine.serving": "recengine.running.serving",
+    "recengine.ranker": "recengine.running.ranker", "recengine.batch": "recengine.running.batch",
+    "recengine.distributed": "recengine.running.distributed", "recengine.cli": "recengine.interfaces.cli",
+    "recengine.tracking": "recengine.interfaces.tracking", "recengine.mlflow_model": "recengine.interfaces.mlflow_model",
+}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -42,7 +42,6 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.insert(0, _MovedModules())  # first: no module of these names exists any more
-
 
 
 def __getattr__(name: str):

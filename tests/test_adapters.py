@@ -80,7 +80,7 @@ def test_an_adapter_given_to_another_base_model_is_refused_naming_both(tmp_path,
 
 
 def test_the_adapted_id_differs_from_the_base_and_from_another_tuning_and_the_head_maps_as_the_part_does(tmp_path, tiny_bert):
-    from recengine.features.interest import on_grid
+    from recengine.core.grid import on_grid
     from recengine.features.tuned import project
 
     base = create_encoder("transformers", base_params(tiny_bert))

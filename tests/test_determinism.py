@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 
 from recengine import Ranker
 from recengine.parts.candidates import generate

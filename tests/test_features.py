@@ -12,7 +12,8 @@ from recengine.features.activity import UserActivity
 from recengine.features.attributes import ItemAttribute
 from recengine.features.categories import CategoryAffinity
 from recengine.features.covisitation import Covisitation, CovisitationSource, last_pair, pair_table, pair_totals
-from recengine.features.interest import EmbeddingSource, InterestScores, on_grid
+from recengine.core.grid import on_grid
+from recengine.features.interest import EmbeddingSource, InterestScores
 from recengine.features.popularity import (
     ItemAge, ItemCTR, ItemPopularity, ItemTrend, ItemValue, PopularSource, decayed_counts,
 )

@@ -16,7 +16,7 @@ from recengine.features.tuned import TunedInterest
 from recengine.parts.featureset import FeatureSet
 from recengine.learning.training import train
 
-from conftest import DEVICE, TINY_VOCAB
+from conftest import DEVICE
 from synthetic import THEMES, WORDS, catalogue, interactions
 
 

@@ -20,7 +20,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recengine.core.data import TIMESTAMP
-from recengine.core.grid import GRID, on_grid  # noqa: F401  (GRID: read by other parts through here before)
+from recengine.core.grid import on_grid
 from recengine.core.pit import DAY, recent_history
 from recengine.core.topk import top_k_dense
 from recengine.errors import BadValue, ConfigError, DataError

@@ -27,8 +27,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from recengine.core.grid import on_grid
 from recengine.errors import ConfigError, DataError
-from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings, on_grid
+from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings
 from recengine.learning.tuning import adalora_ranks, next_item_pairs, tune_head, tune_lora
 from recengine.parts.adapters import AdaloraSchedule, Adapter, naive_utc, tensors_digest
 from recengine.parts.adapters import AdaptedEncoder as _AdaptedEncoder
