@@ -115,17 +115,21 @@ def _id(value: Any, dtype: pl.DataType, what: str) -> Any:
             return int(value)
         elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value)
-        elif hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu":  # numpy integers
+        elif _numpy_integer(value):
             return int(value)
     elif dtype == pl.String:
         if isinstance(value, str):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
+        if (isinstance(value, int) and not isinstance(value, bool)) or _numpy_integer(value):
+            return str(int(value))
     else:
         return value
     raise DataError(f"Ranker.rank: {what} = {value!r} is not an id of this log, whose ids are {dtype}; give "
                     f"{'a whole number' if dtype.is_integer() else 'a string'}.")
+
+
+def _numpy_integer(value: Any) -> bool:
+    return getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u")
 
 
 def _moment(at: Any) -> datetime | None:
