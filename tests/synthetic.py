@@ -81,3 +81,25 @@ def feature_set(**ranker):
         "labels": {"samples_per_user": 3, "min_history": 5},
         "ranker": {"num_boost_round": 80, "early_stopping_rounds": 20, "min_data_in_leaf": 20, **ranker},
     })
+
+
+def ranking_job(folder, events: pl.DataFrame, ranker, per_user: int, timestamped: bool = True):
+    """A batch job's inputs in `folder`: a model trained on `events` with the feature set `ranker`
+    (model/), the events and the catalogue as parquet, and candidates.parquet: users 0-149 (those with
+    no event are unknown to the model) with `per_user` random items each, repeats dropped, as of an hour
+    after the last event, or (not `timestamped`) without a time: ranked just after the last event.
+    Returns (folder, model, events)."""
+    from recengine.core.data import Dataset
+    from recengine.learning.training import train
+
+    result = train(Dataset(events.lazy(), catalogue().lazy()), ranker, progress=False, say=lambda _: None)
+    result.model.save(folder / "model")
+    events.write_parquet(folder / "events.parquet")
+    catalogue().write_parquet(folder / "items.parquet")
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(150), per_user)
+    candidates = pl.DataFrame({"user_id": users, "item_id": rng.integers(0, 120, users.size)})
+    if timestamped:
+        candidates = candidates.with_columns(pl.lit(events["timestamp"].max() + timedelta(hours=1)).alias("timestamp"))
+    candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
+    return folder, result.model, events

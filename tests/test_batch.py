@@ -13,28 +13,15 @@ import polars as pl
 import pytest
 
 from recengine.running.batch import rank_file
-from recengine.core.data import Dataset
 from recengine.errors import ConfigError, DataError
 from recengine.parts.context import FeatureContext
-from recengine.learning.training import train
 
-from synthetic import catalogue, feature_set, interactions
+from synthetic import catalogue, feature_set, interactions, ranking_job
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batch")
-    events = interactions()
-    result = train(Dataset(events.lazy(), catalogue().lazy()), feature_set(), progress=False, say=lambda _: None)
-    result.model.save(folder / "model")
-    events.write_parquet(folder / "events.parquet")
-    catalogue().write_parquet(folder / "items.parquet")
-    rng = np.random.default_rng(1)
-    at = events["timestamp"].max() + timedelta(hours=1)
-    users = np.repeat(np.arange(150), 40)
-    candidates = pl.DataFrame({"user_id": users, "item_id": rng.integers(0, 120, users.size), "timestamp": [at] * users.size})
-    candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
-    return folder, result.model, events
+    return ranking_job(tmp_path_factory.mktemp("batch"), interactions(), feature_set(), per_user=40)
 
 
 def context_of(events):

@@ -22,31 +22,19 @@ import pytest
 
 from recengine.running import batch
 from recengine.running.batch import rank_file, work_folder
-from recengine.core.data import Dataset, write_parquet_atomic
+from recengine.core.data import write_parquet_atomic
 from recengine.errors import ConfigError, DataError, RecengineError
 from recengine.parts.context import FeatureContext
-from recengine.learning.training import train
 
-from synthetic import catalogue, feature_set, interactions
+from synthetic import catalogue, feature_set, interactions, ranking_job
 
 CHUNK_ROWS = 300
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults")
-    events = interactions(n_users=120, per_user=20)
     ranker = feature_set(num_boost_round=20, num_threads=1)
-    result = train(Dataset(events.lazy(), catalogue().lazy()), ranker, progress=False, say=lambda _: None)
-    result.model.save(folder / "model")
-    events.write_parquet(folder / "events.parquet")
-    catalogue().write_parquet(folder / "items.parquet")
-    rng = np.random.default_rng(1)
-    at = events["timestamp"].max() + timedelta(hours=1)
-    users = np.repeat(np.arange(150), 12)
-    candidates = pl.DataFrame({"user_id": users, "item_id": rng.integers(0, 120, users.size), "timestamp": [at] * users.size})
-    candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
-    return folder, result.model, events
+    return ranking_job(tmp_path_factory.mktemp("faults"), interactions(n_users=120, per_user=20), ranker, per_user=12)
 
 
 @pytest.fixture(scope="module")

@@ -19,33 +19,23 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from recengine.running.batch import rank_file  # noqa: E402
-from recengine.core.data import Dataset  # noqa: E402
 from recengine.running.distributed import rank_on_ray  # noqa: E402
 from recengine.parts.context import FeatureContext  # noqa: E402
-from recengine.learning.training import train  # noqa: E402
 
-from synthetic import catalogue, feature_set, interactions  # noqa: E402
+from synthetic import catalogue, feature_set, interactions, ranking_job  # noqa: E402
 
 OBJECT_STORE = 150 << 20
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, local_cluster):
-    folder = tmp_path_factory.mktemp("ray")
-    events = interactions(n_users=120, per_user=20)
     # One LightGBM thread: on a small shared machine its OpenMP threads spin against everything else
     # (measured on 2 busy cores: 12-16 s to train this model with two, 0.5 s with one).
     ranker = feature_set(num_boost_round=20, num_threads=1)
-    result = train(Dataset(events.lazy(), catalogue().lazy()), ranker, progress=False, say=lambda _: None)
-    result.model.save(folder / "model")
-    events.write_parquet(folder / "events.parquet")
-    catalogue().write_parquet(folder / "items.parquet")
-    rng = np.random.default_rng(1)
-    users = np.repeat(np.arange(150), 30)  # 30 unknown users too
-    candidates = pl.DataFrame({"user_id": users, "item_id": rng.integers(0, 120, users.size)})
-    # No timestamp: ranked as of just after the last event (the nightly job, the serving-state path).
-    candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
-    return folder, result.model, events
+    # Users 120-149 have no event; no timestamp: ranked as of just after the last event (the nightly
+    # job, the serving-state path).
+    return ranking_job(tmp_path_factory.mktemp("ray"), interactions(n_users=120, per_user=20), ranker, per_user=30,
+                       timestamped=False)
 
 
 @pytest.fixture(scope="module")
