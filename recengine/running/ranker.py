@@ -39,10 +39,9 @@ class Ranker:
     @classmethod
     def load(cls, uri: str | Path, events, items=None, cache: EmbeddingCache | None = None, learned: str = "refit") -> "Ranker":
         """A model folder or MLflow URI, checked against the installed plugins, with a state built from
-        `events` (the behaviour log snapshot) and `items` (the catalogue); `learned` as in `__init__`."""
-        model = load_model(uri)
-        model.check_plugins()
-        return cls(model, events, items, cache, learned)
+        `events` (the behaviour log snapshot) and `items` (the catalogue); `learned` as in `__init__`.
+        (Loading checks the plugins, as for every command that loads a model.)"""
+        return cls(load_model(uri), events, items, cache, learned)
 
     @property
     def at(self) -> datetime:
