@@ -55,3 +55,41 @@ def time_split(requests: pl.DataFrame, validation_fraction: float) -> tuple[pl.D
     """Earlier requests train, the latest `validation_fraction` validate; returns the boundary too."""
     boundary = requests["timestamp"].quantile(1 - validation_fraction, interpolation="lower")
     return requests.filter(pl.col("timestamp") < boundary), requests.filter(pl.col("timestamp") >= boundary), boundary
+
+
+def cap_groups(requests: pl.DataFrame, most: int, seed: int, period: str = "1w") -> pl.DataFrame:
+    """At most `most` requests, drawn (seeded) so that every `period` keeps its share of them: the
+    time mix of the training groups stays that of the log. 0 keeps every request."""
+    if not most or requests.height <= most:
+        return requests
+    bucket = pl.col("timestamp").dt.truncate(period)
+    share = pl.len().over(bucket) * most / requests.height
+    # A seeded hash of the request, not a shuffle: the draw does not depend on the rows' order.
+    draw = pl.struct("user_id", "timestamp").hash(seed=seed).rank("ordinal").over(bucket)
+    return requests.filter(draw <= share.ceil()).sort("timestamp", "user_id")
+
+
+def sample_negatives(rows: pl.DataFrame, keys: list[str], rank_columns: list[str], negatives: int,
+                     hard_share: float, seed: int) -> pl.DataFrame:
+    """Every positive row, plus at most `negatives` negatives per group: the `hard_share` of them the
+    sources ranked best (the smallest rank any source gave, ties by item id), the rest at random
+    (a seeded hash of the row). Each group's draw depends on its own rows only, so building the rows
+    in chunks keeps the same ones. Groups without a positive teach LightGBM nothing and are dropped.
+    `negatives = 0` keeps every negative. Returns the rows in their input order."""
+    rows = rows.filter((pl.col("label") > 0).any().over(keys))
+    if not negatives:
+        return rows
+    hard = round(negatives * hard_share)
+    best = pl.min_horizontal(rank_columns).fill_null(float("inf")) if rank_columns else pl.lit(0.0)
+    negative = pl.col("label") <= 0
+    draw = pl.struct(*keys, "item_id").hash(seed=seed)
+    keyed = rows.with_row_index("_row").with_columns(best.alias("_best"), draw.alias("_draw"))
+    # Negatives only, in the order each kind is taken: hard by best rank, easy by the hash.
+    ranked = keyed.filter(negative).sort([*keys, "_best", "item_id"]).with_columns(
+        pl.int_range(pl.len()).over(keys).alias("_hard"))
+    easy = ranked.filter(pl.col("_hard") >= hard).sort([*keys, "_draw", "item_id"]).with_columns(
+        pl.int_range(pl.len()).over(keys).alias("_easy"))
+    kept = pl.concat([ranked.filter(pl.col("_hard") < hard)["_row"],
+                      easy.filter(pl.col("_easy") < negatives - hard)["_row"],
+                      keyed.filter(~negative)["_row"]])
+    return keyed.join(kept.to_frame(), on="_row", how="semi", maintain_order="left").drop("_row", "_best", "_draw")

@@ -12,39 +12,70 @@ Requests before the time boundary train, those after validate (early stopping an
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import lightgbm as lgb
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from recengine.core.data import Dataset
 from recengine.core.metrics import evaluate
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import SPEC_FORMAT, RankerModel
-from recengine.learning.samples import attach_labels, future_items, sample_requests, time_split
+from recengine.learning.samples import (attach_labels, cap_groups, future_items, sample_negatives, sample_requests,
+                                        time_split)
 from recengine.parts import plugins
-from recengine.parts.candidates import drop_seen
+from recengine.parts.candidates import drop_seen, generate
 from recengine.parts.context import FeatureContext, compute_features, fit_learned
 from recengine.parts.encoders import EmbeddingCache, create_encoder
 from recengine.parts.featureset import FeatureSet
 from recengine.parts.protocol import candidate_columns, encoders_of, learns
 
 REQUEST_KEYS = ["user_id", "timestamp"]
+# Training requests built at a time: with a few hundred candidates each, some hundreds of MB of rows
+# and their features' intermediates at most, whatever the log's size.
+CHUNK_REQUESTS = 2_000
 IMPRESSION_KEYS = ["request_id"]
 
 
 @dataclass
 class Split:
-    """One side of the time split: labelled candidate rows (sorted by group) and the full truth."""
+    """One side of the time split: labelled candidate rows (sorted by group) and the truth.
 
-    rows: pl.DataFrame
-    truth: pl.DataFrame
+    Validation rows are held in memory (`frame`). Training rows can be far more, so they stream to
+    disk as parquet `parts` (one per chunk of requests, in group order) and LightGBM reads them back
+    a part at a time; `rows` reads them all, for tests and small data."""
+
+    frame: pl.DataFrame | None
+    truth: pl.DataFrame | None
     requests: int
+    parts: list[Path] = field(default_factory=list)
+    folder: Any = field(default=None, repr=False)  # the temporary folder of the parts, alive while the split is
+
+    @property
+    def rows(self) -> pl.DataFrame:
+        if self.frame is not None:
+            return self.frame
+        return pl.concat([pl.read_parquet(part) for part in self.parts], how="vertical_relaxed")
+
+    @property
+    def height(self) -> int:
+        if self.frame is not None:
+            return self.frame.height
+        return sum(pq.ParquetFile(part).metadata.num_rows for part in self.parts)
+
+    def head(self, n: int) -> pl.DataFrame:
+        """The first `n` rows, reading no more than it needs."""
+        if self.frame is not None or not self.parts:
+            return self.rows.head(n)
+        return pl.scan_parquet(self.parts).head(n).collect()
 
 
 @dataclass
@@ -66,8 +97,12 @@ def train(
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    chunk_requests: int = CHUNK_REQUESTS,
 ) -> TrainResult:
-    """Fit the feature set's ranker on `dataset` and evaluate it on the later requests."""
+    """Fit the feature set's ranker on `dataset` and evaluate it on the later requests.
+
+    Training groups are built `chunk_requests` requests at a time and written to temporary parquet
+    parts, so memory follows the chunk, not the log; the parts are the same whatever the chunk size."""
     check_ranker(feature_set)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -92,13 +127,16 @@ def train(
         say(f"fit {len(learned)} learned part(s) on the events before {boundary} ({timings['learned_parts']:.1f} s); "
             "the ranker's requests come after it")
     say(f"building {'impression' if keys == IMPRESSION_KEYS else 'interaction'} training groups from {events.height:,} events")
-    train_split, val_split = (impression_splits if keys == IMPRESSION_KEYS else interaction_splits)(events, feature_set, context)
+    if keys == IMPRESSION_KEYS:
+        train_split, val_split = impression_splits(events, feature_set, context)
+    else:
+        train_split, val_split = interaction_splits(events, feature_set, context, chunk_requests, progress)
     lap("candidates_and_features")
-    say(f"  train: {train_split.requests:,} requests, {train_split.rows.height:,} rows; "
+    say(f"  train: {train_split.requests:,} requests, {train_split.height:,} rows; "
         f"validation: {val_split.requests:,} requests, {val_split.rows.height:,} rows ({timings['candidates_and_features']:.1f} s)")
 
     features = feature_columns(feature_set)
-    booster, history = fit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, progress)
+    booster, history = fit(train_split, val_split, features, keys, feature_set.ranker, progress)
     lap("lightgbm")
     catalogue = catalogue_size(dataset, events)
     metrics, baselines = evaluate_split(RankerModel(booster, model_spec(feature_set, features, keys, booster, trained_on)),
@@ -106,7 +144,7 @@ def train(
     lap("evaluation")
     stopped_at = booster.best_iteration or booster.current_iteration()
     if feature_set.ranker["refit"]:
-        booster = refit(train_split.rows, val_split.rows, features, keys, feature_set.ranker, stopped_at)
+        booster = refit(train_split, val_split, features, keys, feature_set, stopped_at)
         say(f"  refit on training + validation groups: {booster.current_iteration()} rounds")
         lap("refit")
     spec = model_spec(feature_set, features, keys, booster, trained_on)
@@ -131,7 +169,8 @@ def is_impression_log(events: pl.DataFrame) -> bool:
     return "request_id" in events.columns and "label" in events.columns
 
 
-def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
+def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
+                       chunk_requests: int = CHUNK_REQUESTS, progress: bool = False) -> tuple[Split, Split]:
     labels = feature_set.labels
     requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"],
                                after=context.learned_until)
@@ -141,16 +180,59 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
             f"{labels['min_history']} events. Lower [labels] min_history or add events."
         )
     train_requests, val_requests, boundary = time_split(requests, labels["validation_fraction"])
+    train_requests = cap_groups(train_requests, labels["max_training_groups"], labels["seed"])
+    val_requests = cap_groups(val_requests, labels["max_validation_groups"], labels["seed"])
     window = labels["window_days"] or None
     # Training labels stop at the boundary, so no training row learns from the validation period.
-    train_truth = future_items(train_requests, events.lazy(), window, until=boundary)
+    folder = tempfile.TemporaryDirectory(prefix="recengine-train-")
+    parts = training_parts(train_requests, events, feature_set, context, window, boundary, Path(folder.name),
+                           chunk_requests, progress)
     val_truth = future_items(val_requests, events.lazy(), window)
     if feature_set.exclude_seen:
         val_truth = drop_seen(val_truth.lazy(), context.events).collect()
-    return tuple(  # type: ignore[return-value]
-        Split(labelled_candidates(reqs, truth, feature_set, context), truth, reqs.height)
-        for reqs, truth in ((train_requests, train_truth), (val_requests, val_truth))
-    )
+    # Validation keeps every candidate: its metrics are the ranker's on the lists it will really rank.
+    validation = Split(labelled_candidates(val_requests, val_truth, feature_set, context), val_truth, val_requests.height)
+    return Split(None, None, train_requests.height, parts, folder), validation
+
+
+def training_parts(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
+                   window: float | None, until: datetime | None, folder: Path, chunk_requests: int = CHUNK_REQUESTS,
+                   progress: bool = False) -> list[Path]:
+    """The training rows of `requests`, built `chunk_requests` at a time, one parquet part each.
+
+    Chunks are consecutive runs of the requests in group order, and every step is per request (the
+    negatives' draw included), so the parts, read in order, are the whole table to the bit."""
+    if chunk_requests < 1:
+        raise ConfigError(f"chunk_requests = {chunk_requests}: give a number of requests per chunk, at least 1.")
+    requests = requests.sort(*REQUEST_KEYS)
+    sources, extractors = feature_set.build_sources(), feature_set.build_extractors()
+    parts = []
+    with tqdm(total=requests.height, desc="training groups", unit="request", disable=not progress) as bar:
+        for start in range(0, max(requests.height, 1), chunk_requests):
+            chunk = requests.slice(start, chunk_requests)
+            rows = training_rows(chunk, events, feature_set, context, window, until, sources, extractors)
+            part = folder / f"part-{len(parts):05d}.parquet"
+            rows.write_parquet(part)
+            parts.append(part)
+            bar.update(chunk.height)
+    return parts
+
+
+def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
+                  window: float | None, until: datetime | None, sources=None, extractors=None) -> pl.DataFrame:
+    """Labelled, negative-sampled training rows of `requests`, with features, sorted by group and item.
+
+    Negatives are drawn before the features are computed: the features of a dropped row are never built."""
+    labels = feature_set.labels
+    sources = feature_set.build_sources() if sources is None else sources
+    extractors = feature_set.build_extractors() if extractors is None else extractors
+    theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
+    truth = future_items(requests, theirs, window, until=until)
+    rows = attach_labels(generate(requests, sources, context, feature_set.exclude_seen), truth).sort(*REQUEST_KEYS, "item_id")
+    ranks = [candidate_columns(name)[1] for name in feature_set.candidates if candidate_columns(name)[1] in rows.columns]
+    rows = sample_negatives(rows, REQUEST_KEYS, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
+                            labels["seed"])
+    return compute_features(rows, extractors, context)
 
 
 def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:
@@ -182,11 +264,11 @@ def feature_columns(feature_set: FeatureSet) -> list[str]:
 
 
 def fit(
-    train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True
+    train_split: Split, val_split: Split, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True
 ) -> tuple[lgb.Booster, dict[str, list[float]]]:
     """LightGBM on groups that hold a positive (others teach nothing and would inflate validation NDCG)."""
     params = lgb_params(ranker)
-    train_set, val_set = (_lgb_dataset(rows, features, keys) for rows in (train_rows, val_rows))
+    train_set, val_set = (lgb_dataset(split, features, keys) for split in (train_split, val_split))
     if train_set is None or val_set is None:
         raise DataError("no training or no validation request has a positive among its candidates; "
                         "add events, widen [labels] window_days, or add candidate sources.")
@@ -200,6 +282,7 @@ def fit(
         callbacks=[lgb.record_evaluation(history), stop, lambda env: bar.update(1)],
     )
     bar.close()
+    _Part.release()
     return booster, {f"validation_{name}": values for name, values in history.get("validation", {}).items()}
 
 
@@ -249,13 +332,29 @@ class StopOnMetric:
             raise lgb.callback.EarlyStopException(self.best_iteration, self.best_results)
 
 
-def refit(
-    train_rows: pl.DataFrame, val_rows: pl.DataFrame, features: list[str], keys: list[str], ranker: dict[str, Any], best: int
-) -> lgb.Booster:
-    """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows."""
-    dataset = _lgb_dataset(pl.concat([train_rows, val_rows], how="diagonal_relaxed"), features, keys)
-    rounds = max(1, round(best * len(dataset.get_label()) / _useful(train_rows, keys).height))
-    return lgb.train(lgb_params(ranker), dataset, num_boost_round=rounds)
+def refit(train_split: Split, val_split: Split, features: list[str], keys: list[str], feature_set: FeatureSet,
+          best: int) -> lgb.Booster:
+    """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows.
+    The validation groups join with their negatives sampled as the training groups' were."""
+    labels = feature_set.labels
+    val_rows = val_split.rows
+    if keys == REQUEST_KEYS:
+        ranks = [c for c in val_rows.columns if c.startswith("cand_") and c.endswith("_rank")]
+        val_rows = sample_negatives(val_rows, keys, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
+                                    labels["seed"])
+    train_rows = train_split.height if train_split.frame is None else _useful(train_split.frame, keys).height
+    both = Split(None, None, train_split.requests + val_split.requests, [*train_split.parts], train_split.folder)
+    if train_split.frame is not None:
+        both.frame = pl.concat([train_split.frame, val_rows], how="diagonal_relaxed")
+    else:
+        part = Path(train_split.folder.name) / "validation.parquet"
+        val_rows.select(train_split.head(0).columns).write_parquet(part)
+        both.parts.append(part)
+    dataset = lgb_dataset(both, features, keys)
+    rounds = max(1, round(best * len(dataset.get_label()) / train_rows))
+    booster = lgb.train(lgb_params(feature_set.ranker), dataset, num_boost_round=rounds)
+    _Part.release()
+    return booster
 
 
 def _useful(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -263,14 +362,59 @@ def _useful(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return rows.filter((pl.col("label") > 0).any().over(keys))
 
 
-def _lgb_dataset(rows: pl.DataFrame, features: list[str], keys: list[str]) -> lgb.Dataset | None:
-    useful = _useful(rows, keys)
-    if useful.height == 0:
+def lgb_dataset(split: Split, features: list[str], keys: list[str]) -> lgb.Dataset | None:
+    """The split's groups that hold a positive as a LightGBM Dataset. Parts on disk are read through
+    `lgb.Sequence`, one part in memory at a time, in the two rounds LightGBM builds a Dataset in."""
+    if split.frame is not None:
+        useful = _useful(split.frame, keys)
+        if useful.height == 0:
+            return None
+        matrix = useful.select(pl.col(features).cast(pl.Float64)).to_numpy()
+        return lgb.Dataset(matrix, label=_labels(useful), group=_group_sizes(useful, keys), feature_name=features,
+                           free_raw_data=False)
+    heads = [pl.read_parquet(part, columns=[*keys, "label"]) for part in split.parts]
+    sequences = [_Part(part, features, head.height) for part, head in zip(split.parts, heads) if head.height]
+    if not sequences:
         return None
-    sizes = useful.group_by(keys, maintain_order=True).len()["len"].to_numpy()
-    matrix = useful.select(pl.col(features).cast(pl.Float64)).to_numpy()
-    return lgb.Dataset(matrix, label=useful["label"].cast(pl.Int32).to_numpy(), group=sizes, feature_name=features,
+    heads = [head for head in heads if head.height]
+    return lgb.Dataset(sequences, label=np.concatenate([_labels(h) for h in heads]),
+                       group=np.concatenate([_group_sizes(h, keys) for h in heads]), feature_name=features,
                        free_raw_data=False)
+
+
+def _labels(rows: pl.DataFrame) -> np.ndarray:
+    return rows["label"].cast(pl.Int32).to_numpy()
+
+
+def _group_sizes(rows: pl.DataFrame, keys: list[str]) -> np.ndarray:
+    return rows.group_by(keys, maintain_order=True).len()["len"].to_numpy()
+
+
+class _Part(lgb.Sequence):
+    """One training part's feature matrix for LightGBM, read from its parquet file when first asked
+    for. LightGBM asks for rows in increasing order, part after part, so one part is held at a time."""
+
+    batch_size = 65_536
+    _held: tuple[Any, np.ndarray | None] = (None, None)  # (part, its matrix): the one part in memory
+
+    def __init__(self, path: Path, features: list[str], height: int):
+        self.path, self.features, self.height = path, features, height
+
+    def __len__(self) -> int:
+        return self.height
+
+    def __getitem__(self, index):
+        held, matrix = _Part._held
+        if held is not self:
+            matrix = pl.read_parquet(self.path, columns=self.features).select(
+                pl.col(self.features).cast(pl.Float64)).to_numpy()
+            _Part._held = (self, matrix)
+        return matrix[index]
+
+    @staticmethod
+    def release() -> None:
+        """Drop the part held in memory (LightGBM has binned every row once the Dataset is built)."""
+        _Part._held = (None, None)
 
 
 def evaluate_split(

@@ -37,7 +37,13 @@ from recengine.parts import plugins
 # `learned_fraction`: with learned parts (a collaborative model, a tuned encoder), they are fit on the
 # events before this quantile of event times, and the ranker's training requests come after it.
 LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "validation_fraction": 0.2, "seed": 0,
-                  "learned_fraction": 0.5}
+                  "learned_fraction": 0.5,
+                  # Bounded training tables: every positive, and per group at most `negatives_per_group`
+                  # negatives (0: all), a `hard_negative_share` of them the sources' best ranked, the rest
+                  # at random; at most `max_training_groups` / `max_validation_groups` requests (0: all),
+                  # drawn so that each week keeps its share. The rows then grow with what they teach.
+                  "negatives_per_group": 100, "hard_negative_share": 0.5,
+                  "max_training_groups": 100_000, "max_validation_groups": 10_000}
 RANKER_DEFAULTS = {
     "objective": "lambdarank",
     "learning_rate": 0.05,
@@ -130,6 +136,10 @@ LABEL_RANGES: dict[str, dict[str, Any]] = {
     "validation_fraction": {"above": 0, "below": 1},
     "seed": {"integer": True, "minimum": 0},
     "learned_fraction": {"above": 0, "below": 1},
+    "negatives_per_group": {"integer": True, "minimum": 0},
+    "hard_negative_share": {"minimum": 0, "maximum": 1},
+    "max_training_groups": {"integer": True, "minimum": 0},
+    "max_validation_groups": {"integer": True, "minimum": 0},
 }
 
 
