@@ -305,3 +305,91 @@ def test_a_damaged_part_left_by_a_local_job_is_set_aside_and_redone_on_ray(setup
     assert len(said) == 1 and f"{part} is damaged" in said[0] and "ranking chunk 3 again" in said[0], said
     assert ran.skipped == ran.chunks - 1 and sum(ran.nodes.values()) == 1
     assert target.read_bytes() == reference.output.read_bytes()
+
+
+# Training on Ray: the chunks of training requests are Ray tasks; the parts, and so the model, are the
+# local training's to the byte.
+
+@pytest.fixture(scope="module")
+def local_training():
+    from recengine.core.data import Dataset
+    from recengine.learning.training import train
+
+    data = Dataset(interactions(n_users=120, per_user=20).lazy(), catalogue().lazy())
+    fs = feature_set(num_boost_round=20, num_threads=1)
+    return data, fs, train(data, fs, progress=False, say=lambda *_: None, chunk_requests=40)
+
+
+def test_training_on_ray_gives_the_local_model_byte_for_byte(local_training, local_ray):
+    from recengine.learning.training import train
+    from recengine.running.distributed import ray_chunks
+
+    data, fs, local = local_training
+    runner = ray_chunks()
+    ran = train(data, fs, progress=False, say=lambda *_: None, chunk_requests=40, run_chunks=runner)
+    assert len(ran.train.parts) == len(local.train.parts) > 3 and sum(runner.nodes.values()) == len(ran.train.parts)
+    assert [p.read_bytes() for p in ran.train.parts] == [p.read_bytes() for p in local.train.parts]
+    assert ran.model.booster.model_to_string() == local.model.booster.model_to_string()
+
+
+def test_training_on_a_simulated_cluster_uses_both_nodes(local_training, local_cluster):
+    from recengine.learning.training import train
+    from recengine.running.distributed import ray_chunks
+
+    data, fs, local = local_training
+    added = local_cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    try:
+        local_cluster.wait_for_nodes()
+        runner = ray_chunks()
+        ran = train(data, fs, progress=False, say=lambda *_: None, chunk_requests=20, run_chunks=runner)
+        assert sorted(runner.nodes) == sorted([local_cluster.head_node.node_id, added.node_id])
+        # Another chunk size, the same model: the parts concatenate to the same table.
+        assert ran.model.booster.model_to_string() == local.model.booster.model_to_string()
+    finally:
+        local_cluster.remove_node(added)
+
+
+def test_the_cli_trains_on_ray(local_training, local_ray, cli_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run goes to this folder's mlruns/
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data, fs, local = local_training
+    events, items = tmp_path / "events.parquet", tmp_path / "items.parquet"
+    data.events.collect().write_parquet(events)
+    data.items.collect().write_parquet(items)
+    toml = tmp_path / "fs.toml"
+    toml.write_text(SYNTHETIC_TOML)
+    result = cli_run("train", "--events", str(events), "--items", str(items), "--feature-set", str(toml), "--no-register",
+                     "--output", str(tmp_path / "model"), "--chunk-requests", "40", "--engine", "ray")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "model.txt").read_text().split("\nparameters:")[0] == \
+        local.model.booster.model_to_string().split("\nparameters:")[0]
+
+
+# tests/synthetic.py's feature_set(num_boost_round=20, num_threads=1) as a file, for the CLI.
+SYNTHETIC_TOML = """
+name = "synthetic"
+[candidates.popular]
+k = 40
+half_life_days = 30
+[candidates.covisitation]
+k = 60
+window = 3
+recent = 5
+[features.item_popularity]
+windows_days = [7, 30]
+half_lives_days = [14]
+[features.category_affinity]
+field = "genres"
+[features.covisitation]
+window = 3
+recent = 5
+[features.user_activity]
+[labels]
+samples_per_user = 3
+min_history = 5
+[ranker]
+num_boost_round = 20
+early_stopping_rounds = 20
+min_data_in_leaf = 20
+num_threads = 1
+"""

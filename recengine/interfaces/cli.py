@@ -241,11 +241,16 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
 @click.option("--no-register", is_flag=True, help="Log the run and model but do not register it.")
 @click.option("--promote", is_flag=True, help="Move @champion to this version even if it scores lower than the champion.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the model folder (model.txt, spec.json) here.")
+@click.option("--chunk-requests", default=2_000, show_default=True, type=click.IntRange(min=1),
+              help="Training requests built at a time (memory follows this; the model does not).")
 @cache_option
+@engine_option
+@address_option
 @_friendly_errors
 def train(events, items, users, columns, timestamp_unit, feature_set, experiment, run_name, model_name, no_register, promote, output,
-          cache_dir) -> None:
+          chunk_requests, cache_dir, engine, address) -> None:
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
+    _check_engine(engine, address)
     from recengine.core.store import tracking_uri
     from recengine.interfaces.tracking import check_model_name, log_training, training_run
     from recengine.learning.model import check_model_destination
@@ -263,7 +268,13 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     # The MLflow run covers the training (its duration, system metrics); a failure ends it FAILED.
     with training_run(spec, experiment, feature_set_path=feature_set, run_name=run_name):
-        result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo)
+        run_chunks = None
+        if engine == "ray":
+            from recengine.running.distributed import ray_chunks
+
+            run_chunks = ray_chunks(address)
+        result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo, chunk_requests=chunk_requests,
+                            run_chunks=run_chunks)
         click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; best "
                    f"{result.model.spec['early_stopping_metric']} at iteration {result.model.spec['early_stopped_at']}, "
                    f"final model {result.model.spec['best_iteration']} rounds):")

@@ -546,9 +546,13 @@ def _log_datasets(mlflow, run_id: str, result: TrainResult, feature_set: Feature
         if split is None:
             continue
         digest = hashlib.sha256(f"{lineage['digest']}:{fs_digest}:{context}".encode()).hexdigest()[:16]
-        dataset = mlflow.data.from_polars(split.rows, targets="label", name=f"{lineage['dataset']} {context} examples",
+        # A head of the rows: the training rows may be millions, in parts on disk; the digest names them all.
+        dataset = mlflow.data.from_polars(split.head(EXAMPLE_ROWS), targets="label", name=f"{lineage['dataset']} {context} examples",
                                           digest=digest)
         mlflow.log_input(dataset, context=context)
+
+
+EXAMPLE_ROWS = 10_000  # rows of each split logged as the run's dataset inputs
 
 
 def _log_model(mlflow, result: TrainResult):

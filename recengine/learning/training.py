@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import lightgbm as lgb
 import numpy as np
@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from recengine.core.data import Dataset
+from recengine.core.data import Dataset, write_parquet_atomic
 from recengine.core.metrics import evaluate
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import SPEC_FORMAT, RankerModel
@@ -98,6 +98,7 @@ def train(
     progress: bool = True,
     say: Callable[[str], None] = print,
     chunk_requests: int = CHUNK_REQUESTS,
+    run_chunks: ChunkRunner | None = None,
 ) -> TrainResult:
     """Fit the feature set's ranker on `dataset` and evaluate it on the later requests.
 
@@ -130,7 +131,7 @@ def train(
     if keys == IMPRESSION_KEYS:
         train_split, val_split = impression_splits(events, feature_set, context)
     else:
-        train_split, val_split = interaction_splits(events, feature_set, context, chunk_requests, progress)
+        train_split, val_split = interaction_splits(events, feature_set, context, chunk_requests, progress, run_chunks)
     lap("candidates_and_features")
     say(f"  train: {train_split.requests:,} requests, {train_split.height:,} rows; "
         f"validation: {val_split.requests:,} requests, {val_split.rows.height:,} rows ({timings['candidates_and_features']:.1f} s)")
@@ -170,7 +171,8 @@ def is_impression_log(events: pl.DataFrame) -> bool:
 
 
 def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
-                       chunk_requests: int = CHUNK_REQUESTS, progress: bool = False) -> tuple[Split, Split]:
+                       chunk_requests: int = CHUNK_REQUESTS, progress: bool = False,
+                       run_chunks: ChunkRunner | None = None) -> tuple[Split, Split]:
     labels = feature_set.labels
     requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"],
                                after=context.learned_until)
@@ -186,7 +188,7 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
     # Training labels stop at the boundary, so no training row learns from the validation period.
     folder = tempfile.TemporaryDirectory(prefix="recengine-train-")
     parts = training_parts(train_requests, events, feature_set, context, window, boundary, Path(folder.name),
-                           chunk_requests, progress)
+                           chunk_requests, progress, run_chunks)
     val_truth = future_items(val_requests, events.lazy(), window)
     if feature_set.exclude_seen:
         val_truth = drop_seen(val_truth.lazy(), context.events).collect()
@@ -197,42 +199,56 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
 
 def training_parts(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
                    window: float | None, until: datetime | None, folder: Path, chunk_requests: int = CHUNK_REQUESTS,
-                   progress: bool = False) -> list[Path]:
+                   progress: bool = False, run_chunks: "ChunkRunner | None" = None) -> list[Path]:
     """The training rows of `requests`, built `chunk_requests` at a time, one parquet part each.
 
     Chunks are consecutive runs of the requests in group order, and every step is per request (the
-    negatives' draw included), so the parts, read in order, are the whole table to the bit."""
+    negatives' draw included), so the parts, read in order, are the whole table to the bit, whichever
+    runner built them: `run_chunks` (default: here, one after the other; the Ray engine's runs them as
+    tasks on a cluster) yields each chunk's request count as it finishes."""
     if chunk_requests < 1:
         raise ConfigError(f"chunk_requests = {chunk_requests}: give a number of requests per chunk, at least 1.")
     requests = requests.sort(*REQUEST_KEYS)
-    sources, extractors = feature_set.build_sources(), feature_set.build_extractors()
-    parts = []
+    jobs = [(requests.slice(start, chunk_requests), folder / f"part-{number:05d}.parquet")
+            for number, start in enumerate(range(0, max(requests.height, 1), chunk_requests))]
+    shared = (events, feature_set, context, window, until)
     with tqdm(total=requests.height, desc="training groups", unit="request", disable=not progress) as bar:
-        for start in range(0, max(requests.height, 1), chunk_requests):
-            chunk = requests.slice(start, chunk_requests)
-            rows = training_rows(chunk, events, feature_set, context, window, until, sources, extractors)
-            part = folder / f"part-{len(parts):05d}.parquet"
-            rows.write_parquet(part)
-            parts.append(part)
-            bar.update(chunk.height)
-    return parts
+        for done in (run_chunks or run_here)(build_part, jobs, shared):
+            bar.update(done)
+    return [part for _, part in jobs]
+
+
+# A way to run `build_part` over chunks: (build_part, [(requests, part path)], shared) -> each chunk's count.
+ChunkRunner = Callable[[Callable[..., int], list[tuple[pl.DataFrame, Path]], tuple], Iterable[int]]
+
+
+def run_here(build: Callable[..., int], jobs: list[tuple[pl.DataFrame, Path]], shared: tuple) -> Iterator[int]:
+    """The local runner: each chunk in turn, in this process."""
+    for requests, part in jobs:
+        yield build(requests, part, shared)
+
+
+def build_part(requests: pl.DataFrame, part: Path, shared: tuple) -> int:
+    """One chunk's training rows, written to `part` (whole or not at all); returns its request count."""
+    events, feature_set, context, window, until = shared
+    write_parquet_atomic(training_rows(requests, events, feature_set, context, window, until), part)
+    return requests.height
 
 
 def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
-                  window: float | None, until: datetime | None, sources=None, extractors=None) -> pl.DataFrame:
+                  window: float | None, until: datetime | None) -> pl.DataFrame:
     """Labelled, negative-sampled training rows of `requests`, with features, sorted by group and item.
 
     Negatives are drawn before the features are computed: the features of a dropped row are never built."""
     labels = feature_set.labels
-    sources = feature_set.build_sources() if sources is None else sources
-    extractors = feature_set.build_extractors() if extractors is None else extractors
     theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
     truth = future_items(requests, theirs, window, until=until)
-    rows = attach_labels(generate(requests, sources, context, feature_set.exclude_seen), truth).sort(*REQUEST_KEYS, "item_id")
+    rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
+    rows = attach_labels(rows, truth).sort(*REQUEST_KEYS, "item_id")
     ranks = [candidate_columns(name)[1] for name in feature_set.candidates if candidate_columns(name)[1] in rows.columns]
     rows = sample_negatives(rows, REQUEST_KEYS, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
                             labels["seed"])
-    return compute_features(rows, extractors, context)
+    return compute_features(rows, feature_set.build_extractors(), context)
 
 
 def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:

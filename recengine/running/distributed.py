@@ -566,3 +566,40 @@ class _EncodeTexts:
         vectors = np.ascontiguousarray(self.encoder.encode(batch["text"].to_pylist()), dtype=np.float32)
         return pa.table({"key": batch["key"], "vector": pa.array([row.tobytes() for row in vectors], pa.binary()),
                          "dim": pa.array([vectors.shape[1]] * len(vectors), pa.int32())})
+
+
+def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
+    """A chunk runner for `recengine.learning.training.train` (`recengine train --engine ray`): each
+    chunk of training requests is a Ray task that builds its candidates, labels, sampled negatives and
+    features with the local job's own code and writes its part. The events, the feature set and the
+    context (learned states included) go to the object store once. The parts are the local ones, so
+    the model is too. The part folder must be on storage every node sees (the driver's temporary
+    folder: a local Ray, or a cluster on one machine; set TMPDIR to a shared mount otherwise)."""
+    ray = _ray()
+    check_address(address)
+
+    def run(build, jobs, shared):
+        connect(address)
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(_on_node)
+        shared_ref = ray.put(shared)
+        pending = [task.remote(build, requests, part, shared_ref) for requests, part in jobs]
+        try:
+            while pending:  # counted as they finish, whatever the order
+                done, pending = ray.wait(pending, num_returns=1)
+                count, node = ray.get(done[0])
+                run.nodes[node] += 1
+                yield count
+        except Exception as exc:  # a task's RecengineError reaches here wrapped in Ray's exceptions
+            for ref in pending:
+                ray.cancel(ref)
+            raise _user_error(exc) or exc
+
+    run.nodes = Counter()  # Ray node id -> chunks built there
+    return run
+
+
+def _on_node(build, requests, part, shared) -> tuple[int, str]:
+    """`build` in a Ray task, with the node it ran on."""
+    import ray
+
+    return build(requests, part, shared), ray.get_runtime_context().get_node_id()
