@@ -103,3 +103,34 @@ def ranking_job(folder, events: pl.DataFrame, ranker, per_user: int, timestamped
         candidates = candidates.with_columns(pl.lit(events["timestamp"].max() + timedelta(hours=1)).alias("timestamp"))
     candidates.unique(["user_id", "item_id"], maintain_order=True).write_parquet(folder / "candidates.parquet")
     return folder, result.model, events
+
+
+def feature_set_toml(**ranker) -> str:
+    """`feature_set(**ranker)` as a feature-set file's text, for the CLI."""
+    ranker = {"num_boost_round": 80, "early_stopping_rounds": 20, "min_data_in_leaf": 20, **ranker}
+    return _TOML + "[ranker]\n" + "".join(f"{key} = {value!r}\n" for key, value in ranker.items())
+
+
+_TOML = """
+name = "synthetic"
+description = "Popular and co-visitation candidates; behaviour features."
+[candidates.popular]
+k = 40
+half_life_days = 30
+[candidates.covisitation]
+k = 60
+window = 3
+recent = 5
+[features.item_popularity]
+windows_days = [7, 30]
+half_lives_days = [14]
+[features.category_affinity]
+field = "genres"
+[features.covisitation]
+window = 3
+recent = 5
+[features.user_activity]
+[labels]
+samples_per_user = 3
+min_history = 5
+"""

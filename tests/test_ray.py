@@ -22,7 +22,7 @@ from recengine.running.batch import rank_file  # noqa: E402
 from recengine.running.distributed import rank_on_ray  # noqa: E402
 from recengine.parts.context import FeatureContext  # noqa: E402
 
-from synthetic import catalogue, feature_set, interactions, ranking_job  # noqa: E402
+from synthetic import catalogue, feature_set, feature_set_toml, interactions, ranking_job  # noqa: E402
 
 OBJECT_STORE = 150 << 20
 
@@ -357,39 +357,10 @@ def test_the_cli_trains_on_ray(local_training, local_ray, cli_run, tmp_path, mon
     data.events.collect().write_parquet(events)
     data.items.collect().write_parquet(items)
     toml = tmp_path / "fs.toml"
-    toml.write_text(SYNTHETIC_TOML)
+    toml.write_text(feature_set_toml(num_boost_round=20, num_threads=1))
     result = cli_run("train", "--events", str(events), "--items", str(items), "--feature-set", str(toml), "--no-register",
                      "--output", str(tmp_path / "model"), "--chunk-requests", "40", "--engine", "ray")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model" / "model.txt").read_text().split("\nparameters:")[0] == \
         local.model.booster.model_to_string().split("\nparameters:")[0]
 
-
-# tests/synthetic.py's feature_set(num_boost_round=20, num_threads=1) as a file, for the CLI.
-SYNTHETIC_TOML = """
-name = "synthetic"
-[candidates.popular]
-k = 40
-half_life_days = 30
-[candidates.covisitation]
-k = 60
-window = 3
-recent = 5
-[features.item_popularity]
-windows_days = [7, 30]
-half_lives_days = [14]
-[features.category_affinity]
-field = "genres"
-[features.covisitation]
-window = 3
-recent = 5
-[features.user_activity]
-[labels]
-samples_per_user = 3
-min_history = 5
-[ranker]
-num_boost_round = 20
-early_stopping_rounds = 20
-min_data_in_leaf = 20
-num_threads = 1
-"""

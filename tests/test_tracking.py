@@ -19,35 +19,9 @@ from recengine.parts.featureset import FeatureSet
 from recengine.learning.model import load_model
 from recengine.learning.training import train
 
-from synthetic import catalogue, feature_set, interactions
+from synthetic import catalogue, feature_set, feature_set_toml, interactions
 
-BASE = """
-name = "synthetic"
-description = "Popular and co-visitation candidates; behaviour features."
-[candidates.popular]
-k = 40
-half_life_days = 30
-[candidates.covisitation]
-k = 60
-window = 3
-recent = 5
-[features.item_popularity]
-windows_days = [7, 30]
-half_lives_days = [14]
-[features.category_affinity]
-field = "genres"
-[features.covisitation]
-window = 3
-recent = 5
-[features.user_activity]
-[labels]
-samples_per_user = 3
-min_history = 5
-[ranker]
-num_boost_round = 80
-early_stopping_rounds = 20
-min_data_in_leaf = 20
-"""
+BASE = feature_set_toml()
 # A variant file as a person makes one: the same TOML, another objective and learning rate.
 VARIANT = (BASE.replace('name = "synthetic"', 'name = "synthetic-xendcg"')
            .replace("Popular and", "Cross-entropy ranking over popular and")
