@@ -211,3 +211,128 @@ def test_ranker_options_at_their_local_values_and_within_bounds_are_accepted():
 def test_tuned_ranks_are_bounded(params, expect):
     with pytest.raises(ConfigError, match=r"\[features.tuned_interest\].*" + expect):
         FeatureSet.from_dict({"candidates": {"popular": {}}, "features": {"tuned_interest": params}})
+
+
+# -- feature sets that extend one another (#22 part 4) -------------------------------------------------
+def _write(folder, name, text):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _movielens():
+    return FeatureSet.load("movielens").to_dict()
+
+
+def test_extends_overrides_a_bases_parameters_key_by_key(tmp_path):
+    child = FeatureSet.load(_write(tmp_path, "wide.toml", 'extends = "movielens"\n[candidates.covisitation]\nk = 400\n'
+                                   "[labels]\nsamples_per_user = 5\n[ranker]\neta = 0.1\n"))
+    base = _movielens()
+    assert child.candidates["covisitation"] == {**base["candidates"]["covisitation"], "k": 400}
+    assert list(child.candidates) == list(base["candidates"])  # the base's order kept
+    assert child.labels == {**base["labels"], "samples_per_user": 5}
+    assert child.ranker == {**base["ranker"], "learning_rate": 0.1}  # the alias replaced the base's key
+    assert (child.name, child.description) == ("wide", "")  # the child's, never the base's
+    assert child.features == base["features"]
+
+
+def test_extends_adds_a_part_after_the_bases_and_its_columns(tmp_path):
+    child = FeatureSet.load(_write(tmp_path, "more.toml", 'extends = "movielens"\nname = "more"\n'
+                                   '[candidates.new_items]\nsource = "embedding"\nnew_items = true\n'
+                                   "[features.item_ctr]\n"))
+    base = FeatureSet.load("movielens")
+    assert list(child.candidates) == [*base.candidates, "new_items"]
+    assert list(child.features) == [*base.features, "item_ctr"]
+    assert child.columns()[: len(base.columns())] != [] and set(base.columns()) < set(child.columns())
+
+
+def test_extends_removes_parts_and_parameters(tmp_path):
+    child = FeatureSet.load(_write(tmp_path, "less.toml", 'extends = "movielens"\n'
+                                   'remove = ["candidates.covis_wide", "features.item_trend", "ranker.num_leaves", '
+                                   '"features.interest.history"]\n'))
+    base = _movielens()
+    assert list(child.candidates) == [name for name in base["candidates"] if name != "covis_wide"]
+    assert "item_trend" not in child.features and "history" not in child.features["interest"]
+    assert child.ranker["num_leaves"] == 31  # back to the default
+    with pytest.raises(ConfigError, match=r"nope.toml: remove: 'candidates.nosuch' is not in the base \(movielens\), "
+                                          r"so it cannot be removed. The base's parts: candidates.popular, "):
+        FeatureSet.load(_write(tmp_path, "nope.toml", 'extends = "movielens"\nremove = ["candidates.nosuch"]\n'))
+    with pytest.raises(ConfigError, match=r"orphan.toml: remove = \['features.x'\] drops parts of a base, but no extends"):
+        FeatureSet.load(_write(tmp_path, "orphan.toml", 'remove = ["features.x"]\n[candidates.popular]\n'))
+    with pytest.raises(ConfigError, match=r"bad.toml: remove = 'features.x' should be a list"):
+        FeatureSet.load(_write(tmp_path, "bad.toml", 'extends = "movielens"\nremove = "features.x"\n'))
+
+
+def test_a_removed_part_given_again_is_replaced_whole(tmp_path):
+    child = FeatureSet.load(_write(tmp_path, "swap.toml", 'extends = "movielens"\nremove = ["candidates.covis_wide"]\n'
+                                   '[candidates.covis_wide]\nsource = "popular"\nk = 20\n'))
+    assert child.candidates["covis_wide"] == {"source": "popular", "k": 20}
+    assert list(child.candidates)[-1] == "covis_wide"
+
+
+def test_extends_chains_with_relative_paths_from_anywhere(tmp_path, monkeypatch):
+    _write(tmp_path, "sets/base/mid.toml", 'extends = "movielens"\nname = "mid"\n[candidates.popular]\nk = 50\n'
+                                           "[ranker]\nnum_leaves = 63\n")
+    top = _write(tmp_path, "sets/top.toml", 'extends = "base/mid.toml"\ndescription = "top of the chain"\n'
+                                            "[ranker]\nnum_leaves = 15\n")
+    monkeypatch.chdir(tmp_path / "sets" / "base")  # the base is found next to the file, not here
+    feature_set = FeatureSet.load(top)
+    base = _movielens()
+    assert (feature_set.name, feature_set.description) == ("top", "top of the chain")
+    assert feature_set.candidates["popular"] == {**base["candidates"]["popular"], "k": 50}
+    assert feature_set.ranker["num_leaves"] == 15
+    # What the run logs: this file, then each base, commented out.
+    assert feature_set.source_text.startswith(top.read_text().rstrip())
+    assert "# ---- " in feature_set.source_text and '# extends = "movielens"' in feature_set.source_text
+    assert '# name = "movielens"' in feature_set.source_text
+
+
+def test_an_extends_cycle_is_refused_naming_the_chain(tmp_path):
+    _write(tmp_path, "b.toml", 'extends = "c.toml"\n')
+    _write(tmp_path, "c.toml", 'extends = "b.toml"\n')
+    a = _write(tmp_path, "a.toml", 'extends = "b.toml"\n')
+    with pytest.raises(ConfigError, match=r"a.toml: the feature sets extend one another in a cycle: \S*b.toml extends "
+                                          r"\S*c.toml extends \S*b.toml\."):
+        FeatureSet.load(a)
+    with pytest.raises(ConfigError, match=r"self.toml extends \S*self.toml"):
+        FeatureSet.load(_write(tmp_path, "self.toml", 'extends = "self.toml"\n'))
+
+
+def test_an_unknown_base_is_refused_listing_the_bundled_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"child.toml: extends = 'movielenz': no such file .*and no bundled feature set "
+                                          r"of that name\. .*one of the bundled names: collaborative, impressions, movielens, tuned\."):
+        FeatureSet.load(_write(tmp_path, "child.toml", 'extends = "movielenz"\n'))
+    with pytest.raises(ConfigError, match=r"child.toml: extends = 3 should be the name of a bundled feature set"):
+        FeatureSet.load(_write(tmp_path, "child.toml", "extends = 3\n"))
+
+
+def test_the_merged_set_is_checked_whole_naming_the_file_its_chain_and_the_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\S*bad.toml \(extends movielens\): \[ranker\]: num_leaves = 1; give a whole number"):
+        FeatureSet.load(_write(tmp_path, "bad.toml", 'extends = "movielens"\n[ranker]\nnum_leaves = 1\n'))
+    with pytest.raises(ConfigError, match=r"^\S*bad.toml \(extends movielens\): \[candidates.covisitation\]: .*'windw'"):
+        FeatureSet.load(_write(tmp_path, "bad.toml", 'extends = "movielens"\n[candidates.covisitation]\nwindw = 3\n'))
+    with pytest.raises(ConfigError, match=r"^\S*bad.toml: candidates.popular = 3; a part is a table"):
+        FeatureSet.load(_write(tmp_path, "bad.toml", 'extends = "movielens"\ncandidates.popular = 3\n'))
+
+
+def test_the_bundled_tuned_set_is_movielens_plus_its_tuned_parts():
+    """tuned.toml gives only its differences; resolved, it is the full file it replaced, order included
+    (the model's column order follows the parts' order)."""
+    import json
+
+    expected = _movielens()
+    expected["name"] = "tuned"
+    expected["description"] = ("movielens.toml plus interest features and candidates in a title space tuned on what "
+                               "users took next.")
+    expected["candidates"].update({
+        "tuned_embedding": {"k": 100, "field": "title", "history": 50},
+        "tuned_new_items": {"source": "tuned_embedding", "k": 50, "field": "title", "history": 50, "new_items": True},
+    })
+    expected["features"]["tuned_interest"] = {"field": "title", "recent": 10, "history": 50}
+    tuned = FeatureSet.load("tuned")
+    resolved = tuned.to_dict()
+    assert json.dumps(resolved) == json.dumps(expected)
+    assert "extends" not in resolved and "remove" not in resolved
+    # What a model spec records reads back to the same feature set, with no base file needed.
+    assert json.dumps(FeatureSet.from_dict(json.loads(json.dumps(resolved))).to_dict()) == json.dumps(expected)

@@ -330,6 +330,9 @@ def feature_set_params(feature_set: FeatureSet) -> dict[str, Any]:
             params[f"{section}.{name}"] = ",".join(f"{k}={v}" for k, v in values.items()) or "defaults"
     params.update({f"labels.{k}": v for k, v in feature_set.labels.items()})
     params.update({f"ranker.{k}": v for k, v in feature_set.ranker.items()})
+    # The new-item policy only when on ({} when off): runs of sets without it keep their parameters and
+    # names. An unset release_field ("") is left out: MLflow stores no empty values.
+    params.update({f"policy.{k}": v for k, v in getattr(feature_set, "policy", {}).items() if v != ""})
     return params
 
 
@@ -343,7 +346,7 @@ def feature_set_digest(feature_set: FeatureSet) -> str:
 def param_differences(before: dict[str, str], after: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
     """(key, old, new) for each feature-set parameter that differs from a previous run's, in the new
     feature set's order, then the removed ones; None where a side lacks the key."""
-    tracked = ("candidates.", "features.", "labels.", "ranker.", "exclude_seen")
+    tracked = ("candidates.", "features.", "labels.", "ranker.", "policy.", "exclude_seen")
     old = {k: v for k, v in before.items() if k.startswith(tracked)}
     new = {k: str(v) for k, v in after.items() if k.startswith(tracked)}
     changed = [(k, old.get(k), v) for k, v in new.items() if old.get(k) != v]

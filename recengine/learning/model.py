@@ -39,7 +39,6 @@ import numpy as np
 import polars as pl
 
 from recengine.core.store import tracking_uri
-from recengine.core.topk import top_k
 from recengine.errors import ConfigError, DataError, PluginError, RecengineError
 from recengine.learning.model_text import check_model_text
 
@@ -113,10 +112,18 @@ class RankerModel:
 
     def recommend(self, requests: pl.DataFrame, context, k: int = 10) -> pl.DataFrame:
         """Top `k` items per request `(user_id, timestamp)`: candidates from the feature set's sources,
-        seen items excluded, features as of each timestamp, scored. Adds `item_id`, `rank`, `score`."""
+        seen items excluded, features as of each timestamp, scored. Adds `item_id`, `rank`, `score`. With
+        the feature set's [policy], new items take the last slots (`recengine.parts.policy`)."""
+        from recengine.parts import policy as new_items
+
+        feature_set = self.feature_set()
+        policy = new_items.NewItemPolicy.of(feature_set)  # None: plain top k
         keyed = requests.with_row_index("_request_id")
-        rows = self.feature_set().candidate_rows(keyed, context)
-        best = top_k(rows.with_columns(pl.Series("score", self.score(rows))), ["_request_id"], k)
+        rows = feature_set.candidate_rows(keyed, context)
+        matrix = self.matrix(rows)
+        scored = new_items.with_policy_score(rows, matrix, self.features, policy)
+        best = new_items.top(scored.with_columns(pl.Series("score", self.predict(matrix))), ["_request_id"], k, policy,
+                             context, feature_set.exclude_seen)
         return best.sort("_request_id", "rank").select(*requests.columns, "item_id", "rank", "score")
 
     def use_saved_state(self, context) -> None:

@@ -7,17 +7,43 @@
     windows_days = [1, 7, 30]
     [labels]                    # how training requests and their positives are drawn
     [ranker]                    # LightGBM parameters, plus num_boost_round, early_stopping_rounds, refit
+    [policy]                    # optional: slots of each top k for new items (recengine.parts.policy); off by default
 
 Unknown names and parameters, values of the wrong type and values out of range fail at load, before
 any data is read, naming the table, the parameter and what is expected.
 
 The bundled feature sets (the repository's `features/*.toml`, installed as the package data
 `recengine.feature_sets`) can be named instead of a path: `movielens`, `impressions`.
+
+A file can give only what differs from another one:
+
+    extends = "movielens"       # a bundled name, or a TOML file's path relative to this file (tried first)
+    name = "wider"              # name and description are this file's (default: the file's stem, and none)
+    remove = ["candidates.covis_wide", "features.item_trend"]
+    [candidates.covisitation]   # a part the base has: these parameters replace the base's, key by key
+    k = 400
+    [candidates.new_items]      # a part the base lacks: added after the base's parts
+    source = "embedding"
+    new_items = true
+    [ranker]                    # [labels] and [ranker] merge key by key too (an alias such as eta
+    learning_rate = 0.1         # replaces the base's learning_rate)
+
+Tables merge deeply, key by key (a list or a value is replaced whole), keeping the base's order.
+`remove` lists dotted names dropped from the base before this file's tables apply: a part
+(`candidates.covis_wide`), or a parameter of a part or of [labels] / [ranker] (`ranker.num_leaves`),
+which then takes its default; a name the base does not have is refused. To replace a part whole (or
+give it another `source`), remove it and give it again: it then comes after the base's parts. A base
+may extend another one; a cycle is refused naming the chain, and an unknown base listing the bundled
+names. The merged tables are checked as a whole file would be, errors naming the file and its chain
+("tuned.toml (extends movielens): [ranker] ..."), and `to_dict()`, what a model spec records, is the
+merged result with no `extends` left: a trained model never reads the base again. `source_text`
+(what a training run logs) is this file's text followed by each base's, commented out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import importlib.resources
@@ -141,6 +167,15 @@ LABEL_RANGES: dict[str, dict[str, Any]] = {
     "max_training_groups": {"integer": True, "minimum": 0},
     "max_validation_groups": {"integer": True, "minimum": 0},
 }
+# [policy]: the new-item policy (recengine/parts/policy.py, README "New items: the policy"). slots = 0,
+# the default, is off. `score` names a column the set computes; `release_field` an item field (or "").
+POLICY_DEFAULTS = {"slots": 0, "score": "", "min_score": 0.0, "max_age_days": 0.0, "max_events": 1, "release_field": ""}
+POLICY_RANGES: dict[str, dict[str, Any]] = {
+    "slots": {"integer": True, "minimum": 0, "maximum": 1000},
+    "min_score": {},
+    "max_age_days": {"minimum": 0},
+    "max_events": {"integer": True, "minimum": 1},  # 1: only items nobody took are new by count
+}
 
 
 def bundled_names() -> list[str]:
@@ -169,6 +204,132 @@ def resolve(feature_set: str | Path):
     return path if path.is_file() else bundled(str(feature_set))
 
 
+# Top-level keys that say how a file is built on another one (the module docstring); none survives the merge.
+EXTEND_KEYS = ("extends", "remove")
+
+
+def _read(file, source: str) -> tuple[dict[str, Any], str]:
+    """A feature set file's tables and its text; a file that cannot be read or parsed is refused, named `source`."""
+    try:
+        text = file.read_text()
+        return tomllib.loads(text), text
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read the feature set: {exc}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}.") from exc
+
+
+def _identity(file) -> str:
+    """One name for a file however a path reached it: a cycle is the same file met twice."""
+    return str(file.resolve()) if isinstance(file, Path) else str(file)
+
+
+def _folder_of(file):
+    """The folder a file's relative `extends` is read from."""
+    return file.parent if isinstance(file, Path) else _bundled_folder()
+
+
+def _extended(raw: dict[str, Any], source: str, text: str, folder, identity: str | None) -> tuple[dict[str, Any], str, str]:
+    """`raw` (read from `source` in `folder`) merged over the base it extends, and that base over its own:
+    the full tables, with no `extends` or `remove` left; the name errors give it ("tuned.toml (extends
+    movielens)"); and its text followed by each base's text, commented out (what the run logs)."""
+    merged, label, texts = _extend(raw, source, folder, [(source, identity)])
+    if text:
+        for base_source, base_text in texts:
+            text = (f"{text.rstrip()}\n\n# ---- {base_source}, the base extended above, as it read at load ----\n"
+                    + "".join(f"# {line}".rstrip() + "\n" for line in base_text.splitlines()))
+    return merged, label, text
+
+
+def _extend(raw: dict[str, Any], source: str, folder, chain: list[tuple[str, str | None]]):
+    _check_extension(raw, source)
+    _check_top_level(raw, source)
+    base, base_source = _base_file(raw["extends"], folder, source)
+    names, identities = [name for name, _ in chain], [identity for _, identity in chain]
+    if _identity(base) in identities:
+        cycle = [*names[identities.index(_identity(base)):], base_source]
+        raise ConfigError(f"{names[0]}: the feature sets extend one another in a cycle: {' extends '.join(cycle)}. "
+                          "Make one of them a full feature set, without extends.")
+    base_raw, base_text = _read(base, base_source)
+    base_label, texts = base_source, [(base_source, base_text)]
+    if any(key in base_raw for key in EXTEND_KEYS):
+        base_raw, base_label, more = _extend(base_raw, base_source, _folder_of(base), [*chain, (base_source, _identity(base))])
+        texts += more
+    else:
+        _check_top_level(base_raw, base_source)
+    merged = _merge(_removed(base_raw, raw.get("remove", []), source, base_label),
+                    {key: value for key, value in raw.items() if key not in EXTEND_KEYS})
+    merged["name"] = raw.get("name", Path(source).stem)  # the child's, never the base's
+    merged["description"] = raw.get("description", "")
+    return merged, f"{source} (extends {base_label})", texts
+
+
+def _check_extension(raw: dict[str, Any], source: str) -> None:
+    extends, remove = raw.get("extends"), raw.get("remove", [])
+    if "extends" not in raw:
+        raise ConfigError(f"{source}: remove = {remove!r} drops parts of a base, but no extends = \"...\" names the base.")
+    if not isinstance(extends, str) or not extends.strip():
+        raise ConfigError(f"{source}: extends = {extends!r} should be the name of a bundled feature set "
+                          f"({', '.join(bundled_names())}) or the path of a TOML file, relative to this file.")
+    if not isinstance(remove, list) or not all(isinstance(path, str) and path.strip() for path in remove):
+        raise ConfigError(f"{source}: remove = {remove!r} should be a list of what to drop from the base, e.g. "
+                          "remove = [\"candidates.covis_wide\", \"features.item_trend\"].")
+
+
+def _base_file(name: str, folder, source: str):
+    """(the file, how errors name it): `name` relative to the extending file's folder, else a bundled name."""
+    candidate = folder / name
+    if candidate.is_file():
+        return candidate, str(candidate)
+    if name in bundled_names():
+        return bundled(name), name
+    raise ConfigError(f"{source}: extends = {name!r}: no such file ({candidate}), and no bundled feature set of that "
+                      "name. Give the path of a TOML file relative to this one, or one of the bundled names: "
+                      f"{', '.join(bundled_names())}.")
+
+
+def _removed(base: dict[str, Any], paths: list[str], source: str, base_label: str) -> dict[str, Any]:
+    """`base` without the dotted `paths`: a part (`candidates.covis_wide`), one of a part's parameters
+    (`features.interest.history`: back to its default) or a [labels] or [ranker] key (likewise)."""
+    kept = copy.deepcopy(base)
+    for path in paths:
+        *parents, last = path.split(".")
+        table = kept
+        for key in parents:
+            table = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(table, dict) or last not in table:
+            parts = [f"{kind}.{name}" for kind in ("candidates", "features") for name in kept.get(kind, {})]
+            raise ConfigError(f"{source}: remove: '{path}' is not in the base ({base_label}), so it cannot be removed. "
+                              f"The base's parts: {', '.join(parts)}.")
+        del table[last]
+    return kept
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any], table: str = "") -> dict[str, Any]:
+    """`child` over `base`, table by table and key by key (lists and values replaced whole), in the
+    base's order with the child's new keys after. In [ranker], a LightGBM alias in the child (`eta`)
+    replaces the base's key for that parameter (`learning_rate`)."""
+    merged = copy.deepcopy(base)
+    if table == "ranker":
+        for key in child:
+            main = _ranker_main(key)
+            for old in [k for k in merged if k != key and main is not None and _ranker_main(k) == main]:
+                del merged[old]
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, f"{table}.{key}" if table else key)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _ranker_main(key: str) -> str | None:
+    """LightGBM's main name for a [ranker] key (recengine's own keys are their own), None if unknown."""
+    if key in OWN_RANKER_KEYS:
+        return key
+    return next((main for main, names in _lightgbm_aliases().items() if key in names), None)
+
+
 @dataclass
 class FeatureSet:
     name: str
@@ -179,25 +340,26 @@ class FeatureSet:
     exclude_seen: bool = True
     description: str = ""
     source_text: str = ""
+    policy: dict[str, Any] = field(default_factory=dict)  # [policy], defaults filled; {} when off
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSet":
         """A feature set from a TOML file, or a bundled one by name (`movielens`)."""
         resolved = resolve(path)
         source = str(path)
-        try:
-            text = resolved.read_text()
-            raw = tomllib.loads(text)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the feature set: {exc}.") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}.") from exc
+        raw, text = _read(resolved, source)
+        if any(key in raw for key in EXTEND_KEYS):  # only what differs from a base: merged here, checked whole
+            raw, source, text = _extended(raw, source, text, _folder_of(resolved), _identity(resolved))
         return cls.from_dict(raw, source, text)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "feature set", text: str = "") -> "FeatureSet":
-        """Check every table and build every part, so any mistake stops here, before data is read."""
-        known = {"name", "description", "candidates", "features", "labels", "ranker", "exclude_seen"}
+    def from_dict(cls, raw: dict[str, Any], source: str = "feature set", text: str = "",
+                  folder: str | Path | None = None) -> "FeatureSet":
+        """Check every table and build every part, so any mistake stops here, before data is read. With
+        `extends`, the base is merged in first; a relative base path is read from `folder` (default: here)."""
+        if any(key in raw for key in EXTEND_KEYS):
+            raw, source, text = _extended(raw, source, text, Path(folder or "."), None)
+        known = {"name", "description", "candidates", "features", "labels", "ranker", "exclude_seen", "policy"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown top-level keys {unknown}; expected some of {sorted(known)}.")
@@ -218,11 +380,20 @@ class FeatureSet:
             ranker=ranker,
             exclude_seen=raw.get("exclude_seen", True),
             source_text=text,
+            policy=_check_policy(raw.get("policy", {}), source),
         )
         feature_set.build_sources(source)
         feature_set._check_columns(source)
         feature_set._check_encoders(source)
+        feature_set._check_policy_score(source)
         return feature_set
+
+    def _check_policy_score(self, source: str) -> None:
+        """The policy's score is read from the model's feature matrix: it must be a column this set computes."""
+        if self.policy and self.policy["score"] not in self.columns():
+            raise ConfigError(f"{source}: [policy] score = {self.policy['score']!r} is not a column this feature set "
+                              f"computes; give one of {self.columns()} (the text model's similarity, e.g. "
+                              "interest_title_max from [features.interest], or a source's cand_NAME_score).")
 
     def _check_encoders(self, source: str) -> None:
         """Parts that embed text create their encoder only when data arrives: check its name and
@@ -258,7 +429,8 @@ class FeatureSet:
     def to_dict(self) -> dict[str, Any]:
         """The plain-data form `from_dict` reads back: what a model spec stores."""
         keys = ("name", "description", "candidates", "features", "labels", "ranker", "exclude_seen")
-        return {key: getattr(self, key) for key in keys}
+        # [policy] only when on: a set without it keeps the spec (and digests) it had before the policy existed.
+        return {key: getattr(self, key) for key in keys} | ({"policy": self.policy} if self.policy else {})
 
     def candidate_rows(self, requests, context):
         """Candidates for `requests` (user_id, timestamp, ...) from the sources, seen items dropped if
@@ -316,7 +488,7 @@ def _check_top_level(raw: dict[str, Any], source: str) -> None:
     """Each top-level key has its type, and each part's table is a table."""
     types = {"name": (str, "a string"), "description": (str, "a string"), "exclude_seen": (bool, "true or false"),
              "candidates": (dict, "a table"), "features": (dict, "a table"), "labels": (dict, "a table"),
-             "ranker": (dict, "a table")}
+             "ranker": (dict, "a table"), "policy": (dict, "a table")}
     for key, (kind, wanted) in types.items():
         if key in raw and not isinstance(raw[key], kind):
             raise ConfigError(f"{source}: {key} = {raw[key]!r} should be {wanted}.")
@@ -325,6 +497,28 @@ def _check_top_level(raw: dict[str, Any], source: str) -> None:
             if not isinstance(params, dict):
                 raise ConfigError(f"{source}: {table}.{name} = {params!r}; a part is a table: write [{table}.{name}] "
                                   "on its own line and its parameters below it.")
+
+
+def _check_policy(given: dict[str, Any], source: str) -> dict[str, Any]:
+    """[policy] over its defaults, every key known and every value checked even when it is off (a typo
+    must not pass for a setting); {} when off, so a set without the policy records nothing of it."""
+    policy = {**POLICY_DEFAULTS, **given}
+    bad = sorted(set(policy) - set(POLICY_DEFAULTS))
+    if bad:
+        raise ConfigError(f"{source}: unknown [policy] keys {bad}; expected some of {sorted(POLICY_DEFAULTS)}.")
+    for key, bounds in POLICY_RANGES.items():
+        plugins.check_number(f"{source}: [policy]", key, policy[key], **bounds)
+    for key in ("score", "release_field"):
+        if not isinstance(policy[key], str):
+            raise ConfigError(f"{source}: [policy] {key} = {policy[key]!r} should be a string: the name of a column.")
+    if not policy["slots"]:
+        return {}
+    if not policy["score"]:
+        raise ConfigError(f"{source}: [policy] slots = {policy['slots']} needs score = \"COLUMN\": the column that "
+                          "says how well a new item fits the user, e.g. score = \"interest_title_max\" (from "
+                          "[features.interest]); give slots = 0 to turn the policy off.")
+    # Floats as JSON reads them back, so a spec's feature set equals the one it was saved from.
+    return policy | {"min_score": float(policy["min_score"]), "max_age_days": float(policy["max_age_days"])}
 
 
 def _check_ranker(given: dict[str, Any], source: str) -> dict[str, Any]:

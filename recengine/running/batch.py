@@ -35,9 +35,9 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recengine.core.data import CANDIDATES, REQUESTS, load_timed, write_parquet_atomic
-from recengine.core.topk import top_k
 from recengine.errors import ConfigError, DataError, RecengineError
 from recengine.learning.model import RankerModel, check_writable
+from recengine.parts import policy as new_items
 from recengine.parts.context import FeatureContext
 
 
@@ -154,7 +154,8 @@ def merge_parts(work: Path, chunks: int, output: Path, keys: list[str]) -> int:
 
 class _ChunkScorer:
     """Scores a chunk and keeps its top k per request, in two steps a job can overlap: `features`
-    (numpy and polars, mostly one core) then `top` (LightGBM's predict on all cores, and the top k).
+    (numpy and polars, mostly one core) then `top` (LightGBM's predict on all cores, and the top k, with
+    the feature set's new-item policy if it has one: `recengine.parts.policy`).
 
     Candidate rows at the job's "now" (just after the last event: the time rows without a timestamp
     get) are all ranked as of one moment, so their features come from a `ServingState` built once
@@ -164,6 +165,7 @@ class _ChunkScorer:
 
     def __init__(self, model: RankerModel, feature_set, keys: list[str], context: FeatureContext, generate: bool, k: int):
         self.model, self.feature_set, self.keys, self.context, self.generate, self.k = model, feature_set, keys, context, generate, k
+        self.policy = new_items.NewItemPolicy.of(feature_set)  # None: plain top k
         self.now = _now(context)
         self._state = None
 
@@ -198,10 +200,12 @@ class _ChunkScorer:
         return parts or [(batch, np.empty((0, len(self.model.features))))]  # an empty chunk: an empty part
 
     def top(self, parts: list[tuple[pl.DataFrame, np.ndarray]]) -> pl.DataFrame:
-        scored = [rows.with_columns(pl.Series("score", self.model.predict(matrix) if len(matrix) else [], dtype=pl.Float64))
+        scored = [new_items.with_policy_score(rows, matrix, self.model.features, self.policy).with_columns(
+                      pl.Series("score", self.model.predict(matrix) if len(matrix) else [], dtype=pl.Float64))
                   for rows, matrix in parts]
         columns = list(dict.fromkeys([*self.keys, "user_id", "timestamp"]))
-        ranked = top_k(pl.concat(scored, how="diagonal_relaxed"), self.keys, self.k)
+        ranked = new_items.top(pl.concat(scored, how="diagonal_relaxed"), self.keys, self.k, self.policy, self.context,
+                               self.feature_set.exclude_seen)
         return ranked.sort([*self.keys, "rank"]).select(*columns, "item_id", "rank", "score")
 
 

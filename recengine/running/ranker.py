@@ -17,9 +17,11 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from recengine.core.data import TIMESTAMP
 from recengine.core.topk import order
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import LEARNED_STATES, RankerModel, load_model
+from recengine.parts import policy as new_items
 from recengine.parts.encoders import EmbeddingCache
 
 
@@ -30,6 +32,9 @@ class Ranker:
         # "refit": learned parts (a collaborative model) are fit again on each snapshot's events, the
         # freshest state; "saved": the state saved with the model at training is used as it is.
         self.model, self.cache, self.learned = model, cache, learned
+        feature_set = model.feature_set()
+        self.policy = new_items.NewItemPolicy.of(feature_set)  # None: the ranker's order alone
+        self._exclude_seen = feature_set.exclude_seen
         self._lock = threading.Lock()  # serialises writers; readers take the current state lock-free
         self._events = None
         self._items = items.lazy().collect() if items is not None else None
@@ -75,29 +80,54 @@ class Ranker:
         self.refresh(pl.concat([self._events, frame]))
 
     def rank(self, user_id: Any, candidate_item_ids: Sequence[Any], at: datetime | None = None,
-             context: dict | None = None) -> list[tuple[Any, float]]:
-        """(item_id, score) for each candidate, best first. Features are as of the state's time; an
-        `at` other than that is ranked exactly by the batch pipeline (slower). `context` is accepted
-        for request attributes and ignored by the built-in features."""
+             context: dict | None = None, k: int | None = None) -> list[tuple[Any, float]]:
+        """(item_id, score) for each candidate, best first (the best `k` only, when given). Features are as
+        of the state's time; an `at` other than that is ranked exactly by the batch pipeline (slower).
+        `context` is accepted for request attributes and ignored by the built-in features. With the
+        model's [policy], new items take the last slots of the first `k` (10 when k is not given; the
+        candidates after them follow in the ranker's order), as in the batch job and `recommend`."""
         state = self._state  # read once: a concurrent refresh swaps in a new one
         schema = state.context.events.collect_schema()
         items = [_id(item, schema["item_id"], f"candidate {i}") for i, item in enumerate(candidate_item_ids)]
         user_id = _id(user_id, schema["user_id"], "user_id")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise DataError(f"Ranker.rank: k = {k!r}; give a whole number, 0 or more, or leave it out for every candidate.")
         if not items:
             return []
         at = _moment(at)
         if at is not None and at != state.at:
-            scores = self._scores_at(state, user_id, items, at)
+            rows = self._rows(state, user_id, items, at)
+            matrix = self.model.matrix(self.model.feature_set().given_rows(rows, ["user_id", "timestamp"], state.context))
+            scores = self.model.predict(matrix)
         else:
             # One thread: for a few hundred rows, waking a thread pool costs more than it saves.
-            scores = self.model.predict(state.feature_matrix(user_id, items), num_threads=1)
-        return [(items[i], float(scores[i])) for i in order(scores, items)]
+            matrix = state.feature_matrix(user_id, items)
+            scores = self.model.predict(matrix, num_threads=1)
+        if self.policy is None:
+            best = order(scores, items)
+            return [(items[i], float(scores[i])) for i in (best if k is None else best[:k])]
+        return self._with_policy(state, user_id, items, at or state.at, scores, matrix, k)
 
-    def _scores_at(self, state, user_id, items, at):
+    def _with_policy(self, state, user_id, items, at, scores, matrix, k: int | None) -> list[tuple[Any, float]]:
+        """The policy's top k by the batch job's own code (`recengine.parts.policy.top`), so the two agree;
+        without `k`, the other candidates after it in the ranker's order."""
+        rows = self._rows(state, user_id, items, at).with_columns(
+            pl.Series("_position", range(len(items)), dtype=pl.Int64), pl.Series("score", scores, dtype=pl.Float64))
+        rows = new_items.with_policy_score(rows, matrix, self.model.features, self.policy)
+        placed = new_items.top(rows, ["user_id", "timestamp"], new_items.DEFAULT_K if k is None else k, self.policy,
+                               state.context, self._exclude_seen)["_position"].to_list()
+        if k is None:
+            taken = set(placed)
+            placed += [int(i) for i in order(scores, items) if int(i) not in taken]
+        return [(items[i], float(scores[i])) for i in placed]
+
+    @staticmethod
+    def _rows(state, user_id, items, at) -> pl.DataFrame:
+        """The request's candidate rows, ids as the log's types."""
         schema = state.context.events.collect_schema()
         rows = pl.DataFrame({"user_id": [user_id] * len(items), "item_id": items, "timestamp": [at] * len(items)})
-        rows = rows.with_columns(pl.col("user_id").cast(schema["user_id"]), pl.col("item_id").cast(schema["item_id"]))
-        return self.model.score(self.model.feature_set().given_rows(rows, ["user_id", "timestamp"], state.context))
+        return rows.with_columns(pl.col("user_id").cast(schema["user_id"]), pl.col("item_id").cast(schema["item_id"]),
+                                 pl.col("timestamp").cast(TIMESTAMP))
 
 
 
