@@ -77,11 +77,11 @@ def with_seed(loaded: FeatureSet, source: str, seed: int) -> FeatureSet:
     return FeatureSet.from_dict({**raw, "labels": {**raw["labels"], "seed": seed}}, source, loaded.source_text)
 
 
-def run_recengine(window: Window, feature_set: FeatureSet, cache: EmbeddingCache) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Train on the window's past, rank every candidate of its requests.
-
-    Returns the top 10 per request, the truth rows with where each ended (`rank` among the request's
-    candidates, null if never proposed; `sources` that proposed it) and timings."""
+def scored_candidates(window: Window, feature_set: FeatureSet, cache: EmbeddingCache):
+    """Train on the window's past and score every candidate of its requests, as model.recommend does but
+    keeping them all. Returns the training result, the context (the events before the cutoff), the rows
+    (`_request_id`, user_id, timestamp, item_id, every feature, `score`; seen items dropped), their
+    feature matrix (the model's columns, row for row) and the training seconds."""
     started = time.perf_counter()
     result = train(Dataset(window.events.lazy(), window.items.lazy()), feature_set, cache=cache, progress=False,
                    say=lambda _: None)
@@ -89,11 +89,21 @@ def run_recengine(window: Window, feature_set: FeatureSet, cache: EmbeddingCache
     model = result.model
     context = FeatureContext.from_frames(window.events, window.items, cache=cache)
     keyed = window.requests.with_row_index("_request_id")
-    # What model.recommend does, keeping every candidate: the union's recall and the truth's ranks.
     rows = model.feature_set().candidate_rows(keyed, context)
-    rows = rows.with_columns(pl.Series("score", model.score(rows)))
     seen = window.events.select("user_id", "item_id").unique()
     rows = rows.join(seen, on=["user_id", "item_id"], how="anti")  # the protocol excludes seen items whatever the feature set says
+    matrix = model.matrix(rows)
+    return result, context, rows.with_columns(pl.Series("score", model.predict(matrix))), matrix, trained
+
+
+def run_recengine(window: Window, feature_set: FeatureSet, cache: EmbeddingCache) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Train on the window's past, rank every candidate of its requests.
+
+    Returns the top 10 per request, the truth rows with where each ended (`rank` among the request's
+    candidates, null if never proposed; `sources` that proposed it) and timings."""
+    started = time.perf_counter()
+    result, _, rows, _, trained = scored_candidates(window, feature_set, cache)
+    model = result.model
     ranked = top_k(rows, ["_request_id"], max(rows.height, 1))
     names = list(model.feature_set().candidates)
     proposed_by = pl.concat_list([pl.when(pl.col(candidate_columns(n)[0]).is_not_null()).then(pl.lit(n)) for n in names]
