@@ -3,7 +3,7 @@
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +185,19 @@ def test_peak_memory_follows_the_chunk_not_the_table(tmp_path):
     # The whole table (1,200 requests x ~400 candidates) needs far more than 50 requests at a time.
     assert peaks["chunked"] < 120, peaks
     assert peaks["whole"] > 2.5 * peaks["chunked"], peaks
+
+
+def test_covisitation_source_in_small_join_batches_proposes_the_same(monkeypatch):
+    # Training requests come before the last pair, so the source joins their seeds with the dated
+    # pairs; in batches of a few hundred joined rows (many batches) it must give the one-batch answer.
+    from recengine.features import covisitation
+    from recengine.parts.candidates import generate
+
+    context = FeatureContext.from_frames(interactions(n_users=120), catalogue())
+    events = context.events.collect()
+    requests = sample_requests(events.lazy(), 3, 5, 0)
+    fs = FeatureSet.from_dict({"candidates": {"covisitation": {"k": 30, "window": 10, "recent": 10}}})
+    whole = generate(requests, fs.build_sources(), context)
+    monkeypatch.setattr(covisitation, "JOIN_ROWS", 300)
+    batched = generate(requests, fs.build_sources(), context)
+    assert whole.height > 1000 and batched.equals(whole)

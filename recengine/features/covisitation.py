@@ -24,6 +24,10 @@ from recengine.parts.hookspecs import hookimpl
 from recengine.parts.plugins import check_number
 
 
+# Rows of the point-in-time pair join the co-visitation source holds at once (about 40 bytes each).
+JOIN_ROWS = 5_000_000
+
+
 def check_window(window: int, part: str) -> None:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ConfigError(f"{part}: window = {window!r}; give a whole number of events, 1 or more.")
@@ -196,10 +200,26 @@ class CovisitationSource:
         found = [self._after_all_pairs(seeds.filter(now), context)]
         before = seeds.filter(~now)
         if before.height:  # the pair table (millions of rows for a wide window) only when a request needs it
-            pairs = pair_table(context, self.window).rename({"timestamp": "_pair_at"})
-            hits = before.lazy().join(pairs, on="a").filter(pl.col("_pair_at") < pl.col("timestamp"))
-            found.append(hits.group_by("_request", pl.col("b").alias("item_id")).agg(exact_sum_expr(pl.col("w")).alias("score")))
+            found.extend(self._before_pairs(before, context))
         return source_top_k(pl.concat(found), self.k)
+
+    def _before_pairs(self, seeds: pl.DataFrame, context) -> list[pl.LazyFrame]:
+        """Requests before the last pair: each seed joined with its item's dated pairs, kept when
+        dated before the request. That join has as many rows as the seeds' items have pairs over all
+        time, so requests go through it in batches of about `JOIN_ROWS` joined rows (a request whole
+        in one batch, its own top k taken there): memory follows the batch, not the pair table."""
+        pairs = pair_table(context, self.window).rename({"timestamp": "_pair_at"})
+        per_item = context.memo(("covis_pairs_per_item", self.window), lambda: pairs.group_by("a").len().collect())
+        rows = seeds.join(per_item, on="a", how="left").group_by("_request").agg(pl.col("len").fill_null(0).sum())
+        batch = rows.sort("_request").select("_request", (pl.col("len").cum_sum() // JOIN_ROWS).alias("_batch"))
+        seeds = seeds.join(batch, on="_request")
+        found = []
+        for number in batch["_batch"].unique().sort():
+            hits = seeds.filter(pl.col("_batch") == number).lazy().join(pairs, on="a")
+            hits = hits.filter(pl.col("_pair_at") < pl.col("timestamp"))
+            scored = hits.group_by("_request", pl.col("b").alias("item_id")).agg(exact_sum_expr(pl.col("w")).alias("score"))
+            found.append(source_top_k(scored, self.k).collect().lazy())
+        return found
 
     def _after_all_pairs(self, seeds: pl.DataFrame, context) -> pl.LazyFrame:
         """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
