@@ -12,7 +12,7 @@ from datetime import datetime
 
 import polars as pl
 
-from recengine.core.pit import DAY
+from recengine.core.pit import DAY, cumulative, totals_before
 
 
 def sample_requests(events: pl.LazyFrame, per_user: int = 2, min_history: int = 5, seed: int = 0,
@@ -93,3 +93,29 @@ def sample_negatives(rows: pl.DataFrame, keys: list[str], rank_columns: list[str
                       easy.filter(pl.col("_easy") < negatives - hard)["_row"],
                       keyed.filter(~negative)["_row"]])
     return keyed.join(kept.to_frame(), on="_row", how="semi", maintain_order="left").drop("_row", "_best", "_draw")
+
+
+def snapshot_requests(events: pl.LazyFrame, every_days: float, horizon_days: float, min_history: int = 5,
+                      after: datetime | None = None) -> pl.DataFrame:
+    """Requests as the engine is used: "as of time s, what will each user take next". Snapshot times
+    every `every_days` from the first event (from `after`, when given, the end of the learned parts'
+    window); at each, every user with at least `min_history` events before s and at least one event in
+    [s, s + horizon_days) (a user with none has no positive, and such a group is dropped anyway)."""
+    bounds = events.select(pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last")).collect()
+    first, last = bounds["first"][0], bounds["last"][0]
+    if first is None:
+        return pl.DataFrame(schema={"user_id": events.collect_schema()["user_id"], "timestamp": pl.Datetime("ms")})
+    start = first + DAY * every_days
+    if after is not None and after > start:
+        start = after
+    step = DAY * every_days
+    count = max(0, int((last - start) / step) + 1)
+    times = pl.DataFrame({"timestamp": [start + step * i for i in range(count)]}).cast({"timestamp": events.collect_schema()["timestamp"]})
+    table = cumulative(events.select("user_id", "timestamp"), "user_id", {"n": pl.len()})
+    users = events.select("user_id").unique().sort("user_id")
+    grid = users.join(times.lazy(), how="cross").with_row_index("_row")
+    before = totals_before(grid, table, "user_id", ["n"]).rename({"n": "_before"})
+    by_end = totals_before(grid, table, "user_id", ["n"], at=pl.col("timestamp") + DAY * horizon_days).rename({"n": "_by_end"})
+    chosen = grid.join(before, on="_row").join(by_end, on="_row").filter(
+        (pl.col("_before") >= min_history) & (pl.col("_by_end") > pl.col("_before")))
+    return chosen.select("user_id", "timestamp").sort("timestamp", "user_id").collect()

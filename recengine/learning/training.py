@@ -30,7 +30,7 @@ from recengine.core.metrics import evaluate
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import SPEC_FORMAT, RankerModel
 from recengine.learning.samples import (attach_labels, cap_groups, future_items, sample_negatives, sample_requests,
-                                        time_split)
+                                        snapshot_requests, time_split)
 from recengine.parts import plugins
 from recengine.parts.candidates import drop_seen, generate
 from recengine.parts.context import FeatureContext, compute_features, fit_learned
@@ -174,8 +174,13 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
                        chunk_requests: int = CHUNK_REQUESTS, progress: bool = False,
                        run_chunks: ChunkRunner | None = None) -> tuple[Split, Split]:
     labels = feature_set.labels
-    requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"],
-                               after=context.learned_until)
+    snapshots = labels["design"] == "snapshots"
+    if snapshots:
+        requests = snapshot_requests(events.lazy(), labels["snapshot_every_days"], labels["horizon_days"],
+                                     labels["min_history"], after=context.learned_until)
+    else:
+        requests = sample_requests(events.lazy(), labels["samples_per_user"], labels["min_history"], labels["seed"],
+                                   after=context.learned_until)
     if requests.height < 2:
         raise DataError(
             f"only {requests.height} training requests: too few users have more than min_history="
@@ -184,7 +189,7 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
     train_requests, val_requests, boundary = time_split(requests, labels["validation_fraction"])
     train_requests = cap_groups(train_requests, labels["max_training_groups"], labels["seed"])
     val_requests = cap_groups(val_requests, labels["max_validation_groups"], labels["seed"])
-    window = labels["window_days"] or None
+    window = labels["horizon_days"] if snapshots else labels["window_days"] or None
     # Training labels stop at the boundary, so no training row learns from the validation period.
     folder = tempfile.TemporaryDirectory(prefix="recengine-train-")
     parts = training_parts(train_requests, events, feature_set, context, window, boundary, Path(folder.name),

@@ -69,7 +69,12 @@ LABEL_DEFAULTS = {"samples_per_user": 2, "min_history": 5, "window_days": 0, "va
                   # at random; at most `max_training_groups` / `max_validation_groups` requests (0: all),
                   # drawn so that each week keeps its share. The rows then grow with what they teach.
                   "negatives_per_group": 100, "hard_negative_share": 0.5,
-                  "max_training_groups": 100_000, "max_validation_groups": 10_000}
+                  "max_training_groups": 100_000, "max_validation_groups": 10_000,
+                  # How request times are drawn: "user_events" (at `samples_per_user` of each user's own
+                  # events; positives: everything later, or within `window_days`) or "snapshots" (every
+                  # `snapshot_every_days`, each user active before; positives within `horizon_days`).
+                  "design": "user_events", "snapshot_every_days": 7, "horizon_days": 7}
+DESIGNS = ("user_events", "snapshots")
 RANKER_DEFAULTS = {
     "objective": "lambdarank",
     "learning_rate": 0.05,
@@ -166,6 +171,8 @@ LABEL_RANGES: dict[str, dict[str, Any]] = {
     "hard_negative_share": {"minimum": 0, "maximum": 1},
     "max_training_groups": {"integer": True, "minimum": 0},
     "max_validation_groups": {"integer": True, "minimum": 0},
+    "snapshot_every_days": {"above": 0},
+    "horizon_days": {"above": 0},
 }
 # [policy]: the new-item policy (recengine/parts/policy.py, README "New items: the policy"). slots = 0,
 # the default, is off. `score` names a column the set computes; `release_field` an item field (or "").
@@ -370,6 +377,8 @@ class FeatureSet:
             raise ConfigError(f"{source}: unknown [labels] keys {bad}; expected some of {sorted(LABEL_DEFAULTS)}.")
         for key, bounds in LABEL_RANGES.items():
             plugins.check_number(f"{source}: [labels]", key, labels[key], **bounds)
+        if labels["design"] not in DESIGNS:
+            raise ConfigError(f"{source}: [labels] design = {labels['design']!r}; give one of {list(DESIGNS)}.")
         ranker = _check_ranker(raw.get("ranker", {}), source)
         feature_set = cls(
             name=raw.get("name", Path(source).stem),
