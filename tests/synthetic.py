@@ -134,3 +134,23 @@ recent = 5
 samples_per_user = 3
 min_history = 5
 """
+
+
+def assert_learned_state_round_trips(model, folder, events: pl.DataFrame, items: pl.DataFrame, candidates: list,
+                                     users: tuple) -> None:
+    """A model with learned parts, saved to `folder` and loaded: the same arrays, and the same rankings
+    from its saved state in memory, from disk, and refit on the training events (the snapshot's)."""
+    from recengine.learning.model import RankerModel
+    from recengine.running.ranker import Ranker
+
+    loaded = RankerModel.load(folder)
+    for key, arrays in model.learned.items():
+        assert set(arrays) == set(loaded.learned[key])
+        for name in arrays:
+            np.testing.assert_array_equal(arrays[name], loaded.learned[key][name])
+    in_memory = Ranker(model, events, items, learned="saved")
+    from_disk = Ranker(loaded, events, items, learned="saved")
+    refit = Ranker(loaded, events, items)
+    for user in users:
+        assert in_memory.rank(user, candidates) == from_disk.rank(user, candidates)
+        assert refit.rank(user, candidates) == from_disk.rank(user, candidates)

@@ -20,6 +20,7 @@ def params_for(name: str, tiny_bert) -> dict:
         "ease": {"l2": 50.0, "max_items": 40, "history": 10},
         "tuned_interest": {"recent": 3, "history": 8, "half_life_days": 10, "epochs": 2, "batch_size": 32, "lr": 0.01, **encoder},
         "tuned_embedding": {"k": 15, "history": 8, "epochs": 2, "batch_size": 32, "lr": 0.01, **encoder},
+        "sequential": {"history": 6, "dim": 16, "layers": 1, "epochs": 2, "batch_size": 16, **encoder},
     }.get(name, {})
 
 

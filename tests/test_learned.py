@@ -7,7 +7,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recengine import Ranker
 from recengine.parts.candidates import generate
 from recengine.core.data import Dataset
 from recengine.errors import ConfigError
@@ -16,7 +15,7 @@ from recengine.parts.featureset import FeatureSet
 from recengine.learning.model import RankerModel
 from recengine.learning.training import train
 
-from synthetic import catalogue, interactions
+from synthetic import assert_learned_state_round_trips, catalogue, interactions
 
 EASE = {"l2": 50.0, "max_items": 100, "history": 20}
 
@@ -93,19 +92,7 @@ def test_saved_state_reloads_to_identical_scores_and_a_damaged_one_is_refused(tm
     events, items = interactions(n_users=80), catalogue()
     model = train(Dataset(events.lazy(), items.lazy()), feature_set(), progress=False, say=lambda _: None).model
     folder = model.save(tmp_path / "model")
-    loaded = RankerModel.load(folder)
-    for key, arrays in model.learned.items():
-        assert set(arrays) == set(loaded.learned[key])
-        for name in arrays:
-            np.testing.assert_array_equal(arrays[name], loaded.learned[key][name])
-    candidates = items["item_id"].to_list()[:60]
-    in_memory = Ranker(model, events, items, learned="saved")
-    from_disk = Ranker(loaded, events, items, learned="saved")
-    refit = Ranker(loaded, events, items)
-    for user in (0, 3, 40):
-        assert in_memory.rank(user, candidates) == from_disk.rank(user, candidates)
-        # The training events are the snapshot's: refitting on them gives the saved state back.
-        assert refit.rank(user, candidates) == from_disk.rank(user, candidates)
+    assert_learned_state_round_trips(model, folder, events, items, items["item_id"].to_list()[:60], (0, 3, 40))
     npz = folder / "learned" / "features.ease.npz"
     npz.write_bytes(npz.read_bytes()[:-10])
     with pytest.raises(ConfigError, match="sha256"):

@@ -35,6 +35,7 @@ KINDS = {
 # The built-in parts, registered through the hooks as a third party's package is (recengine/features/).
 BUILTIN_MODULES = tuple(f"recengine.features.{name}" for name in (
     "popularity", "activity", "categories", "covisitation", "interest", "attributes", "collaborative", "tuned",
+    "sequential",
 ))
 
 pm = pluggy.PluginManager("recengine")
