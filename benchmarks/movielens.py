@@ -20,6 +20,7 @@ proposes at all, and where the rest is lost (never proposed, or proposed and ran
     .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--cutoffs 10] [--seeds 3]
     .venv/bin/python benchmarks/movielens.py --no-peers --cutoffs 3 --seeds 3 \\
         --feature-set features/movielens.toml --feature-set features/tuned.toml    # frozen against tuned
+    .venv/bin/python benchmarks/movielens.py --engine ray [--address HEAD:6379] ...   # cutoffs x seeds as Ray tasks
 """
 
 from __future__ import annotations
@@ -279,16 +280,37 @@ def per_cutoff_ndcg(top: pl.DataFrame, truth: pl.DataFrame, chosen: list[Window]
             for w in chosen]
 
 
-def run_feature_set(path: str, chosen: list[Window], truth: pl.DataFrame, seeds: int, cache: EmbeddingCache):
+def cutoff_runner(engine: str, address: str | None):
+    """Runs `run_recengine` over (window, feature set, cache) jobs, yielding results in job order: here one
+    after the other, or with `--engine ray` as Ray tasks, every cutoff and seed at once (each task sees
+    only its window's events, as here)."""
+    if engine == "local":
+        return lambda jobs: (run_recengine(*job) for job in jobs)
+    import ray
+
+    from recengine.running.distributed import connect
+
+    connect(address)
+    task = ray.remote(num_cpus=1)(run_recengine)
+
+    def run(jobs):
+        refs = [task.remote(*job) for job in jobs]
+        return (ray.get(ref) for ref in refs)
+
+    return run
+
+
+def run_feature_set(path: str, chosen: list[Window], truth: pl.DataFrame, seeds: int, cache: EmbeddingCache, runner=None):
     """recengine with one feature set at every cutoff, once per labels seed: the median seed's table row,
     its top 10, every seed's (metrics, top, fate, infos, seed) and the median seed's fate."""
     loaded = FeatureSet.load(path)
+    runner = runner or cutoff_runner("local", None)
+    results = runner([(window, with_seed(loaded, path, seed), cache) for seed in range(seeds) for window in chosen])
     runs = []
     for seed in range(seeds):
-        feature_set = with_seed(loaded, path, seed)
         parts, fates, infos = [], [], []
         for window in chosen:
-            top, fate, info = run_recengine(window, feature_set, cache)
+            top, fate, info = next(results)
             parts.append(top), fates.append(fate), infos.append(info)
             print(f"{Path(path).name} seed {seed}, cutoff {window.label}: trained in {info['train_s']:.1f} s, ranked in "
                   f"{info['rank_s']:.1f} s, {info['candidates']:.0f} candidates per request, "
@@ -310,6 +332,9 @@ def main() -> None:
                         help="Evaluate N of the 10 cutoffs, evenly spaced (fast mode); windows keep their full-protocol ends.")
     parser.add_argument("--seeds", type=int, default=3, help="Training runs with [labels] seed 0..N-1; the median is shown.")
     parser.add_argument("--no-peers", action="store_true", help="Only recengine (quicker, for tuning).")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="Train recengine's cutoffs and seeds here one by one, or as parallel Ray tasks.")
+    parser.add_argument("--address", help="With --engine ray: the cluster (default: a local Ray).")
     parser.add_argument("--no-recengine", action="store_true", help="Only the peers.")
     parser.add_argument("--ease-lambdas", default="500,1000,2000,4000")
     parser.add_argument("--ease-min-count", type=int, default=2, help="EASE's items: those with at least N users before c.")
@@ -326,8 +351,9 @@ def main() -> None:
     tops: dict[tuple[str, str], pl.DataFrame] = {}
     ours: list[tuple[tuple[str, str, dict], list, pl.DataFrame]] = []  # (row, seeds' runs, fate) per feature set
     cache = EmbeddingCache(DEFAULT_CACHE_DIR)
+    runner = cutoff_runner(args.engine, args.address)
     for path in ([] if args.no_recengine else args.feature_set or [str(DEFAULT_FEATURE_SET)]):
-        row, top, runs, fate = run_feature_set(path, chosen, truth, args.seeds, cache)
+        row, top, runs, fate = run_feature_set(path, chosen, truth, args.seeds, cache, runner)
         rows.append(row)
         tops[row[:2]] = top
         ours.append((row, runs, fate))
