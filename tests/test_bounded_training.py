@@ -201,3 +201,23 @@ def test_covisitation_source_in_small_join_batches_proposes_the_same(monkeypatch
     monkeypatch.setattr(covisitation, "JOIN_ROWS", 300)
     batched = generate(requests, fs.build_sources(), context)
     assert whole.height > 1000 and batched.equals(whole)
+
+
+def test_covisitation_source_as_of_shared_times_proposes_what_the_join_does(monkeypatch):
+    # Snapshot requests: many users at a few times. The source grows the pair totals time after time
+    # instead of joining each seed with its item's pairs: the same candidates and scores.
+    from recengine.features import covisitation
+    from recengine.parts.candidates import generate
+
+    context = FeatureContext.from_frames(interactions(n_users=200), catalogue())
+    events = context.events.collect()
+    first, last = events["timestamp"].min(), events["timestamp"].max()
+    times = pl.DataFrame({"timestamp": [first + (last - first) * f for f in (0.3, 0.5, 0.7, 0.9)]})
+    users = events.select("user_id").unique().sort("user_id")
+    requests = users.join(times.cast({"timestamp": events["timestamp"].dtype}), how="cross").sort("timestamp", "user_id")
+    fs = FeatureSet.from_dict({"candidates": {"covisitation": {"k": 30, "window": 10, "recent": 10}}})
+    assert requests["timestamp"].n_unique() * covisitation.SHARED_TIME < requests.height
+    shared = generate(requests, fs.build_sources(), context)
+    monkeypatch.setattr(covisitation, "SHARED_TIME", 10**9)  # the join, whatever the times
+    joined = generate(requests, fs.build_sources(), context)
+    assert shared.height > 1000 and shared.equals(joined)

@@ -24,6 +24,8 @@ from recengine.parts.hookspecs import hookimpl
 from recengine.parts.plugins import check_number
 
 
+# Requests per distinct time above which the source scores them as of each time (snapshot requests).
+SHARED_TIME = 20
 # Rows of the point-in-time pair join the co-visitation source holds at once (about 40 bytes each).
 JOIN_ROWS = 5_000_000
 
@@ -90,6 +92,19 @@ def pair_totals(context, window: int, directed: bool = False) -> tuple[pl.Series
         return seq.ids, totals
 
     return context.memo(("covis_totals", window, directed), build)
+
+
+def dated_pairs(context, window: int) -> tuple[pl.Series, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every pair (both ways) as item indices into the returned ids, with its time (datetime64[ms]),
+    sorted by time: the pair totals as of any time are a prefix. 16 bytes a pair."""
+    def build():
+        seq = _sequences(context)
+        a, b, at = pair_arrays(seq, window)
+        times = seq.times.cast(pl.Datetime("ms")).to_numpy()[at]
+        order = np.argsort(times, kind="stable")
+        return seq.ids, (a[order].astype(np.int32), b[order].astype(np.int32), times[order])
+
+    return context.memo(("covis_dated", window), build)
 
 
 def last_pair(context, window: int) -> Any:
@@ -204,6 +219,29 @@ class CovisitationSource:
         return source_top_k(pl.concat(found), self.k)
 
     def _before_pairs(self, seeds: pl.DataFrame, context) -> list[pl.LazyFrame]:
+        """Requests before the last pair. When many requests share few times (snapshot training
+        requests), the pair totals as of each time, as a sparse matrix grown time after time, times the
+        seed weights; otherwise each seed joined with its item's dated pairs."""
+        times = seeds["timestamp"].unique().sort()
+        if times.len() * SHARED_TIME < seeds["_request"].n_unique():
+            return self._as_of_times(seeds, times, context)
+        return self._joined_pairs(seeds, context)
+
+    def _as_of_times(self, seeds: pl.DataFrame, times: pl.Series, context) -> list[pl.LazyFrame]:
+        """Scores of the requests at each of `times`: seed weights x the pair counts dated before it, as
+        `_after_all_pairs` does with all pairs. Cost per time: the pairs added since the last one."""
+        ids, (a, b, at) = dated_pairs(context, self.window)
+        n = len(ids)
+        totals, done, found = sp.csr_matrix((n, n)), 0, []
+        for time in times:
+            upto = int(np.searchsorted(at, np.datetime64(time, "ms"), side="left"))  # pairs strictly before it
+            if upto > done:
+                totals = totals + sp.csr_matrix((np.ones(upto - done), (a[done:upto], b[done:upto])), shape=(n, n))
+                done = upto
+            found.append(self._scores(seeds.filter(pl.col("timestamp") == time), ids, totals, context))
+        return found
+
+    def _joined_pairs(self, seeds: pl.DataFrame, context) -> list[pl.LazyFrame]:
         """Requests before the last pair: each seed joined with its item's dated pairs, kept when
         dated before the request. That join has as many rows as the seeds' items have pairs over all
         time, so requests go through it in batches of about `JOIN_ROWS` joined rows (a request whole
@@ -224,10 +262,14 @@ class CovisitationSource:
     def _after_all_pairs(self, seeds: pl.DataFrame, context) -> pl.LazyFrame:
         """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
         product, seed weights x pair totals, instead of a join as long as seeds x neighbours."""
+        ids, totals = pair_totals(context, self.window)
+        return self._scores(seeds, ids, totals, context)
+
+    def _scores(self, seeds: pl.DataFrame, ids: pl.Series, totals: sp.csr_matrix, context) -> pl.LazyFrame:
+        """Each request's top k of seed weights x `totals` (an item x item matrix over `ids`)."""
         schema = {"_request": pl.UInt32, "item_id": context.events.collect_schema()["item_id"], "score": pl.Float64}
         if not seeds.height:
             return pl.LazyFrame(schema=schema)
-        ids, totals = pair_totals(context, self.window)
         # Seeds are events, so every one has a row (empty for an item in no pair: it adds nothing).
         col = seeds["a"].replace_strict(ids, np.arange(len(ids)), return_dtype=pl.Int64).to_numpy()
         requests, row = np.unique(seeds["_request"].to_numpy(), return_inverse=True)
