@@ -363,7 +363,8 @@ def recommend(model_uri, events, items, users, columns, timestamp_unit, requests
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Parquet file for the top k per request.")
 @click.option("--generate", is_flag=True, help="The input is requests: the model's candidate sources propose the items.")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items kept per request.")
-@click.option("--chunk-rows", default=1_000_000, show_default=True, help="Input rows per chunk (memory follows this).")
+@click.option("--chunk-rows", default=1_000_000, show_default=True,
+              help="Candidate rows per chunk (memory follows this); with --generate, each request counts as the sources' k.")
 @cache_option
 @engine_option
 @address_option

@@ -79,7 +79,7 @@ def rank_file(
     # (On the path the job's first row takes: for rows ranked now, that builds the serving state.)
     scorer = _ChunkScorer(model, feature_set, keys, context, generate, k)
     scorer(rows.head(1).collect())
-    chunks = max(1, math.ceil(total / chunk_rows))
+    chunks = chunk_count(total, chunk_rows, generate, feature_set)
     work = work_folder(output)
     manifest = _Manifest(work, _fingerprint(model, input_path, k, chunk_rows, chunks, generate, columns, context))
     bucket = chunk_of(chunks)
@@ -125,6 +125,13 @@ def rank_file(
 def work_folder(output: Path) -> Path:
     """Where a job writing `output` keeps its manifest and parts until the merge."""
     return output.with_name(f".{output.name}.parts")
+
+
+def chunk_count(total: int, chunk_rows: int, generate: bool, feature_set) -> int:
+    """How many chunks `total` input rows go in. Memory follows the candidate rows a chunk scores: with
+    `generate`, each request becomes up to the sources' k candidates, so a chunk holds that many fewer."""
+    per_row = sum(source.k for source in feature_set.build_sources()) if generate else 1
+    return max(1, math.ceil(total * per_row / chunk_rows))
 
 
 def part_path(work: Path, chunk: int) -> Path:

@@ -49,6 +49,7 @@ from recengine.running.batch import (
     _now,
     _validated_input,
     check_output_file,
+    chunk_count,
     chunk_of,
     merge_parts,
     part_path,
@@ -232,7 +233,7 @@ def rank_on_ray(
     # After the checks, so bad input never waits for a Ray to start; before the parts folder is made,
     # so a cluster that cannot be reached leaves nothing behind.
     connect(address)
-    chunks = max(1, math.ceil(total / chunk_rows))
+    chunks = chunk_count(total, chunk_rows, generate, model.feature_set())
     work = work_folder(output)
     # The local job's fingerprint (so either engine finishes the other's job); a URI's digest was taken
     # through its filesystem while it was checked.
