@@ -245,15 +245,20 @@ def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fea
     """Labelled, negative-sampled training rows of `requests`, with features, sorted by group and item.
 
     Negatives are drawn before the features are computed: the features of a dropped row are never built."""
-    labels = feature_set.labels
     theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
     truth = future_items(requests, theirs, window, until=until)
     rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
     rows = attach_labels(rows, truth).sort(*REQUEST_KEYS, "item_id")
+    return compute_features(sampled(rows, feature_set), feature_set.build_extractors(), context)
+
+
+def sampled(rows: pl.DataFrame, feature_set: FeatureSet) -> pl.DataFrame:
+    """`rows` (labelled request groups) with the negatives the feature set's [labels] budget keeps, hard
+    ones by the ranks of its sources."""
+    labels = feature_set.labels
     ranks = [candidate_columns(name)[1] for name in feature_set.candidates if candidate_columns(name)[1] in rows.columns]
-    rows = sample_negatives(rows, REQUEST_KEYS, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
+    return sample_negatives(rows, REQUEST_KEYS, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
                             labels["seed"])
-    return compute_features(rows, feature_set.build_extractors(), context)
 
 
 def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:
@@ -357,20 +362,16 @@ def refit(train_split: Split, val_split: Split, features: list[str], keys: list[
           best: int) -> lgb.Booster:
     """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows.
     The validation groups join with their negatives sampled as the training groups' were."""
-    labels = feature_set.labels
-    val_rows = val_split.rows
-    if keys == REQUEST_KEYS:
-        ranks = [c for c in val_rows.columns if c.startswith("cand_") and c.endswith("_rank")]
-        val_rows = sample_negatives(val_rows, keys, ranks, labels["negatives_per_group"], labels["hard_negative_share"],
-                                    labels["seed"])
-    train_rows = train_split.height if train_split.frame is None else _useful(train_split.frame, keys).height
-    both = Split(None, None, train_split.requests + val_split.requests, [*train_split.parts], train_split.folder)
+    val_rows = sampled(val_split.rows, feature_set) if keys == REQUEST_KEYS else val_split.rows
+    requests = train_split.requests + val_split.requests
     if train_split.frame is not None:
-        both.frame = pl.concat([train_split.frame, val_rows], how="diagonal_relaxed")
+        train_rows = _useful(train_split.frame, keys).height
+        both = Split(pl.concat([train_split.frame, val_rows], how="diagonal_relaxed"), None, requests)
     else:
+        train_rows = train_split.height
         part = Path(train_split.folder.name) / "validation.parquet"
         val_rows.select(train_split.head(0).columns).write_parquet(part)
-        both.parts.append(part)
+        both = Split(None, None, requests, [*train_split.parts, part], train_split.folder)
     dataset = lgb_dataset(both, features, keys)
     rounds = max(1, round(best * len(dataset.get_label()) / train_rows))
     booster = lgb.train(lgb_params(feature_set.ranker), dataset, num_boost_round=rounds)
