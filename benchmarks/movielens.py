@@ -57,6 +57,18 @@ DEFAULT_FEATURE_SET = Path(__file__).resolve().parents[1] / "features" / "moviel
 TOP = 10
 
 
+def protocol(cutoffs: int) -> tuple[list[Window], pl.DataFrame, str]:
+    """ml-latest-small's rolling windows (`cutoffs` of them, evenly spaced), their truth tagged by cutoff,
+    and a line that says what they hold."""
+    data = movielens()
+    chosen = rolling.spread(rolling.windows(data.events, data.items), cutoffs)
+    truth = pl.concat([tagged(w.truth, w) for w in chosen])
+    described = (f"ml-latest-small, rolling origin: {len(chosen)} cutoffs ({', '.join(w.label for w in chosen)}), "
+                 f"{truth.select(KEYS).n_unique()} (cutoff, user) pairs, {truth.height:,} truth rows "
+                 f"({truth['cold'].sum():,} cold)")
+    return chosen, truth, described
+
+
 def tagged(frame: pl.DataFrame, window: Window) -> pl.DataFrame:
     """`frame` with the window's cutoff as the first column: (cutoff, user) names a request."""
     return frame.select(pl.lit(window.cutoff).alias("cutoff"), pl.all())
@@ -340,12 +352,8 @@ def main() -> None:
     parser.add_argument("--ease-min-count", type=int, default=2, help="EASE's items: those with at least N users before c.")
     args = parser.parse_args()
 
-    data = movielens()
-    chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
-    truth = pl.concat([tagged(w.truth, w) for w in chosen])
-    print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs ({', '.join(w.label for w in chosen)}), "
-          f"{truth.select(KEYS).n_unique()} (cutoff, user) pairs, {truth.height:,} truth rows "
-          f"({truth['cold'].sum():,} cold)", flush=True)
+    chosen, truth, described = protocol(args.cutoffs)
+    print(described, flush=True)
 
     rows: list[tuple[str, str, dict]] = []
     tops: dict[tuple[str, str], pl.DataFrame] = {}

@@ -37,13 +37,12 @@ from pathlib import Path
 import polars as pl
 
 from recengine.core import rolling
-from recengine.core.datasets import movielens
 from recengine.parts import policy as new_items
 from recengine.parts.encoders import DEFAULT_CACHE_DIR, EmbeddingCache
 from recengine.parts.featureset import FeatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/movielens.py, however this is run
-from movielens import KEYS, TOP, score, scored_candidates, tagged, with_seed
+from movielens import KEYS, TOP, protocol, score, scored_candidates, tagged, with_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURE_SET = ROOT / "features" / "tuned.toml"
@@ -240,12 +239,9 @@ def main() -> None:
     loaded = FeatureSet.load(args.feature_set)
     grid = settings(loaded, args.feature_set, args.score, numbers(args.slots, int), numbers(args.min_score),
                     args.max_events, args.max_age_days)
-    data = movielens()
-    chosen = rolling.spread(rolling.windows(data.events, data.items), args.cutoffs)
-    truth = pl.concat([tagged(w.truth, w) for w in chosen])
-    print(f"ml-latest-small, rolling origin: {len(chosen)} cutoffs ({', '.join(w.label for w in chosen)}), "
-          f"{truth.select(KEYS).n_unique()} (cutoff, user) pairs, {truth.height:,} truth rows ({truth['cold'].sum():,} "
-          f"cold); {Path(args.feature_set).name}, policy score {args.score}, {len(grid) - 1} settings and off", flush=True)
+    chosen, truth, described = protocol(args.cutoffs)
+    print(f"{described}; {Path(args.feature_set).name}, policy score {args.score}, {len(grid) - 1} settings and off",
+          flush=True)
 
     cache = EmbeddingCache(DEFAULT_CACHE_DIR)
     per_seed, trained, ceilings = [], [], []
