@@ -11,9 +11,11 @@ whose item had no event before c, the share found in the top 10.
 
 Peers, each over a small grid whose best setting is picked on the test itself (which flatters them):
 popularity (counts before c, all time or a recent window), ItemKNN cosine, ALS and BPR (`implicit`),
-EASE (closed form, Steck 2019, over the items with at least `--ease-min-count` events before c).
-recengine: one training per cutoff and labels seed; the row shown is the seed whose NDCG@10 over all
-pairs is the median. Candidate recall: the share of the truth that the feature set's candidate union
+EASE (closed form, Steck 2019, over the items with at least `--ease-min-count` events before c), and
+SASRec (`benchmarks/sasrec.py`: the paper's model over item ids, one setting). recengine: one training
+per cutoff and labels seed. Every method with randomness (recengine, ALS, BPR, SASRec) runs once per
+seed 0..`--seeds`-1 at every cutoff; its row is the seed whose NDCG@10 over all pairs is the median, and
+a grid's best setting is the one with the best median. Candidate recall: the share of the truth that the feature set's candidate union
 proposes at all, and where the rest is lost (never proposed, or proposed and ranked below 10).
 
     .venv/bin/pip install -e ".[bench]"
@@ -162,23 +164,33 @@ def implicit_top(model, matrix: sp.csr_matrix, users: np.ndarray, items: np.ndar
     return ranked_frame(request_users, np.where(np.isfinite(scores), ids, -1), items)
 
 
-def implicit_peers(matrix, users, items, request_users) -> Iterator[tuple[str, str, pl.DataFrame]]:
+def implicit_peers(matrix, users, items, request_users, seeds: int) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
     from implicit.als import AlternatingLeastSquares
     from implicit.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import CosineRecommender
 
     for k in (20, 50, 100, 200, 400):
-        yield "ItemKNN cosine", f"K={k}", implicit_top(CosineRecommender(K=k), matrix, users, items, request_users)
-    for factors, reg, alpha in itertools.product((32, 64, 128), (0.01, 1.0), (1.0, 10.0)):
-        model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=0)
-        yield "ALS", f"f={factors} r={reg} a={alpha}", implicit_top(model, matrix, users, items, request_users)
-    for factors, lr in itertools.product((32, 64, 128), (0.01, 0.05)):
-        model = BayesianPersonalizedRanking(factors=factors, learning_rate=lr, regularization=0.01, iterations=100, random_state=0)
-        yield "BPR", f"f={factors} lr={lr}", implicit_top(model, matrix, users, items, request_users)
+        yield "ItemKNN cosine", f"K={k}", None, implicit_top(CosineRecommender(K=k), matrix, users, items, request_users)
+    for (factors, reg, alpha), seed in itertools.product(itertools.product((32, 64, 128), (0.01, 1.0), (1.0, 10.0)), range(seeds)):
+        model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=seed)
+        yield "ALS", f"f={factors} r={reg} a={alpha}", seed, implicit_top(model, matrix, users, items, request_users)
+    for (factors, lr), seed in itertools.product(itertools.product((32, 64, 128), (0.01, 0.05)), range(seeds)):
+        model = BayesianPersonalizedRanking(factors=factors, learning_rate=lr, regularization=0.01, iterations=100, random_state=seed)
+        yield "BPR", f"f={factors} lr={lr}", seed, implicit_top(model, matrix, users, items, request_users)
+
+
+def sasrec_peers(window: Window, request_users: np.ndarray, seeds: int) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
+    """SASRec (`benchmarks/sasrec.py`, ids only) at one setting: a grid costs about 40 s a fit here."""
+    from sasrec import Settings, top_items
+
+    settings = Settings(maxlen=50, epochs=30, loss="ce")
+    for seed in range(seeds):
+        ids, items = top_items(window.events, request_users, settings, seed, TOP)
+        yield "SASRec", settings.label() + f" {settings.loss}", seed, ranked_frame(request_users, ids, items)
 
 
 def ease_peers(matrix: sp.csr_matrix, users: np.ndarray, items: np.ndarray, request_users: np.ndarray,
-               lambdas: tuple[float, ...], min_count: int) -> Iterator[tuple[str, str, pl.DataFrame]]:
+               lambdas: tuple[float, ...], min_count: int) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
     """EASE: B = I - P / diag(P), P = (X^T X + lambda I)^-1 (Steck 2019), over the items with at least
     `min_count` users (an inverse over every item costs about 15 s per lambda on 2 cores)."""
     from scipy.linalg import lapack
@@ -202,10 +214,10 @@ def ease_peers(matrix: sp.csr_matrix, users: np.ndarray, items: np.ndarray, requ
         scores[history > 0] = -np.inf  # seen items (the diagonal of B is 0, so their score is not their own)
         ids = np.argsort(-scores, axis=1, kind="stable")[:, :TOP]
         ids = np.where(np.isfinite(np.take_along_axis(scores, ids, axis=1)), ids, -1)
-        yield "EASE", f"lambda={lam:g}, {len(kept):,} items", ranked_frame(request_users, ids, items[kept])
+        yield "EASE", f"lambda={lam:g}, {len(kept):,} items", None, ranked_frame(request_users, ids, items[kept])
 
 
-def popularity_peers(window: Window) -> Iterator[tuple[str, str, pl.DataFrame]]:
+def popularity_peers(window: Window) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
     """Counts of events before the cutoff (all time, or the last `days`), seen items excluded."""
     seen = window.events.select("user_id", "item_id").unique()
     for days in (None, 365, 90, 30):
@@ -213,18 +225,27 @@ def popularity_peers(window: Window) -> Iterator[tuple[str, str, pl.DataFrame]]:
         counts = recent.group_by("item_id").len().sort("len", "item_id", descending=[True, False]).head(500)
         ranked = window.requests.select("user_id").join(counts, how="cross").join(seen, on=["user_id", "item_id"], how="anti")
         top = top_k(ranked.with_columns(pl.col("len").cast(pl.Float64).alias("score")), ["user_id"], TOP)
-        yield "popularity", "all time" if days is None else f"last {days} days", top.select("user_id", "item_id", "score")
+        yield "popularity", "all time" if days is None else f"last {days} days", None, top.select("user_id", "item_id", "score")
 
 
-def peers(window: Window, lambdas: tuple[float, ...], ease_min_count: int) -> Iterator[tuple[str, str, pl.DataFrame]]:
-    """(name, setting, top 10) of every peer setting at one cutoff, each fit on the events before it."""
+def peers(window: Window, lambdas: tuple[float, ...], ease_min_count: int, seeds: int
+          ) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
+    """(name, setting, seed or None, top 10) of every peer setting at one cutoff, each fit on the events
+    before it; the peers with randomness once per seed 0..seeds-1."""
     request_users = window.requests["user_id"].to_numpy()
     yield from popularity_peers(window)
     matrix, users, items = user_item_matrix(window.events)
     warnings.filterwarnings("ignore", message="Method expects CSR input")  # implicit's cosine, once per fit
     with threadpool_limits(1, user_api="blas"):  # implicit's advice: BLAS threads fight its own
-        yield from implicit_peers(matrix, users, items, request_users)
+        yield from implicit_peers(matrix, users, items, request_users, seeds)
     yield from ease_peers(matrix, users, items, request_users, lambdas, ease_min_count)
+    yield from sasrec_peers(window, request_users, seeds)
+
+
+def median_seed(runs: dict[int | None, pl.DataFrame], truth: pl.DataFrame) -> tuple[dict, pl.DataFrame, int | None]:
+    """The (metrics, top, seed) of the seed whose NDCG@10 over all pairs is the median (recengine's rule)."""
+    scored = sorted(((score(top, truth), top, seed) for seed, top in runs.items()), key=lambda r: r[0]["ndcg@10"])
+    return scored[len(scored) // 2]
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -244,9 +265,9 @@ def loss_table(fate: pl.DataFrame) -> pl.DataFrame:
 
 
 def print_table(rows: list[tuple[str, str, dict]], best_peer: float) -> None:
-    print(f"\n{'method':16}{'setting':36}" + "".join(f"{m:>11}" for m in METRICS) + f"{'cold rec':>10}{'vs best':>9}")
+    print(f"\n{'method':16}{'setting':72}" + "".join(f"{m:>11}" for m in METRICS) + f"{'cold rec':>10}{'vs best':>9}")
     for name, setting, m in rows:
-        print(f"{name:16}{setting:36}" + "".join(f"{m[k]:11.4f}" for k in METRICS) + f"{m['cold_recall']:10.4f}"
+        print(f"{name:16}{setting:72}" + "".join(f"{m[k]:11.4f}" for k in METRICS) + f"{m['cold_recall']:10.4f}"
               + f"{m['ndcg@10'] / best_peer:8.2f}x")
 
 
@@ -368,16 +389,17 @@ def main() -> None:
 
     if not args.no_peers:
         lambdas = tuple(float(v) for v in args.ease_lambdas.split(","))
-        found: dict[tuple[str, str], list[pl.DataFrame]] = {}
+        found: dict[tuple[str, str], dict[int | None, list[pl.DataFrame]]] = {}
         started = time.perf_counter()
         for window in chosen:
-            for name, setting, top in peers(window, lambdas, args.ease_min_count):
-                found.setdefault((name, setting.split(", ")[0]), []).append(tagged(top, window))
+            for name, setting, seed, top in peers(window, lambdas, args.ease_min_count, args.seeds):
+                found.setdefault((name, setting.split(", ")[0]), {}).setdefault(seed, []).append(tagged(top, window))
             print(f"peers fit at {window.label} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         best: dict[str, tuple[str, dict, pl.DataFrame]] = {}
-        for (name, setting), parts in found.items():
-            top = pl.concat(parts)
-            metrics = score(top, truth)
+        for (name, setting), runs in found.items():
+            metrics, top, seed = median_seed({seed: pl.concat(parts) for seed, parts in runs.items()}, truth)
+            if seed is not None and len(runs) > 1:
+                setting += f", median of {len(runs)} seeds (seed {seed})"
             if name not in best or metrics["ndcg@10"] > best[name][1]["ndcg@10"]:
                 best[name] = (setting, metrics, top)
         for name, (setting, metrics, top) in best.items():
