@@ -218,6 +218,8 @@ def test_covisitation_source_as_of_shared_times_proposes_what_the_join_does(monk
     fs = FeatureSet.from_dict({"candidates": {"covisitation": {"k": 30, "window": 10, "recent": 10}}})
     assert requests["timestamp"].n_unique() * covisitation.SHARED_TIME < requests.height
     shared = generate(requests, fs.build_sources(), context)
+    monkeypatch.setattr(covisitation, "PAIR_ROWS", 500)  # the totals grown from many small blocks of pairs
+    assert generate(requests, fs.build_sources(), FeatureContext.from_frames(context.events, context.items)).equals(shared)
     monkeypatch.setattr(covisitation, "SHARED_TIME", 10**9)  # the join, whatever the times
     joined = generate(requests, fs.build_sources(), context)
     assert shared.height > 1000 and shared.equals(joined)

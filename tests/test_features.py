@@ -127,10 +127,16 @@ def test_covisitation_weights_by_seed_recency_and_popularity_and_can_follow_time
 
 
 
+@pytest.mark.parametrize("pair_rows", [None, 7])
 @pytest.mark.parametrize("directed", [False, True])
-def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed):
+def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed, pair_rows, monkeypatch):
     # The pairs come from shifted index arrays for speed; they must be exactly the definition's (b within
-    # 3 events after a in one user's log, a != b), with string user ids and events sharing a timestamp.
+    # 3 events after a in one user's log, a != b), with string user ids and events sharing a timestamp;
+    # in blocks of a few pairs (pair_rows = 7: a block of one or two later events) as in one block.
+    from recengine.features import covisitation
+
+    if pair_rows:
+        monkeypatch.setattr(covisitation, "PAIR_ROWS", pair_rows)
     rng = np.random.default_rng(2)
     events = pl.DataFrame({"user_id": rng.choice(["ann", "bob", "cy"], 300), "item_id": rng.integers(0, 25, 300),
                            "timestamp": [T0 + DAY * int(d) for d in rng.integers(0, 40, 300)]})
@@ -151,6 +157,14 @@ def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed):
         counts[at[a], at[b]] = n
     np.testing.assert_array_equal(totals.toarray(), counts)
     assert last_pair(ctx, 3) == expected["timestamp"].max()
+    if not directed:  # the totals as of a few times (snapshot requests): the pairs dated strictly before each
+        times = pl.Series([T0 + DAY * d for d in (0, 5, 17, 17.5, 39, 45)]).cast(events["timestamp"].dtype)
+        for time, ids_as_of, as_of in covisitation.totals_as_of(ctx, 3, times):
+            counts = np.zeros(totals.shape)
+            for a, b, n in expected.filter(pl.col("timestamp") < time).group_by("a", "b").len().iter_rows():
+                counts[at[a], at[b]] = n
+            assert ids_as_of.equals(ids)
+            np.testing.assert_array_equal(as_of.toarray(), counts)
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)

@@ -1,15 +1,17 @@
 """Co-visitation: items seen within a few events of each other in one user's log.
 
-One primitive, `pair_arrays`, finds the pairs from shifted index arrays over the events in
-(user, time, item) order; every other form reads it: the dated pair table (point-in-time joins),
-the all-time totals (a sparse item x item matrix: what a request after the last pair sees), and the
-time of the last pair. Each is built once per feature context. The extractor and the candidate
-source below both read them.
+One primitive, `pair_blocks`, finds the pairs from shifted index arrays over the events in
+(user, time, item) order, a block of later events at a time (about `PAIR_ROWS` pairs), so no form needs
+every pair at once unless it keeps them: the dated pair table (point-in-time joins, the one form that
+holds all pairs), the all-time totals (a sparse item x item matrix, grown block by block: what a request
+after the last pair sees), the totals as of each of a few times (snapshot requests), and the time of the
+last pair. Each is built once per feature context. The extractor and the candidate source below both
+read them.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -28,6 +30,8 @@ from recengine.parts.plugins import check_number
 SHARED_TIME = 20
 # Rows of the point-in-time pair join the co-visitation source holds at once (about 40 bytes each).
 JOIN_ROWS = 5_000_000
+# Pairs found at once (24 bytes each) when they are summed into totals rather than kept.
+PAIR_ROWS = 5_000_000
 
 
 def check_window(window: int, part: str) -> None:
@@ -52,18 +56,34 @@ class Sequences(NamedTuple):
         return cls(ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"])
 
 
-def pair_arrays(seq: Sequences, window: int, directed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(a, b, at)`: item b came within `window` events after item a in one user's log (both ways
-    unless `directed`), as indices into `seq.ids`; `at` is the position of the later event, whose
-    time dates the pair."""
-    a, b, at = [], [], []
-    for lag in range(1, window + 1):
-        later = np.flatnonzero((seq.user[:-lag] == seq.user[lag:]) & (seq.item[:-lag] != seq.item[lag:])) + lag
-        a.append(seq.item[later - lag])
-        b.append(seq.item[later])
-        at.append(later)
-    a, b, at = np.concatenate(a), np.concatenate(b), np.concatenate(at)
-    return (a, b, at) if directed else (np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([at, at]))
+def pair_blocks(seq: Sequences, window: int, directed: bool = False, later: np.ndarray | None = None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`(a, b, at)` blocks: item b came within `window` events after item a in one user's log (both
+    ways unless `directed`), as indices into `seq.ids`; `at` is the position of the later event, whose
+    time dates the pair. Only pairs whose later event is in `later` (sorted positions; default all),
+    taken a block of about `PAIR_ROWS` pairs at a time."""
+    later = np.arange(len(seq.user)) if later is None else later
+    step = max(1, PAIR_ROWS // (window * (1 if directed else 2)))
+    for start in range(0, len(later), step):
+        a, b, at = [], [], []
+        for lag in range(1, window + 1):
+            block = later[start : start + step]
+            block = block[block >= lag]
+            block = block[(seq.user[block - lag] == seq.user[block]) & (seq.item[block - lag] != seq.item[block])]
+            a.append(seq.item[block - lag])
+            b.append(seq.item[block])
+            at.append(block)
+        a, b, at = np.concatenate(a), np.concatenate(b), np.concatenate(at)
+        yield (a, b, at) if directed else (np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([at, at]))
+
+
+def summed(blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int,
+           totals: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """`totals` (default empty) plus every pair of `blocks` counted once, as an n x n matrix."""
+    totals = sp.csr_matrix((n, n)) if totals is None else totals
+    for a, b, _ in blocks:
+        totals = totals + sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))  # duplicates summed
+    return totals
 
 
 def _sequences(context) -> Sequences:
@@ -75,8 +95,8 @@ def pair_table(context, window: int, directed: bool = False) -> pl.LazyFrame:
     only when a request comes before the last pair."""
     def build() -> pl.DataFrame:
         seq = _sequences(context)
-        a, b, at = pair_arrays(seq, window, directed)
-        return pl.DataFrame({"a": seq.ids.gather(a), "b": seq.ids.gather(b), "timestamp": seq.times.gather(at)})
+        return pl.concat([pl.DataFrame({"a": seq.ids.gather(a), "b": seq.ids.gather(b), "timestamp": seq.times.gather(at)})
+                          for a, b, at in pair_blocks(seq, window, directed)], rechunk=True)
 
     return context.memo(("covis_pairs", window, directed), build).lazy()
 
@@ -86,33 +106,34 @@ def pair_totals(context, window: int, directed: bool = False) -> tuple[pl.Series
     and columns: what a request after the last pair sees."""
     def build() -> tuple[pl.Series, sp.csr_matrix]:
         seq = _sequences(context)
-        a, b, _ = pair_arrays(seq, window, directed)
-        totals = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(len(seq.ids), len(seq.ids)))  # duplicates summed
-        totals.sum_duplicates()
-        return seq.ids, totals
+        return seq.ids, summed(pair_blocks(seq, window, directed), len(seq.ids))
 
     return context.memo(("covis_totals", window, directed), build)
 
 
-def dated_pairs(context, window: int) -> tuple[pl.Series, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every pair (both ways) as item indices into the returned ids, with its time (datetime64[ms]),
-    sorted by time: the pair totals as of any time are a prefix. 16 bytes a pair."""
-    def build():
-        seq = _sequences(context)
-        a, b, at = pair_arrays(seq, window)
-        times = seq.times.cast(pl.Datetime("ms")).to_numpy()[at]
-        order = np.argsort(times, kind="stable")
-        return seq.ids, (a[order].astype(np.int32), b[order].astype(np.int32), times[order])
-
-    return context.memo(("covis_dated", window), build)
+def totals_as_of(context, window: int, times: pl.Series) -> Iterator[tuple[Any, pl.Series, sp.csr_matrix]]:
+    """(time, ids, totals) for each of `times` (sorted, distinct): the pair counts dated strictly before
+    it, grown from the previous time's by the pairs whose later event falls between the two. Memory:
+    one matrix of totals and a block of pairs, never every pair."""
+    seq = _sequences(context)
+    n = len(seq.ids)
+    # Each event's bucket: the first of `times` after it, the one from which its pairs count.
+    bucket = np.searchsorted(times.cast(pl.Datetime("ms")).to_numpy(), seq.times.cast(pl.Datetime("ms")).to_numpy(), side="right")
+    order = np.argsort(bucket, kind="stable")  # positions grouped by bucket, each group in position order
+    bounds = np.searchsorted(bucket[order], np.arange(len(times) + 1))
+    totals = sp.csr_matrix((n, n))
+    for i, time in enumerate(times):
+        totals = summed(pair_blocks(seq, window, later=order[bounds[i] : bounds[i + 1]]), n, totals)
+        yield time, seq.ids, totals
 
 
 def last_pair(context, window: int) -> Any:
     """When the latest pair formed (None without pairs): requests after it see all pairs."""
     def build() -> Any:
         seq = _sequences(context)
-        _, _, at = pair_arrays(seq, window, directed=True)  # the other direction has the same times
-        return seq.times.gather(at).max() if len(at) else None
+        # The other direction has the same times.
+        latest = [seq.times.gather(at).max() for _, _, at in pair_blocks(seq, window, directed=True) if len(at)]
+        return max(latest) if latest else None
 
     return context.memo(("covis_last", window), build)
 
@@ -230,16 +251,8 @@ class CovisitationSource:
     def _as_of_times(self, seeds: pl.DataFrame, times: pl.Series, context) -> list[pl.LazyFrame]:
         """Scores of the requests at each of `times`: seed weights x the pair counts dated before it, as
         `_after_all_pairs` does with all pairs. Cost per time: the pairs added since the last one."""
-        ids, (a, b, at) = dated_pairs(context, self.window)
-        n = len(ids)
-        totals, done, found = sp.csr_matrix((n, n)), 0, []
-        for time in times:
-            upto = int(np.searchsorted(at, np.datetime64(time, "ms"), side="left"))  # pairs strictly before it
-            if upto > done:
-                totals = totals + sp.csr_matrix((np.ones(upto - done), (a[done:upto], b[done:upto])), shape=(n, n))
-                done = upto
-            found.append(self._scores(seeds.filter(pl.col("timestamp") == time), ids, totals, context))
-        return found
+        return [self._scores(seeds.filter(pl.col("timestamp") == time), ids, totals, context)
+                for time, ids, totals in totals_as_of(context, self.window, times)]
 
     def _joined_pairs(self, seeds: pl.DataFrame, context) -> list[pl.LazyFrame]:
         """Requests before the last pair: each seed joined with its item's dated pairs, kept when
