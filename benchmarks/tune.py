@@ -13,6 +13,7 @@ pairs, epochs and the process's peak memory growth while tuning, per cutoff.
     .venv/bin/python benchmarks/tune.py [--cutoffs 10] [--mode head] [--epochs 10] [--max-pairs 100000]
     .venv/bin/python benchmarks/tune.py --mode lora --cutoffs 3 --max-pairs 3000 --epochs 1 --batch-size 64 --lr 1e-4
     .venv/bin/python benchmarks/tune.py --mode head,lora,adalora,full --set lora:lr=1e-4 --set adalora:lr=1e-3 ...
+    .venv/bin/python benchmarks/tune.py --mode head,offset --cutoffs 3    # cold recall of the constrained mode
 
 Several modes in one run (`--mode head,lora,adalora,full`) are tuned on the same cutoffs, one after the
 other, each with its own row per source and a row in the table of tuning cost: seconds, training

@@ -114,7 +114,7 @@ def test_a_trained_model_carries_the_head_and_ranks_the_same_from_the_saved_stat
 
 
 def test_an_unknown_mode_and_bad_settings_stop_at_load():
-    with pytest.raises(ConfigError, match="give one of head, lora, adalora, full"):
+    with pytest.raises(ConfigError, match="give one of head, lora, adalora, full, offset"):
         TunedInterest(mode="qlora")
     with pytest.raises(ConfigError, match="holdout"):
         TunedInterest(holdout=1.5)
@@ -241,3 +241,60 @@ def test_hard_negatives_are_each_items_nearest_others_and_tuning_with_them_learn
     assert not np.array_equal(state["projection"], plain["projection"])  # the extra negatives changed the tuning
     with pytest.raises(ConfigError, match="hard_negatives"):
         TunedInterest(hard_negatives=-1)
+
+
+def test_the_offset_mode_moves_only_warm_items_within_its_bound_and_learns_the_theme(tiny_bert):
+    # "Let It Go? Not Quite": a bounded offset per warm item on the frozen vectors; an item no pair
+    # holds (items 60-69 here, never taken) keeps its frozen vector to the bit.
+    from recengine.features.tuned import SCALE, offset_items
+
+    catalogue_ = noisy_catalogue(n_items=70)
+    tuned = part(tiny_bert, mode="offset", lr=0.05, recall_k=5, max_offset=0.4)
+    state = tuned.fit(theme_events(), catalogue_)
+    assert state["recall"].max() > state["recall"][0] + 0.1, state["recall"]
+    assert set(state["offset_ids"].tolist()) <= set(range(60)) and len(state["offset_ids"]) > 50
+    assert state["offsets"].dtype == np.int32
+    assert np.linalg.norm(state["offsets"] / SCALE, axis=1).max() <= 0.4 + 1e-4
+    again = tuned.fit(theme_events(), catalogue_)
+    assert all(np.array_equal(state[name], again[name]) for name in state)  # one seed: the same bytes
+    frozen = InterestScores(encoder_params=tuned.encoder_params).embeddings(FeatureContext.from_frames(
+        theme_events().lazy(), catalogue_.lazy()), "title")
+    moved = offset_items(frozen, state)
+    cold = frozen.item_ids.is_in(list(range(60, 70))).to_numpy()
+    np.testing.assert_array_equal(moved[cold], frozen.matrix[cold])
+    assert not np.allclose(moved[~cold], frozen.matrix[~cold])
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-4)
+
+
+def test_the_offset_mode_passes_the_part_contract_and_a_model_ranks_the_same_from_its_saved_offsets(tiny_bert, tmp_path):
+    from recengine.parts.adapters import AdaptedEncoder, load_adapter, save_adapter
+    from recengine.parts.contract import check_extractor
+    from recengine.parts.encoders import create_encoder
+
+    encoder = {"model": str(tiny_bert), "device": DEVICE}
+    check_extractor(TunedInterest, {"encoder_params": encoder, "mode": "offset", "recent": 3, "history": 8, "epochs": 2,
+                                    "batch_size": 32, "lr": 0.01, "seed": 1})
+    fs = FeatureSet.from_dict({
+        "name": "offset",
+        "candidates": {"popular": {"k": 30}},
+        "features": {"tuned_interest": {"encoder_params": encoder, "mode": "offset", "recent": 5, "history": 10,
+                                        "epochs": 2, "batch_size": 64},
+                     "item_popularity": {"windows_days": [7]}},
+        "labels": {"samples_per_user": 2, "learned_fraction": 0.5},
+        "ranker": {"num_boost_round": 20, "early_stopping_rounds": 5, "min_data_in_leaf": 10},
+    })
+    events, items = interactions(n_users=60), catalogue()
+    model = train(Dataset(events.lazy(), items.lazy()), fs, progress=False, say=lambda _: None).model
+    state = model.learned["features.tuned_interest"]
+    assert set(state) == {"offset_ids", "offsets", "recall", "loss"}
+    candidates = items["item_id"].to_list()[:40]
+    saved, refit = Ranker(model, events, items, learned="saved"), Ranker(model, events, items)
+    for user in (0, 7):
+        assert saved.rank(user, candidates) == refit.rank(user, candidates)
+    # Its adapter file records the tuning (ids in the metadata) but is no encoder: it moves ids, not texts.
+    tuned = fs.build_extractors()[0]
+    written = save_adapter(tmp_path / "offset.safetensors", tuned.adapter(state, datetime(2024, 1, 1)))
+    adapter = load_adapter(str(written))
+    assert adapter.mode == "offset" and adapter.extra["offset_ids"].startswith("[")
+    with pytest.raises(ConfigError, match="offset adapter moves items by their ids"):
+        AdaptedEncoder.from_adapter(create_encoder("transformers", encoder), adapter, str(written))

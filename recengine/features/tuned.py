@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from recengine.core.grid import on_grid
 from recengine.errors import ConfigError, DataError
 from recengine.features.interest import EmbeddingSource, InterestScores, ItemEmbeddings, item_embeddings
-from recengine.learning.tuning import adalora_ranks, next_item_pairs, tune_head, tune_lora
+from recengine.learning.tuning import adalora_ranks, next_item_pairs, tune_head, tune_lora, tune_offsets
 from recengine.parts.adapters import AdaloraSchedule, Adapter, naive_utc, tensors_digest
 from recengine.parts.adapters import AdaptedEncoder as _AdaptedEncoder
 from recengine.parts.context import learned_state
@@ -39,7 +39,7 @@ from recengine.parts.hookspecs import hookimpl
 from recengine.parts.plugins import check_number
 
 SCALE = 2.0**16  # the head's fixed point: the embeddings' grid, so products with them are exact
-MODES = ("head", "lora", "adalora", "full")
+MODES = ("head", "lora", "adalora", "full", "offset")
 PREFIX = {"lora": "lora:", "adalora": "adalora:", "full": "weights:"}  # the state's names of the encoder's tuned weights
 # The largest LoRA / AdaLoRA rank: beyond it an adapter is no longer low-rank, and memory and time grow
 # with the rank (two d x rank matrices per adapted module, d x rank gradients and optimiser state).
@@ -81,6 +81,8 @@ class _TunedSpace(InterestScores):
                 tuned = item_embeddings(items, field, encoder, context.cache, context.progress)
                 return TunedEmbeddings(tuned.item_ids, tuned.matrix, tuned.encoder_id)
             base = self.owner.frozen.embeddings(context, field)
+            if self.owner.mode == "offset":  # pooled as interest pools, like lora's tuned items
+                return TunedEmbeddings(base.item_ids, offset_items(base, state), f"{base.encoder_id}+offset", base=base)
             projection = state["projection"].astype(np.float64) / SCALE
             return TunedEmbeddings(base.item_ids, project(base.matrix, projection), f"{base.encoder_id}+tuned",
                                    base=base, projection=projection)
@@ -92,6 +94,18 @@ class _TunedSpace(InterestScores):
             return InterestScores.profiles(self, history, n_profiles, emb)
         profile, seen = InterestScores.profiles(self, history, n_profiles, emb.base)
         return project(profile, emb.projection), seen
+
+
+def offset_items(base: ItemEmbeddings, state: dict[str, np.ndarray]) -> np.ndarray:
+    """The frozen vectors with the state's offsets added to the items it moved, those rows normalised;
+    every other item (one no training pair held: a new release) keeps its frozen vector to the bit."""
+    ids = pl.Series("item_id", state["offset_ids"]).cast(base.item_ids.dtype, strict=False)
+    rows = ids.replace_strict(base.item_ids, np.arange(len(base.item_ids)), default=-1, return_dtype=pl.Int64).to_numpy()
+    known = rows >= 0  # an item gone from the catalogue since the tuning has no row
+    matrix = base.matrix.copy()
+    moved = matrix[rows[known]] + state["offsets"][known].astype(np.float64) / SCALE
+    matrix[rows[known]] = on_grid(moved / np.linalg.norm(moved, axis=1, keepdims=True))
+    return matrix
 
 
 class _ReadOnlyCache:
@@ -119,11 +133,12 @@ class TunedInterest:
                  lr: float = 1e-3, patience: int = 2, recall_k: int = 10, max_pairs: int = 100_000, holdout: float = 0.1,
                  seed: int = 0, lora_rank: int = 8, lora_alpha: int = 16, hard_negatives: int = 0,
                  adalora_init_rank: int = 12, adalora_warmup: float = 0.1, adalora_final: float = 0.2,
-                 adalora_interval: int = 1, adalora_orth_weight: float = 0.5):
+                 adalora_interval: int = 1, adalora_orth_weight: float = 0.5, max_offset: float = 0.5):
         if mode not in MODES:
             raise ConfigError(f"tuned interest: mode = {mode!r}; give one of {', '.join(MODES)} (head: a linear map "
                               "on the frozen, cached embeddings; lora: adapters in the encoder's attention; adalora: "
-                              "adapters whose ranks are allocated where tuning needs them; full: every weight of the encoder).")
+                              "adapters whose ranks are allocated where tuning needs them; full: every weight of the encoder; offset: a "
+                              "bounded offset per warm item on the frozen embeddings, new items left where the text puts them).")
         if "adapter" in (encoder_params or {}):
             raise ConfigError("tuned interest: encoder_params has an adapter; tuning starts from a base encoder, so "
                               "leave the adapter out (tune the base model again on the events it should learn from).")
@@ -148,6 +163,8 @@ class TunedInterest:
                             ("max_pairs", max_pairs), ("seed", seed), ("hard_negatives", hard_negatives)):
             check_number(self.part, name, value, integer=True, minimum=2 if name == "batch_size" else (0 if name in ("seed", "hard_negatives") else 1))
         check_number(self.part, "lr", lr, above=0)
+        check_number(self.part, "max_offset", max_offset, above=0)
+        self.max_offset = max_offset
         check_number(self.part, "holdout", holdout, above=0, below=1)
         self.encoder_name, self.encoder_params, self.field = encoder, dict(encoder_params or {}), field
         self.tuning = {"temperature": temperature, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -158,7 +175,8 @@ class TunedInterest:
         self.encoders = [(encoder, self.encoder_params)]
         self.fit_key = ("tuned_interest", encoder, repr(sorted(self.encoder_params.items())), field, recent, history,
                         half_life_days, weight_by_value, mode, repr(sorted(self.tuning.items())), max_pairs, holdout,
-                        repr(sorted(self.lora.items())) if mode in PREFIX else None, self.adalora)
+                        repr(sorted(self.lora.items())) if mode in PREFIX else None, self.adalora,
+                        max_offset if mode == "offset" else None)
         interest = {"encoder": encoder, "encoder_params": self.encoder_params, "fields": [field], "recent": recent,
                     "history": history, "half_life_days": half_life_days, "weight_by_value": weight_by_value}
         self.frozen = InterestScores(**interest)  # the frozen embeddings, shared with `interest` in a context
@@ -175,6 +193,8 @@ class TunedInterest:
         base = item_embeddings(items.lazy(), self.field, self.encoder(), _ReadOnlyCache())
         if self.mode in PREFIX:
             return self._fit_encoder(events, items, base)
+        if self.mode == "offset":
+            return self._fit_offsets(events, items, base)
         contexts, targets, held_out = self.training_pairs(events, base)
         self._check_pairs(len(targets), events)
         result = tune_head(base.matrix, contexts, targets, held_out, **self.tuning)
@@ -223,6 +243,18 @@ class TunedInterest:
             state["ranks"] = np.array([[ranks[m] for m in sorted(ranks)] for ranks in result.ranks], dtype=np.int64)
         return state
 
+    def _fit_offsets(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings) -> dict[str, np.ndarray]:
+        """Offsets of the items the pairs hold, in fixed point, with their ids; the others stay frozen."""
+        _, weights, targets, held_out = self.encoder_pairs(events, items, base)
+        self._check_pairs(len(targets), events)
+        offsets, result = tune_offsets(base.matrix, weights, targets, held_out, max_norm=self.max_offset, **self.tuning)
+        self.last_tuning = (result, len(targets))
+        moved = np.flatnonzero(np.abs(offsets).sum(axis=1) > 0)
+        ids = base.item_ids.gather(moved)
+        return {"offset_ids": np.asarray(ids.to_list(), dtype=str if ids.dtype == pl.String else np.int64),
+                "offsets": np.round(offsets[moved].astype(np.float64) * SCALE).astype(np.int32),
+                "recall": np.asarray(result.recalls, dtype=np.float64), "loss": np.asarray(result.losses, dtype=np.float64)}
+
     def encoder_pairs(self, events: pl.DataFrame, items: pl.DataFrame, base: ItemEmbeddings):
         """The catalogue's texts (rows as `base`'s), each pair's profile weights over them (sparse),
         target rows and the held-out latest pairs: what `tune_lora` reads."""
@@ -247,8 +279,10 @@ class TunedInterest:
                   "recent": space.recent, "history": space.history, "half_life_days": space.half_life_days,
                   "weight_by_value": space.weight_by_value, "max_pairs": self.max_pairs, "holdout": self.holdout,
                   **{{"k": "recall_k", "hard": "hard_negatives"}.get(k, k): v for k, v in self.tuning.items() if k != "progress"}}
-        if self.mode != "head":
+        if self.mode in PREFIX:
             params.update(lora_rank=self.lora["rank"], lora_alpha=self.lora["alpha"])
+        if self.mode == "offset":
+            params.update(max_offset=self.max_offset)
         if self.adalora is not None:
             params.update({f"adalora_{k}": v for k, v in vars(self.adalora).items()})
         return params
@@ -264,12 +298,16 @@ class TunedInterest:
         if self.mode in PREFIX:
             tensors = {name.removeprefix(PREFIX[self.mode]): value for name, value in state.items()
                        if name.startswith(PREFIX[self.mode])}
+        elif self.mode == "offset":  # ids may be strings, which safetensors cannot hold: the metadata records them
+            tensors = {"offsets": np.asarray(state["offsets"], dtype=np.int32)}
         else:
             tensors = {"projection": np.asarray(state["projection"], dtype=np.int32)}
+        ids = {"offset_ids": json.dumps(state["offset_ids"].tolist())} if self.mode == "offset" else {}
         return Adapter(tensors=tensors, encoder=self.encoder_name, encoder_params=self.encoder_params, mode=self.mode,
                        until=naive_utc(until), field=self.field, base_id=self.encoder().id, lora_rank=self.lora["rank"],
                        lora_alpha=self.lora["alpha"], extra={"settings": json.dumps(self.settings(), sort_keys=True),
-                                                             **({"ranks": json.dumps(self.ranks(state))} if self.adalora else {})})
+                                                             **({"ranks": json.dumps(self.ranks(state))} if self.adalora else {}),
+                                                             **ids})
 
     def adapted(self, state: dict[str, np.ndarray]) -> "_AdaptedEncoder":
         prefix = PREFIX[self.mode]

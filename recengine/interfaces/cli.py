@@ -402,10 +402,11 @@ def rank(model_uri, events, items, users, columns, timestamp_unit, input_path, o
 
 @cli.command()
 @data_options
-@click.option("--mode", type=click.Choice(["head", "lora", "adalora", "full"]), default="head", show_default=True,
+@click.option("--mode", type=click.Choice(["head", "lora", "adalora", "full", "offset"]), default="head", show_default=True,
               help="head: a linear map on the frozen, cached embeddings (seconds on a CPU); lora: adapters in the "
                    "encoder's attention; adalora: adapters whose ranks move to where tuning needs them; full: every "
-                   "weight (lora, adalora and full want a GPU on a large log).")
+                   "weight (lora, adalora and full want a GPU on a large log); offset: a bounded offset per warm item "
+                   "(its file is a record: it serves only inside a feature set's model).")
 @click.option("--field", default="title", show_default=True, help="The items' text field to tune on.")
 @click.option("--encoder", default="transformers", show_default=True, help="Registered encoder name (the base model).")
 @click.option("--encoder-param", "encoder_params", multiple=True, help="Base encoder parameter key=value (repeatable), e.g. model=PATH.")

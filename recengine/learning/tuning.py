@@ -15,6 +15,10 @@ and users are embedded.
   The `adalora` mode (Zhang et al. 2023) is the same loop with peft's AdaLoRA: SVD-shaped adapters
   that start at `init_rank` per module and are pruned, as peft's schedule says, to an average of `rank`
   where the loss is most sensitive (`AdaloraSchedule`); the `full` mode trains every weight.
+- `tune_offsets`: the `offset` mode (after "Let It Go? Not Quite", RecSys 2025): the frozen embeddings
+  stay, and each item that training pairs hold gets a trainable offset, bounded in norm, added to its
+  own; an item no pair holds (a new release) keeps its frozen vector, so cold items stay in the space
+  the warm ones were tuned in, where fine-tuning the encoder moves the warm items away from them.
 
 How a user is embedded is not defined here: the caller passes the contexts already pooled (the
 interest profile, `recengine.features.interest.InterestScores.profiles`), so tuning and the features
@@ -150,6 +154,82 @@ def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs
     result.projection = best.numpy().astype(np.float32)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def tune_offsets(items: np.ndarray, contexts, targets: np.ndarray, held_out: np.ndarray, *, max_norm: float = 0.5,
+                 temperature: float = 0.05, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3, patience: int = 2,
+                 k: int = 10, seed: int = 0, progress: bool = False, threads: int = 1, hard: int = 0
+                 ) -> tuple[np.ndarray, TuneResult]:
+    """Offsets (n, d) so that an item is normalise(items[i] + offset[i]) and a user the normalised
+    weighted sum of their items so (`contexts`: (m, n) sparse profile weights, as `tune_lora` reads them),
+    trained by the same InfoNCE. After each step every offset is shrunk back to norm `max_norm` at most
+    (the frozen vectors are unit: 0.5 moves an item by at most about 30 degrees). Rows of items in no
+    training pair stay exactly zero (no gradient reaches them and Adam moves nothing without one).
+    Returns the best epoch's offsets (zeros: the frozen space, epoch 0) and the run's record."""
+    import torch
+
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        return _tune_offsets(torch, items, contexts.tocsr(), targets, held_out, max_norm=max_norm, temperature=temperature,
+                             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed,
+                             progress=progress, hard=hard)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
+def _tune_offsets(torch, items, contexts, targets, held_out, *, max_norm, temperature, epochs, batch_size, lr, patience,
+                  k, seed, progress, hard):
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    shuffler = torch.Generator().manual_seed(seed)
+    f = torch.nn.functional
+    base = torch.as_tensor(np.asarray(items, dtype=np.float32))
+    train, valid = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    tgt_all = torch.as_tensor(targets.astype(np.int64))
+    log_q = torch.log(torch.bincount(tgt_all[train], minlength=len(base)).double().clamp(min=1) / max(len(train), 1)).float()
+    near = hard_negatives(items, hard) if hard else None
+    offsets = torch.nn.Parameter(torch.zeros_like(base))
+    optimizer = torch.optim.Adam([offsets], lr=lr)
+
+    def catalogue():
+        return f.normalize(base + offsets, dim=1)
+
+    def recall() -> float:
+        if not len(valid):
+            return 0.0
+        with torch.no_grad():
+            vectors = catalogue()
+            users = np.asarray(contexts[valid] @ vectors.numpy())
+        return _recall(torch, vectors, users, targets[valid], torch.eye(vectors.shape[1]), k)
+
+    def batches() -> list:
+        order = train[torch.randperm(len(train), generator=shuffler).numpy()]
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def step(pairs) -> float | None:
+        if len(pairs) < 2:
+            return None
+        vectors = catalogue()
+        rows = torch.as_tensor(pairs, dtype=torch.int64)
+        users = f.normalize(torch.as_tensor(contexts[pairs].toarray(), dtype=torch.float32) @ vectors, dim=1)
+        tgt = tgt_all[rows]
+        hard_ids = torch.as_tensor(near[targets[pairs]]) if near is not None else None
+        loss = _info_nce_vectors(torch, users, vectors[tgt], tgt, log_q, temperature,
+                                 None if hard_ids is None else vectors[hard_ids], hard_ids)
+        value = _descend(optimizer, loss)
+        with torch.no_grad():  # back inside the ball: a small move, never a new item
+            norms = offsets.norm(dim=1, keepdim=True)
+            offsets.mul_(torch.clamp(max_norm / norms.clamp(min=1e-12), max=1.0))
+        return value
+
+    result = TuneResult(projection=np.empty((0, 0), dtype=np.float32))
+    best = _fit_epochs(result, epochs=epochs, patience=patience, batches=batches, step=step, evaluate=recall,
+                       snapshot=lambda: offsets.detach().clone(), desc="offset", progress=progress)
+    result.seconds = time.perf_counter() - started
+    return best.numpy(), result
 
 
 def _descend(optimizer, loss) -> float:

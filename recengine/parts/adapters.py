@@ -3,8 +3,9 @@
 `recengine tune` (and each tuned part of a training) writes what tuning learnt as one safetensors
 file: the LoRA adapters (`lora`), AdaLoRA's (`adalora`: each module's A, E and B, its pruned singular
 values zero, so the file needs no rank pattern: the model built at the initial rank computes the same
-output), every weight of the model (`full`) or the head's projection
-(`head`, in fixed point, whole multiples of 2^-16), with string metadata naming the base encoder
+output), every weight of the model (`full`), the head's projection (`head`, in fixed point, whole
+multiples of 2^-16) or the warm items' offsets (`offset`, fixed point, their ids in the metadata: a
+record of the tuning, not an encoder), with string metadata naming the base encoder
 (its registered name, its parameters as JSON and its id), the mode, the LoRA rank and alpha, the
 text field, `tuned_until` (the end of the tuning window: the encoder has seen events before it) and
 a sha256 digest of the tensors. Never pickled; written atomically.
@@ -35,7 +36,7 @@ from recengine.core.files import atomic_write_bytes
 from recengine.errors import ConfigError, DataError
 
 FORMAT = "recengine-adapter-v1"
-MODES = ("head", "lora", "adalora", "full")
+MODES = ("head", "lora", "adalora", "full", "offset")
 SCALE = 2.0**16  # the head's fixed point (recengine.features.tuned.SCALE)
 # Encoder parameters that choose where and how fast it runs, not what it computes: an adapter tuned on
 # a GPU in bf16 applies to the same model on a CPU in fp32.
@@ -302,6 +303,10 @@ class AdaptedEncoder:
 
     @classmethod
     def from_adapter(cls, encoder, adapter: Adapter, source: str = "") -> "AdaptedEncoder":
+        if adapter.mode == "offset":
+            raise ConfigError(f"adapter {source or ''}: an offset adapter moves items by their ids, not their texts, so it "
+                              "cannot encode text as an encoder; it serves inside the model that tuned it. Give a head, "
+                              "lora, adalora or full adapter here, or use tuned_interest with mode = \"offset\" in a feature set.")
         return cls(encoder, adapter.tensors, adapter.digest[:24], adapter.lora_rank, adapter.lora_alpha,
                    mode=adapter.mode, until=adapter.until, modules=adapter.lora_modules, source=source)
 
