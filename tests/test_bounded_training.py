@@ -223,3 +223,27 @@ def test_covisitation_source_as_of_shared_times_proposes_what_the_join_does(monk
     monkeypatch.setattr(covisitation, "SHARED_TIME", 10**9)  # the join, whatever the times
     joined = generate(requests, fs.build_sources(), context)
     assert shared.height > 1000 and shared.equals(joined)
+
+
+@pytest.mark.parametrize("directed", [False, True])
+def test_covisitation_features_as_of_shared_times_equal_the_running_counts(monkeypatch, directed):
+    # Snapshot requests (many users at a few times) read each (seed, candidate) count from the pair
+    # totals as of each time instead of the running counts of every dated pair: the same features.
+    from recengine.features import covisitation
+    from recengine.features.covisitation import Covisitation
+    from recengine.parts.context import compute_features
+
+    context = FeatureContext.from_frames(interactions(n_users=200), catalogue())
+    events = context.events.collect()
+    first, last = events["timestamp"].min(), events["timestamp"].max()
+    times = pl.DataFrame({"timestamp": [first + (last - first) * f for f in (0.3, 0.6, 0.9, 1.1)]})
+    users = events.select("user_id").unique().sort("user_id")
+    items = events.select("item_id").unique().sort("item_id").head(25)
+    requests = users.join(times.cast({"timestamp": events["timestamp"].dtype}), how="cross").join(items, how="cross")
+    extractor = [Covisitation(window=4, recent=6, directed=directed)]
+    assert times.height * covisitation.SHARED_TIME < users.height * times.height
+    shared = compute_features(requests, extractor, context).sort("user_id", "timestamp", "item_id")
+    monkeypatch.setattr(covisitation, "SHARED_TIME", 10**9)  # the running counts, whatever the times
+    running = compute_features(requests, extractor, FeatureContext.from_frames(context.events, context.items))
+    assert shared["covis_w4_r6_sum" if not directed else "covis_next_w4_r6_sum"].sum() > 0
+    assert shared.equals(running.sort("user_id", "timestamp", "item_id"))

@@ -111,7 +111,7 @@ def pair_totals(context, window: int, directed: bool = False) -> tuple[pl.Series
     return context.memo(("covis_totals", window, directed), build)
 
 
-def totals_as_of(context, window: int, times: pl.Series) -> Iterator[tuple[Any, pl.Series, sp.csr_matrix]]:
+def totals_as_of(context, window: int, times: pl.Series, directed: bool = False) -> Iterator[tuple[Any, pl.Series, sp.csr_matrix]]:
     """(time, ids, totals) for each of `times` (sorted, distinct): the pair counts dated strictly before
     it, grown from the previous time's by the pairs whose later event falls between the two. Memory:
     one matrix of totals and a block of pairs, never every pair."""
@@ -123,7 +123,7 @@ def totals_as_of(context, window: int, times: pl.Series) -> Iterator[tuple[Any, 
     bounds = np.searchsorted(bucket[order], np.arange(len(times) + 1))
     totals = sp.csr_matrix((n, n))
     for i, time in enumerate(times):
-        totals = summed(pair_blocks(seq, window, later=order[bounds[i] : bounds[i + 1]]), n, totals)
+        totals = summed(pair_blocks(seq, window, directed, later=order[bounds[i] : bounds[i + 1]]), n, totals)
         yield time, seq.ids, totals
 
 
@@ -173,8 +173,14 @@ class Covisitation:
         seed_events = totals_before(history.rename({"a": "item_id"}), item_counts, "item_id", ["n"]).rename({"n": "_na"})
         history = history.join(seed_events, on="_row").drop("_row")
         expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
-        expanded = expanded.with_row_index("_row")
-        found = totals_before(expanded, self.counts(context), ["a", "b"], ["n"])
+        times = requests.select(pl.col("timestamp").unique().sort()).collect().to_series()
+        if times.len() * SHARED_TIME < profiles.select(pl.len()).collect().item():
+            # Collected before numbering, as `history` above: both reads below must see one row order.
+            expanded = expanded.collect().with_row_index("_row").lazy()
+            found = self._counts_as_of(expanded.select("_row", "timestamp", "a", "b").collect(), times, context)
+        else:
+            expanded = expanded.with_row_index("_row")
+            found = totals_before(expanded, self.counts(context), ["a", "b"], ["n"])
         n = pl.col("n").cast(pl.Float64)
         per_request = (
             expanded.select("_row", "_request", "h_back", "_na").join(found, on="_row")
@@ -190,6 +196,21 @@ class Covisitation:
             "_row", *(pl.col(c) for c in self.columns[:3]),
             (pl.col("_cos") / pl.col("_nb").clip(lower_bound=1).sqrt()).alias(self.columns[3]),
         )
+
+    def _counts_as_of(self, expanded: pl.DataFrame, times: pl.Series, context) -> pl.LazyFrame:
+        """(`_row`, n): each (seed a, candidate b) row's pair count before its time, read from the totals
+        as of each of `times` (requests sharing few times: snapshots, a batch "now") instead of the
+        running counts of every dated pair, which `counts` holds all at once."""
+        found = []
+        for time, ids, totals in totals_as_of(context, self.window, times, self.directed):
+            rows = expanded.filter(pl.col("timestamp") == time)
+            a, b = (rows[c].replace_strict(ids, np.arange(len(ids)), default=-1, return_dtype=pl.Int64).to_numpy()
+                    for c in ("a", "b"))
+            n = np.zeros(len(rows), dtype=np.uint32)
+            known = (a >= 0) & (b >= 0)  # an item in no pair (or unknown) has no count
+            n[known] = np.asarray(totals[a[known], b[known]]).ravel()
+            found.append(pl.DataFrame({"_row": rows["_row"], "n": n}))
+        return pl.concat(found).lazy() if found else pl.LazyFrame(schema={"_row": pl.UInt32, "n": pl.UInt32})
 
     def prepare(self, snapshot) -> dict:
         """The pair totals in the state's item index (the last row and column: unknown items, in no pair)."""
