@@ -79,11 +79,18 @@ def pair_blocks(seq: Sequences, window: int, directed: bool = False, later: np.n
 
 def summed(blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int,
            totals: sp.csr_matrix | None = None) -> sp.csr_matrix:
-    """`totals` (default empty) plus every pair of `blocks` counted once, as an n x n matrix."""
-    totals = sp.csr_matrix((n, n)) if totals is None else totals
+    """`totals` (default empty) plus every pair of `blocks` counted once, as an n x n matrix. Partial sums
+    merge like a binary counter (a new one into the last while it is no smaller than half of it), so each
+    count is copied O(log blocks) times, not once per block as adding every block to one total would."""
+    stack: list[sp.csr_matrix] = []
     for a, b, _ in blocks:
-        totals = totals + sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))  # duplicates summed
-    return totals
+        part = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))  # duplicates summed
+        while stack and 2 * part.nnz >= stack[-1].nnz:
+            part = stack.pop() + part
+        stack.append(part)
+    for part in reversed(stack):
+        totals = part if totals is None else totals + part
+    return sp.csr_matrix((n, n)) if totals is None else totals
 
 
 def _sequences(context) -> Sequences:
