@@ -43,10 +43,10 @@ from recengine.parts.context import FeatureContext, fit_learned
 from recengine.features.interest import EmbeddingSource
 from recengine.features.tuned import TunedEmbeddingSource
 from recengine.core.metrics import evaluate
+from recengine.features.tuned import MODES
 
 KEYS = ["cutoff", "user_id"]
 K = 100
-MODES = ("head", "lora", "adalora", "full")
 
 
 class PeakMemory:
