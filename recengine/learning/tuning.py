@@ -212,13 +212,18 @@ def _tune_offsets(torch, items, contexts, targets, held_out, *, max_norm, temper
     def step(pairs) -> float | None:
         if len(pairs) < 2:
             return None
-        vectors = catalogue()
-        rows = torch.as_tensor(pairs, dtype=torch.int64)
-        users = f.normalize(torch.as_tensor(contexts[pairs].toarray(), dtype=torch.float32) @ vectors, dim=1)
-        tgt = tgt_all[rows]
-        hard_ids = torch.as_tensor(near[targets[pairs]]) if near is not None else None
-        loss = _info_nce_vectors(torch, users, vectors[tgt], tgt, log_q, temperature,
-                                 None if hard_ids is None else vectors[hard_ids], hard_ids)
+        weights = contexts[pairs]
+        negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
+        # Only the batch's own items are moved into the tuned space: each once, gathered by position.
+        rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))
+        at = torch.as_tensor(rows)
+        vectors = f.normalize(base[at] + offsets[at], dim=1)
+        users = f.normalize(torch.as_tensor(sp_columns(weights, rows), dtype=torch.float32) @ vectors, dim=1)
+        tgt = tgt_all[torch.as_tensor(pairs)]
+        positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]))]
+        hard = vectors[torch.as_tensor(np.searchsorted(rows, negatives))] if near is not None else None
+        loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard,
+                                 torch.as_tensor(negatives) if near is not None else None)
         value = _descend(optimizer, loss)
         with torch.no_grad():  # back inside the ball: a small move, never a new item
             norms = offsets.norm(dim=1, keepdim=True)
