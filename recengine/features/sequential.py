@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +62,7 @@ from recengine.core.topk import DECIMALS, top_k_dense
 from recengine.errors import ConfigError, DataError
 from recengine.features.interest import InterestScores, ItemEmbeddings, item_embeddings
 from recengine.features.tuned import _ReadOnlyCache
+from recengine.learning.tuning import torch_settings
 from recengine.parts.candidates import source_top_k
 from recengine.parts.context import learned_state
 from recengine.parts.encoders import create_encoder
@@ -141,19 +141,6 @@ def _initial_weights(torch, generator, text_dim: int, n_ids: int, n: int, dim: i
     return weights
 
 
-@contextmanager
-def _torch_settings(torch, threads: int = 1):
-    """Deterministic algorithms and a fixed thread count (the sums' order), restored afterwards."""
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
-
-
 @dataclass
 class TrainResult:
     weights: dict[str, np.ndarray]
@@ -174,7 +161,7 @@ def train_sequential(text: np.ndarray, text_row: np.ndarray, id_row: np.ndarray,
     started = time.perf_counter()
     n = sequences.shape[1] - 1
     n_ids = int(id_row.max(initial=-1)) + 1
-    with _torch_settings(torch, threads), torch.random.fork_rng(devices=[] if device == "cpu" else None):
+    with torch_settings(torch, threads), torch.random.fork_rng(devices=[] if device == "cpu" else None):
         torch.manual_seed(seed)  # dropout's draws; restored on the way out (fork_rng)
         generator = torch.Generator().manual_seed(seed)  # initial weights, batch order, id dropout
         weights = {name: torch.nn.Parameter(value.to(device))
@@ -400,7 +387,7 @@ class _Sequential:
             ids = pl.Series("item_id", state["item_ids"])
             table = item_table(emb.item_ids, ids if len(ids) else emb.item_ids[:0])
             weights = self._weights(context, state, until)
-            with _torch_settings(torch), torch.no_grad():
+            with torch_settings(torch), torch.no_grad():
                 vectors = _item_vectors(torch, weights, torch.as_tensor(np.asarray(emb.matrix, dtype=np.float64)),
                                         torch.as_tensor(table.text_row), torch.as_tensor(table.id_row))
             table.vectors = on_grid(vectors.numpy())
@@ -425,7 +412,7 @@ class _Sequential:
         known = np.flatnonzero((sequences >= 0).any(axis=1))
         weights = self._weights(context, state, until)
         vectors = torch.as_tensor(table.vectors)
-        with _torch_settings(torch), torch.no_grad():
+        with torch_settings(torch), torch.no_grad():
             for start in range(0, len(known), BLOCK):
                 rows = known[start : start + BLOCK]
                 seq = torch.as_tensor(sequences[rows])

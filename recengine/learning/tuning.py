@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -84,6 +85,20 @@ def hard_negatives(items: np.ndarray, count: int, block: int = 1024) -> np.ndarr
     return found
 
 
+@contextmanager
+def torch_settings(torch, threads: int | None = 1, warn_only: bool = False):
+    """Deterministic algorithms (`warn_only`: a warning, not an error, where one has no deterministic
+    form) and a fixed thread count, which fixes the sums' order (None: as set); restored afterwards."""
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.set_num_threads(threads or was_threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
 @dataclass
 class TuneResult:
     """The tuned map and how it got there: training loss per epoch, held-out recall@K before tuning
@@ -114,15 +129,9 @@ def tune_head(items: np.ndarray, contexts: np.ndarray, targets: np.ndarray, held
     """
     import torch
 
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    try:
+    with torch_settings(torch, threads):
         return _tune_head(torch, items, contexts, targets, held_out, temperature=temperature, epochs=epochs,
                           batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed, progress=progress, hard=hard)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
 
 
 def _tune_head(torch, items, contexts, targets, held_out, *, temperature, epochs, batch_size, lr, patience, k, seed, progress, hard) -> TuneResult:
@@ -168,16 +177,10 @@ def tune_offsets(items: np.ndarray, contexts, targets: np.ndarray, held_out: np.
     Returns the best epoch's offsets (zeros: the frozen space, epoch 0) and the run's record."""
     import torch
 
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    try:
+    with torch_settings(torch, threads):
         return _tune_offsets(torch, items, contexts.tocsr(), targets, held_out, max_norm=max_norm, temperature=temperature,
                              epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, k=k, seed=seed,
                              progress=progress, hard=hard)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
 
 
 def _tune_offsets(torch, items, contexts, targets, held_out, *, max_norm, temperature, epochs, batch_size, lr, patience,
@@ -353,17 +356,11 @@ def tune_lora(encoder, texts: list[str], contexts, targets: np.ndarray, held_out
     """
     import torch
 
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     # Strict on the CPU; on CUDA only a warning where cuBLAS would need CUBLAS_WORKSPACE_CONFIG set.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(threads or was_threads)
-    try:
+    with torch_settings(torch, threads, warn_only=True):
         return _tune_lora(torch, encoder, texts, contexts, targets, held_out, rank=rank, alpha=alpha, modules=modules,
                           temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                           k=k, seed=seed, progress=progress, full=full, hard=hard, adalora=adalora)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
 
 
 def adalora_ranks(tensors: dict[str, np.ndarray]) -> dict[str, int]:
