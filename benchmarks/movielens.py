@@ -79,10 +79,21 @@ def tagged(frame: pl.DataFrame, window: Window) -> pl.DataFrame:
 def score(top: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
     """Metrics per (cutoff, user) averaged over every pair of the truth, and cold recall."""
     metrics = evaluate(top.select(*KEYS, "item_id", "score"), truth, KEYS, (TOP,))
-    cold = truth.filter(pl.col("cold"))
-    found = cold.join(top, on=[*KEYS, "item_id"], how="semi").height
-    metrics["cold_recall"] = found / cold.height if cold.height else float("nan")
+    metrics.update(cold_recall(top, truth))
     return metrics
+
+
+def cold_recall(top: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
+    """Cold recall two ways: pooled (the cold truth rows found in the top lists, over all cold truth rows)
+    and per request (each request's share of its own cold truth found, averaged over the requests that
+    have any), which counts a user with 2 new items as much as one with 40."""
+    found = top.select(*KEYS, "item_id").with_columns(pl.lit(True).alias("_found"))
+    hits = (truth.filter(pl.col("cold")).join(found, on=[*KEYS, "item_id"], how="left")
+            .with_columns(pl.col("_found").fill_null(False)))
+    if not hits.height:
+        return {"cold_recall": float("nan"), "cold_recall_req": float("nan")}
+    per_request = hits.group_by(KEYS).agg(pl.col("_found").mean())["_found"].mean()
+    return {"cold_recall": hits["_found"].sum() / hits.height, "cold_recall_req": per_request}
 
 
 # --- recengine -----------------------------------------------------------------------------------
@@ -265,10 +276,10 @@ def loss_table(fate: pl.DataFrame) -> pl.DataFrame:
 
 
 def print_table(rows: list[tuple[str, str, dict]], best_peer: float) -> None:
-    print(f"\n{'method':16}{'setting':72}" + "".join(f"{m:>11}" for m in METRICS) + f"{'cold rec':>10}{'vs best':>9}")
+    print(f"\n{'method':16}{'setting':72}" + "".join(f"{m:>11}" for m in METRICS) + f"{'cold rec':>10}{'per req':>9}{'vs best':>9}")
     for name, setting, m in rows:
         print(f"{name:16}{setting:72}" + "".join(f"{m[k]:11.4f}" for k in METRICS) + f"{m['cold_recall']:10.4f}"
-              + f"{m['ndcg@10'] / best_peer:8.2f}x")
+              + f"{m['cold_recall_req']:9.4f}{m['ndcg@10'] / best_peer:8.2f}x")
 
 
 def print_cutoffs(chosen: list[Window], fate: pl.DataFrame, infos: list[list[dict]], per_cutoff: pl.DataFrame) -> None:
