@@ -157,14 +157,18 @@ def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed, 
         counts[at[a], at[b]] = n
     np.testing.assert_array_equal(totals.toarray(), counts)
     assert last_pair(ctx, 3) == expected["timestamp"].max()
-    if not directed:  # the totals as of a few times (snapshot requests): the pairs dated strictly before each
-        times = pl.Series([T0 + DAY * d for d in (0, 5, 17, 17.5, 39, 45)]).cast(events["timestamp"].dtype)
-        for time, ids_as_of, as_of in covisitation.totals_as_of(ctx, 3, times):
-            counts = np.zeros(totals.shape)
-            for a, b, n in expected.filter(pl.col("timestamp") < time).group_by("a", "b").len().iter_rows():
-                counts[at[a], at[b]] = n
-            assert ids_as_of.equals(ids)
-            np.testing.assert_array_equal(as_of.toarray(), counts)
+    if not directed:  # the totals as of a few times (snapshot requests): the pairs dated strictly before each,
+        # in one call, in calls that resume the context's cursor (times after its last), and in calls that
+        # must start over (a time before it) or stay (the same time again)
+        days = [(0, 5, 17, 17.5, 39, 45), (0, 5), (17, 17.5), (39,), (39, 45), (5,), (17, 45)]
+        for chunk in days:
+            times = pl.Series([T0 + DAY * d for d in chunk]).cast(events["timestamp"].dtype)
+            for time, ids_as_of, as_of in covisitation.totals_as_of(ctx, 3, times):
+                counts = np.zeros(totals.shape)
+                for a, b, n in expected.filter(pl.col("timestamp") < time).group_by("a", "b").len().iter_rows():
+                    counts[at[a], at[b]] = n
+                assert ids_as_of.equals(ids)
+                np.testing.assert_array_equal(as_of.toarray(), counts)
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)

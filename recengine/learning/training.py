@@ -38,7 +38,9 @@ from recengine.parts.encoders import EmbeddingCache, create_encoder
 from recengine.parts.featureset import FeatureSet
 from recengine.parts.protocol import candidate_columns, encoders_of, learns
 
-REQUEST_KEYS = ["user_id", "timestamp"]
+# A request's keys, time first: training groups go in time order, so chunk after chunk the as-of
+# state of the features (co-visitation's totals as of each time) moves forward instead of restarting.
+REQUEST_KEYS = ["timestamp", "user_id"]
 # Training requests built at a time: with a few hundred candidates each, some hundreds of MB of rows
 # and their features' intermediates at most, whatever the log's size.
 CHUNK_REQUESTS = 2_000
