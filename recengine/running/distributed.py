@@ -570,20 +570,26 @@ class _EncodeTexts:
 
 
 def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
-    """A chunk runner for `recengine.learning.training.train` (`recengine train --engine ray`): each
-    chunk of training requests is a Ray task that builds its candidates, labels, sampled negatives and
-    features with the local job's own code and writes its part. The events, the feature set and the
-    context (learned states included) go to the object store once. The parts are the local ones, so
-    the model is too. The part folder must be on storage every node sees (the driver's temporary
-    folder: a local Ray, or a cluster on one machine; set TMPDIR to a shared mount otherwise)."""
+    """A chunk runner for `recengine.learning.training.train` (`recengine train --engine ray`): actors
+    of `cpus_per_task` CPUs each (as many as the cluster's CPUs hold, at most one per chunk) build the
+    chunks of training requests, each its candidates, labels, sampled negatives and features, with
+    the local job's own code, and write its part. The events, the feature set and the context (learned
+    states included) go to the object store once and each actor keeps them, with the as-of state its
+    chunks build: each actor takes one consecutive run of the chunks, which are in time order, so
+    that state moves forward as in the local job instead of restarting per chunk. The parts are the
+    local ones, so the model is too. The part folder must be on storage every node sees (the driver's
+    temporary folder: a local Ray, or a cluster on one machine; set TMPDIR to a shared mount otherwise)."""
     ray = _ray()
     check_address(address)
 
     def run(build, jobs, shared):
         connect(address)
-        task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(_on_node)
+        builder = ray.remote(num_cpus=cpus_per_task, max_restarts=2, max_task_retries=2)(_ChunkBuilder)
+        workers = max(1, min(len(jobs), int(ray.cluster_resources().get("CPU", 1) // cpus_per_task)))
         shared_ref = ray.put(shared)
-        pending = [task.remote(build, requests, part, shared_ref) for requests, part in jobs]
+        actors = [builder.remote(build, shared_ref) for _ in range(workers)]
+        per = -(-len(jobs) // workers)  # consecutive runs of chunks, one per actor; an actor runs its calls in order
+        pending = [actors[number // per].build.remote(requests, part) for number, (requests, part) in enumerate(jobs)]
         try:
             while pending:  # counted as they finish, whatever the order
                 done, pending = ray.wait(pending, num_returns=1)
@@ -594,13 +600,22 @@ def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
             for ref in pending:
                 ray.cancel(ref)
             raise _user_error(exc) or exc
+        finally:
+            for actor in actors:
+                ray.kill(actor)
 
     run.nodes = Counter()  # Ray node id -> chunks built there
     return run
 
 
-def _on_node(build, requests, part, shared) -> tuple[int, str]:
-    """`build` in a Ray task, with the node it ran on."""
-    import ray
+class _ChunkBuilder:
+    """A Ray actor that builds training chunks with one copy of the shared events and context."""
 
-    return build(requests, part, shared), ray.get_runtime_context().get_node_id()
+    def __init__(self, build, shared):
+        self.build_part, self.shared = build, shared
+
+    def build(self, requests, part) -> tuple[int, str]:
+        """`build_part` for one chunk, with the node it ran on."""
+        import ray
+
+        return self.build_part(requests, part, self.shared), ray.get_runtime_context().get_node_id()
