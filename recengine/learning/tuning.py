@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -212,21 +213,15 @@ def _tune_offsets(torch, items, contexts, targets, held_out, *, max_norm, temper
         order = train[torch.randperm(len(train), generator=shuffler).numpy()]
         return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
-    def step(pairs) -> float | None:
-        if len(pairs) < 2:
-            return None
-        weights = contexts[pairs]
-        negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
-        # Only the batch's own items are moved into the tuned space: each once, gathered by position.
-        rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))
+    def moved(rows: np.ndarray):
         at = torch.as_tensor(rows)
-        vectors = f.normalize(base[at] + offsets[at], dim=1)
-        users = f.normalize(torch.as_tensor(sp_columns(weights, rows), dtype=torch.float32) @ vectors, dim=1)
-        tgt = tgt_all[torch.as_tensor(pairs)]
-        positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]))]
-        hard = vectors[torch.as_tensor(np.searchsorted(rows, negatives))] if near is not None else None
-        loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard,
-                                 torch.as_tensor(negatives) if near is not None else None)
+        return f.normalize(base[at] + offsets[at], dim=1)
+
+    def step(pairs) -> float | None:
+        # Only the batch's own items are moved into the tuned space: each once, gathered by position.
+        loss = _batch_loss(torch, pairs, contexts, targets, near, log_q, temperature, moved)
+        if loss is None:
+            return None
         value = _descend(optimizer, loss)
         with torch.no_grad():  # back inside the ball: a small move, never a new item
             norms = offsets.norm(dim=1, keepdim=True)
@@ -440,19 +435,11 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
         return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def step(pairs) -> float | None:
-        weights = contexts[pairs]
-        negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
-        rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))  # each item encoded once per batch
-        vectors = encode_with(torch, model, encoder, token_ids, rows)
-        local = sp_columns(weights, rows)
-        users = torch.nn.functional.normalize(torch.as_tensor(local, dtype=torch.float32, device=device) @ vectors, dim=1)
-        tgt = tgt_all[pairs]
-        positives = vectors[torch.as_tensor(np.searchsorted(rows, targets[pairs]), device=device)]
-        if len(pairs) < 2:
+        # Each of the batch's items encoded once.
+        loss = _batch_loss(torch, pairs, contexts, targets, near, log_q, temperature,
+                           lambda rows: encode_with(torch, model, encoder, token_ids, rows), device)
+        if loss is None:
             return None
-        hard_vectors = vectors[torch.as_tensor(np.searchsorted(rows, negatives), device=device)] if near is not None else None
-        loss = _info_nce_vectors(torch, users, positives, tgt, log_q, temperature, hard_vectors,
-                                 torch.as_tensor(negatives, device=device) if near is not None else None)
         if adalora is None:
             return _descend(optimizer, loss)
         value = _descend(optimizer, loss + adalora.orth_weight * _orthogonality(torch, model))
@@ -466,6 +453,27 @@ def _tune_lora(torch, encoder, texts, contexts, targets, held_out, *, rank, alph
                        snapshot=adapter_state, desc="full" if full else ("adalora" if adalora else "lora"), progress=progress)
     result.seconds = time.perf_counter() - started
     return best, result
+
+
+def _batch_loss(torch, pairs: np.ndarray, contexts, targets: np.ndarray, near: np.ndarray | None, log_q, temperature: float,
+                vectors_of: Callable, device=None):
+    """The in-batch InfoNCE of a batch of (history, next item) pairs (None under 2 pairs), its items'
+    vectors made once each by `vectors_of(rows)` (their sorted indices): the offset and lora tunings'
+    step, which differ only in how an item becomes a vector."""
+    if len(pairs) < 2:
+        return None
+    weights = contexts[pairs]
+    negatives = near[targets[pairs]] if near is not None else np.empty((len(pairs), 0), dtype=np.int64)
+    rows = np.unique(np.concatenate([weights.indices, targets[pairs], negatives.ravel()]))
+    vectors = vectors_of(rows)
+
+    def of(ids: np.ndarray):  # the vectors of item ids, by their position in `rows`
+        return vectors[torch.as_tensor(np.searchsorted(rows, ids), device=device)]
+
+    users = torch.nn.functional.normalize(torch.as_tensor(sp_columns(weights, rows), dtype=torch.float32, device=device) @ vectors, dim=1)
+    tgt = torch.as_tensor(targets[pairs].astype(np.int64), device=device)
+    hard = (of(negatives), torch.as_tensor(negatives, device=device)) if near is not None else (None, None)
+    return _info_nce_vectors(torch, users, of(targets[pairs]), tgt, log_q, temperature, *hard)
 
 
 def sp_columns(matrix, columns: np.ndarray) -> np.ndarray:
