@@ -22,6 +22,7 @@ proposes at all, and where the rest is lost (never proposed, or proposed and ran
     .venv/bin/python benchmarks/movielens.py [--feature-set features/movielens.toml] [--cutoffs 10] [--seeds 3]
     .venv/bin/python benchmarks/movielens.py --no-peers --cutoffs 3 --seeds 3 \\
         --feature-set features/movielens.toml --feature-set features/tuned.toml    # frozen against tuned
+    .venv/bin/python benchmarks/movielens.py --peers popularity,itemknn,ease   # the quick peers only (no ALS, BPR, SASRec)
     .venv/bin/python benchmarks/movielens.py --engine ray [--address HEAD:6379] ...   # cutoffs x seeds as Ray tasks
 """
 
@@ -57,6 +58,7 @@ METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
 KEYS = ["cutoff", "user_id"]
 DEFAULT_FEATURE_SET = Path(__file__).resolve().parents[1] / "features" / "movielens.toml"
 TOP = 10
+PEERS = frozenset({"popularity", "itemknn", "als", "bpr", "ease", "sasrec"})  # every peer family
 
 
 def protocol(cutoffs: int) -> tuple[list[Window], pl.DataFrame, str]:
@@ -175,17 +177,20 @@ def implicit_top(model, matrix: sp.csr_matrix, users: np.ndarray, items: np.ndar
     return ranked_frame(request_users, np.where(np.isfinite(scores), ids, -1), items)
 
 
-def implicit_peers(matrix, users, items, request_users, seeds: int) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
+def implicit_peers(matrix, users, items, request_users, seeds: int, only: frozenset[str] = PEERS
+                   ) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
     from implicit.als import AlternatingLeastSquares
     from implicit.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import CosineRecommender
 
-    for k in (20, 50, 100, 200, 400):
+    for k in (20, 50, 100, 200, 400) if "itemknn" in only else ():
         yield "ItemKNN cosine", f"K={k}", None, implicit_top(CosineRecommender(K=k), matrix, users, items, request_users)
-    for (factors, reg, alpha), seed in itertools.product(itertools.product((32, 64, 128), (0.01, 1.0), (1.0, 10.0)), range(seeds)):
+    grid = itertools.product((32, 64, 128), (0.01, 1.0), (1.0, 10.0)) if "als" in only else ()
+    for (factors, reg, alpha), seed in itertools.product(grid, range(seeds)):
         model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=seed)
         yield "ALS", f"f={factors} r={reg} a={alpha}", seed, implicit_top(model, matrix, users, items, request_users)
-    for (factors, lr), seed in itertools.product(itertools.product((32, 64, 128), (0.01, 0.05)), range(seeds)):
+    grid = itertools.product((32, 64, 128), (0.01, 0.05)) if "bpr" in only else ()
+    for (factors, lr), seed in itertools.product(grid, range(seeds)):
         model = BayesianPersonalizedRanking(factors=factors, learning_rate=lr, regularization=0.01, iterations=100, random_state=seed)
         yield "BPR", f"f={factors} lr={lr}", seed, implicit_top(model, matrix, users, items, request_users)
 
@@ -239,18 +244,21 @@ def popularity_peers(window: Window) -> Iterator[tuple[str, str, int | None, pl.
         yield "popularity", "all time" if days is None else f"last {days} days", None, top.select("user_id", "item_id", "score")
 
 
-def peers(window: Window, lambdas: tuple[float, ...], ease_min_count: int, seeds: int
+def peers(window: Window, lambdas: tuple[float, ...], ease_min_count: int, seeds: int, only: frozenset[str] = PEERS
           ) -> Iterator[tuple[str, str, int | None, pl.DataFrame]]:
-    """(name, setting, seed or None, top 10) of every peer setting at one cutoff, each fit on the events
-    before it; the peers with randomness once per seed 0..seeds-1."""
+    """(name, setting, seed or None, top 10) of every peer setting at one cutoff (of the families in
+    `only`), each fit on the events before it; the peers with randomness once per seed 0..seeds-1."""
     request_users = window.requests["user_id"].to_numpy()
-    yield from popularity_peers(window)
+    if "popularity" in only:
+        yield from popularity_peers(window)
     matrix, users, items = user_item_matrix(window.events)
     warnings.filterwarnings("ignore", message="Method expects CSR input")  # implicit's cosine, once per fit
     with threadpool_limits(1, user_api="blas"):  # implicit's advice: BLAS threads fight its own
-        yield from implicit_peers(matrix, users, items, request_users, seeds)
-    yield from ease_peers(matrix, users, items, request_users, lambdas, ease_min_count)
-    yield from sasrec_peers(window, request_users, seeds)
+        yield from implicit_peers(matrix, users, items, request_users, seeds, only)
+    if "ease" in only:
+        yield from ease_peers(matrix, users, items, request_users, lambdas, ease_min_count)
+    if "sasrec" in only:
+        yield from sasrec_peers(window, request_users, seeds)
 
 
 def median_seed(runs: dict[int | None, pl.DataFrame], truth: pl.DataFrame) -> tuple[dict, pl.DataFrame, int | None]:
@@ -380,10 +388,15 @@ def main() -> None:
                         help="Train recengine's cutoffs and seeds here one by one, or as parallel Ray tasks.")
     parser.add_argument("--address", help="With --engine ray: the cluster (default: a local Ray).")
     parser.add_argument("--no-recengine", action="store_true", help="Only the peers.")
+    parser.add_argument("--peers", default=",".join(sorted(PEERS)),
+                        help="The peer families to run, comma-separated (default: all of them).")
     parser.add_argument("--ease-lambdas", default="500,1000,2000,4000")
     parser.add_argument("--ease-min-count", type=int, default=2, help="EASE's items: those with at least N users before c.")
     args = parser.parse_args()
 
+    only = frozenset(name.strip().lower() for name in args.peers.split(",") if name.strip())
+    if only - PEERS:
+        parser.error(f"--peers {args.peers}: unknown {', '.join(sorted(only - PEERS))}; give some of {', '.join(sorted(PEERS))}.")
     chosen, truth, described = protocol(args.cutoffs)
     print(described, flush=True)
 
@@ -403,7 +416,7 @@ def main() -> None:
         found: dict[tuple[str, str], dict[int | None, list[pl.DataFrame]]] = {}
         started = time.perf_counter()
         for window in chosen:
-            for name, setting, seed, top in peers(window, lambdas, args.ease_min_count, args.seeds):
+            for name, setting, seed, top in peers(window, lambdas, args.ease_min_count, args.seeds, only):
                 found.setdefault((name, setting.split(", ")[0]), {}).setdefault(seed, []).append(tagged(top, window))
             print(f"peers fit at {window.label} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         best: dict[str, tuple[str, dict, pl.DataFrame]] = {}
