@@ -38,9 +38,10 @@ from recengine.parts.encoders import EmbeddingCache, create_encoder
 from recengine.parts.featureset import FeatureSet
 from recengine.parts.protocol import candidate_columns, encoders_of, learns
 
-# A request's keys, time first: training groups go in time order, so chunk after chunk the as-of
-# state of the features (co-visitation's totals as of each time) moves forward instead of restarting.
-REQUEST_KEYS = ["timestamp", "user_id"]
+REQUEST_KEYS = ["user_id", "timestamp"]
+# The order training groups are built and stored in: by time, so chunk after chunk the as-of state of
+# the features (co-visitation's totals as of each time) moves forward instead of restarting.
+GROUP_ORDER = ["timestamp", "user_id"]
 # Training requests built at a time: with a few hundred candidates each, some hundreds of MB of rows
 # and their features' intermediates at most, whatever the log's size.
 CHUNK_REQUESTS = 2_000
@@ -215,7 +216,7 @@ def training_parts(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fe
     tasks on a cluster) yields each chunk's request count as it finishes."""
     if chunk_requests < 1:
         raise ConfigError(f"chunk_requests = {chunk_requests}: give a number of requests per chunk, at least 1.")
-    requests = requests.sort(*REQUEST_KEYS)
+    requests = requests.sort(*GROUP_ORDER)
     jobs = [(requests.slice(start, chunk_requests), folder / f"part-{number:05d}.parquet")
             for number, start in enumerate(range(0, max(requests.height, 1), chunk_requests))]
     shared = (events, feature_set, context, window, until)
@@ -250,7 +251,7 @@ def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fea
     theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
     truth = future_items(requests, theirs, window, until=until)
     rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
-    rows = attach_labels(rows, truth).sort(*REQUEST_KEYS, "item_id")
+    rows = attach_labels(rows, truth).sort(*GROUP_ORDER, "item_id")
     return compute_features(sampled(rows, feature_set), feature_set.build_extractors(), context)
 
 
