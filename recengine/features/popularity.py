@@ -22,10 +22,10 @@ class ItemPopularity:
     scope = "item"
 
     def __init__(self, windows_days: Sequence[float] = (1, 7, 30, 365), half_lives_days: Sequence[float] = (14,)):
-        for days in windows_days:
-            check_number("item_popularity", "windows_days", days, above=0)
-        for days in half_lives_days:
-            check_number("item_popularity", "half_lives_days", days, above=0)
+        for window in windows_days:
+            check_number("item_popularity", "windows_days", window, above=0)
+        for half_life in half_lives_days:
+            check_number("item_popularity", "half_lives_days", half_life, above=0)
         self.windows = list(windows_days)
         self.half_lives = list(half_lives_days)
         self.columns = (
