@@ -129,16 +129,19 @@ def totals_as_of(context, window: int, times: pl.Series, directed: bool = False)
     seq = _sequences(context)
     n = len(seq.ids)
     at, order = context.memo("covis_time_order", lambda: _time_order(seq))
-    cursor = context.memo(("covis_cursor", window, directed), dict)  # {"at", "end", "totals"}: the last time's
+    # The last time's (time, events before it, totals), read and replaced whole: one consistent state
+    # even if two threads share the context.
+    cursor = context.memo(("covis_cursor", window, directed), dict)
     stamps = times.cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
-    if cursor and len(stamps) and cursor["at"] <= stamps[0]:
-        start, totals = cursor["end"], cursor["totals"]
+    last = cursor.get("last")
+    if last is not None and len(stamps) and last[0] <= stamps[0]:
+        _, start, totals = last
     else:
         start, totals = 0, sp.csr_matrix((n, n))
     for time, stamp in zip(times, stamps):
         end = int(np.searchsorted(at, stamp, side="left"))  # the events strictly before this time
         totals = summed(pair_blocks(seq, window, directed, later=np.sort(order[start:end])), n, totals)
-        cursor.update(at=stamp, end=end, totals=totals)
+        cursor["last"] = (stamp, end, totals)
         start = end
         yield time, seq.ids, totals
 
