@@ -117,6 +117,28 @@ def test_chunked_rows_equal_the_whole_table_to_the_bit(small_budget, tmp_path):
     assert tables[0]["label"].sum() == whole["label"].sum() > 0
 
 
+def test_validation_in_parts_equals_the_whole_table_and_its_metrics(small_budget):
+    # Validation streams as training does: every candidate of each chunk of requests, a part each.
+    # Read back, the parts are the whole table (in group order), and the metrics computed a part at a
+    # time are the metrics of the whole table, to the bit.
+    from recengine.learning.training import Split, catalogue_size, evaluate_split, interaction_splits
+
+    data = Dataset(interactions(n_users=120).lazy(), catalogue().lazy())
+    context = FeatureContext.from_frames(data.events, data.items)
+    events = context.events.collect()
+    train_split, val_split = interaction_splits(events, small_budget, context, chunk_requests=9)
+    assert len(val_split.parts) == -(-val_split.requests // 9) > 3
+    requests = val_split.rows.select(*REQUEST_KEYS).unique().sort(*GROUP_ORDER)
+    whole = labelled_candidates(requests, val_split.truth, small_budget, context, GROUP_ORDER)
+    assert val_split.rows.select(whole.columns).equals(whole)
+    assert whole["label"].sum() > 0 and whole.height > 20 * requests.height  # every candidate, none sampled
+    no_refit = FeatureSet.from_dict({**small_budget.to_dict(), "ranker": {**small_budget.ranker, "refit": False}})
+    trained = train(data, no_refit, progress=False, say=quiet, chunk_requests=9)  # metrics of the model it returns
+    keys, size = REQUEST_KEYS, catalogue_size(data, events)
+    in_memory = Split(trained.validation.rows, trained.validation.truth, trained.validation.requests)
+    assert evaluate_split(trained.model, in_memory, no_refit, context, keys, size) == (trained.metrics, trained.baselines)
+
+
 def test_model_does_not_depend_on_the_chunk_size(small_budget):
     data = Dataset(interactions().lazy(), catalogue().lazy())
     one = train(data, small_budget, progress=False, say=quiet, chunk_requests=10_000)
@@ -147,7 +169,7 @@ from pathlib import Path
 import polars as pl
 from recengine.parts.context import FeatureContext
 from recengine.parts.featureset import FeatureSet
-from recengine.learning.training import training_parts
+from recengine.learning.training import build_chunks, plan_chunks, training_parts
 from recengine.learning.samples import sample_requests
 from synthetic import catalogue, feature_set, interactions
 
@@ -174,11 +196,19 @@ for name, size in (("warm-up", 50), ("chunked", 50), ("whole", requests.height))
     open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
     training_parts(requests, events, fs, context, None, None, folder, chunk_requests=size)
     out[name] = hwm_mb() - base
+for name, size in (("validation chunked", 50), ("validation whole", requests.height)):  # every candidate, labelled
+    folder = Path(sys.argv[1]) / name
+    folder.mkdir()
+    base = rss_mb()
+    open("/proc/self/clear_refs", "w").write("5")
+    build_chunks(plan_chunks(requests, folder, size, "validation", validation=True), (events, fs, context, None, None))
+    out[name] = hwm_mb() - base
 print(json.dumps(out))
 """
 
 
 def test_peak_memory_follows_the_chunk_not_the_table(tmp_path):
+    # Training's parts and validation's alike.
     script = MEMORY_SCRIPT.format(tests=str(Path(__file__).parent))
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -186,6 +216,7 @@ def test_peak_memory_follows_the_chunk_not_the_table(tmp_path):
     # The whole table (1,200 requests x ~400 candidates) needs far more than 50 requests at a time.
     assert peaks["chunked"] < 120, peaks
     assert peaks["whole"] > 2.5 * peaks["chunked"], peaks
+    assert peaks["validation chunked"] < 120 and peaks["validation whole"] > 2.5 * peaks["validation chunked"], peaks
 
 
 def test_covisitation_source_in_small_join_batches_proposes_the_same(monkeypatch):

@@ -228,6 +228,23 @@ def test_metrics_by_hand():
     assert m["auc"] == pytest.approx(np.mean([0.5, 0.0])) and m["requests"] == 3
 
 
+def test_metrics_of_parts_summed_equal_the_whole_and_ties_go_to_the_smaller_item():
+    from recengine.core.metrics import request_metrics, summarise
+
+    rng = np.random.default_rng(0)
+    n = 600
+    ranked = pl.DataFrame({"user_id": rng.integers(0, 40, n), "item_id": rng.integers(0, 80, n),
+                           "score": rng.integers(0, 4, n).astype(float)}).unique(["user_id", "item_id"]).sort("user_id", "item_id")
+    truth = pl.DataFrame({"user_id": rng.integers(0, 45, 200), "item_id": rng.integers(0, 80, 200)}).unique().sort("user_id", "item_id")
+    whole = evaluate(ranked, truth, ["user_id"], (5, 10), catalogue_size=80)
+    parts = [request_metrics(ranked.filter(pl.col("user_id") % 3 == r), truth, ["user_id"], (5, 10)) for r in range(3)]
+    assert summarise(pl.concat(parts), truth, ["user_id"], (5, 10), 80) == whole  # to the bit
+    # Scores tie a lot here: the smaller item id wins each tie, whatever order the rows come in.
+    assert evaluate(ranked.sample(fraction=1.0, shuffle=True, seed=1), truth, ["user_id"], (5, 10), 80) == whole
+    tied = pl.DataFrame({"user_id": [1, 1], "item_id": [7, 3], "score": [1.0, 1.0]})
+    assert evaluate(tied, pl.DataFrame({"user_id": [1], "item_id": [3]}), ["user_id"], (1,))["hr@1"] == 1.0
+
+
 def test_candidates_never_include_an_item_the_catalogue_lacks():
     # Item 6 has events (the most popular, next to user 1's items) but no catalogue row: withdrawn.
     events = pl.concat([BASE, log([(4, 6, T0 - 2 * DAY, 5.0), (5, 6, T0 - 2 * DAY, 5.0), (1, 6, T0 - 4 * DAY, 3.0)])])

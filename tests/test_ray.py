@@ -327,9 +327,12 @@ def test_training_on_ray_gives_the_local_model_byte_for_byte(local_training, loc
     data, fs, local = local_training
     runner = ray_chunks()
     ran = train(data, fs, progress=False, say=lambda *_: None, chunk_requests=40, run_chunks=runner)
-    assert len(ran.train.parts) == len(local.train.parts) > 3 and sum(runner.nodes.values()) == len(ran.train.parts)
-    assert [p.read_bytes() for p in ran.train.parts] == [p.read_bytes() for p in local.train.parts]
+    assert len(ran.train.parts) == len(local.train.parts) > 3 and len(ran.validation.parts) == len(local.validation.parts) > 1
+    assert sum(runner.nodes.values()) == len(ran.train.parts) + len(ran.validation.parts)  # validation's chunks too
+    for split in ("train", "validation"):
+        assert [p.read_bytes() for p in getattr(ran, split).parts] == [p.read_bytes() for p in getattr(local, split).parts]
     assert ran.model.booster.model_to_string() == local.model.booster.model_to_string()
+    assert ran.metrics == local.metrics
 
 
 def test_training_on_a_simulated_cluster_uses_both_nodes(local_training, local_cluster):

@@ -569,7 +569,7 @@ def _log_model(mlflow, result: TrainResult):
     )
     example = None
     if result.validation is not None:
-        example = result.validation.rows.head(3).select(result.model.features).to_pandas()
+        example = result.validation.head(3).select(result.model.features).to_pandas()
     with tempfile.TemporaryDirectory() as tmp:
         folder = result.model.save(Path(tmp) / "ranker")
         info = mlflow.pyfunc.log_model(

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from recengine.core.data import Dataset, write_parquet_atomic
-from recengine.core.metrics import evaluate
+from recengine.core.metrics import request_metrics, summarise
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import SPEC_FORMAT, RankerModel
 from recengine.learning.samples import (attach_labels, cap_groups, future_items, sample_negatives, sample_requests,
@@ -52,9 +52,10 @@ IMPRESSION_KEYS = ["request_id"]
 class Split:
     """One side of the time split: labelled candidate rows (sorted by group) and the truth.
 
-    Validation rows are held in memory (`frame`). Training rows can be far more, so they stream to
-    disk as parquet `parts` (one per chunk of requests, in group order) and LightGBM reads them back
-    a part at a time; `rows` reads them all, for tests and small data."""
+    Rows are held in memory (`frame`: impression logs, a held-out window) or, for interaction logs,
+    where they can be far more, stream to disk as parquet `parts` (one per chunk of requests, in group
+    order) that LightGBM and the evaluation read back a part at a time; `rows` reads them all, for
+    tests and small data."""
 
     frame: pl.DataFrame | None
     truth: pl.DataFrame | None
@@ -66,7 +67,15 @@ class Split:
     def rows(self) -> pl.DataFrame:
         if self.frame is not None:
             return self.frame
-        return pl.concat([pl.read_parquet(part) for part in self.parts], how="vertical_relaxed")
+        return pl.concat(list(self.chunks()), how="vertical_relaxed")
+
+    def chunks(self) -> Iterator[pl.DataFrame]:
+        """The rows a part at a time (the frame, if held in memory)."""
+        if self.frame is not None:
+            yield self.frame
+            return
+        for part in self.parts:
+            yield pl.read_parquet(part)
 
     @property
     def height(self) -> int:
@@ -137,7 +146,7 @@ def train(
         train_split, val_split = interaction_splits(events, feature_set, context, chunk_requests, progress, run_chunks)
     lap("candidates_and_features")
     say(f"  train: {train_split.requests:,} requests, {train_split.height:,} rows; "
-        f"validation: {val_split.requests:,} requests, {val_split.rows.height:,} rows ({timings['candidates_and_features']:.1f} s)")
+        f"validation: {val_split.requests:,} requests, {val_split.height:,} rows ({timings['candidates_and_features']:.1f} s)")
 
     features = feature_columns(feature_set)
     booster, history = fit(train_split, val_split, features, keys, feature_set.ranker, progress)
@@ -193,16 +202,48 @@ def interaction_splits(events: pl.DataFrame, feature_set: FeatureSet, context: F
     train_requests = cap_groups(train_requests, labels["max_training_groups"], labels["seed"])
     val_requests = cap_groups(val_requests, labels["max_validation_groups"], labels["seed"])
     window = labels["horizon_days"] if snapshots else labels["window_days"] or None
-    # Training labels stop at the boundary, so no training row learns from the validation period.
     folder = tempfile.TemporaryDirectory(prefix="recengine-train-")
-    parts = training_parts(train_requests, events, feature_set, context, window, boundary, Path(folder.name),
-                           chunk_requests, progress, run_chunks)
+    # Training labels stop at the boundary, so no training row learns from the validation period.
+    # Validation keeps every candidate: its metrics are the ranker's on the lists it will really rank.
+    # Both are built in one pass of chunks in time order (validation's come after the boundary), so
+    # the features' as-of state moves forward through both.
+    chunks = [*plan_chunks(train_requests, Path(folder.name), chunk_requests, "part"),
+              *plan_chunks(val_requests, Path(folder.name), chunk_requests, "validation", validation=True)]
+    build_chunks(chunks, (events, feature_set, context, window, boundary), progress, run_chunks)
     val_truth = future_items(val_requests, events.lazy(), window)
     if feature_set.exclude_seen:
         val_truth = drop_seen(val_truth.lazy(), context.events).collect()
-    # Validation keeps every candidate: its metrics are the ranker's on the lists it will really rank.
-    validation = Split(labelled_candidates(val_requests, val_truth, feature_set, context), val_truth, val_requests.height)
-    return Split(None, None, train_requests.height, parts, folder), validation
+    train_parts = [chunk.part for chunk in chunks if not chunk.validation]
+    val_parts = [chunk.part for chunk in chunks if chunk.validation]
+    return (Split(None, None, train_requests.height, train_parts, folder),
+            Split(None, val_truth, val_requests.height, val_parts, folder))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A consecutive run of requests (in group order) and the parquet part its rows are written to:
+    training rows (labels stop at the boundary, negatives sampled) or validation rows (every candidate)."""
+
+    requests: pl.DataFrame
+    part: Path
+    validation: bool = False
+
+
+def plan_chunks(requests: pl.DataFrame, folder: Path, chunk_requests: int, prefix: str, validation: bool = False) -> list[Chunk]:
+    if chunk_requests < 1:
+        raise ConfigError(f"chunk_requests = {chunk_requests}: give a number of requests per chunk, at least 1.")
+    requests = requests.sort(*GROUP_ORDER)
+    return [Chunk(requests.slice(start, chunk_requests), folder / f"{prefix}-{number:05d}.parquet", validation)
+            for number, start in enumerate(range(0, requests.height, chunk_requests))]
+
+
+def build_chunks(chunks: list[Chunk], shared: tuple, progress: bool = False, run_chunks: "ChunkRunner | None" = None) -> None:
+    """Every chunk's part, built by `run_chunks` (default: here, one after the other; the Ray engine's
+    runs them on a cluster), which yields each chunk's request count as it finishes."""
+    with tqdm(total=sum(chunk.requests.height for chunk in chunks), desc="training and validation groups",
+              unit="request", disable=not progress) as bar:
+        for done in (run_chunks or run_here)(build_part, chunks, shared):
+            bar.update(done)
 
 
 def training_parts(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
@@ -212,35 +253,31 @@ def training_parts(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fe
 
     Chunks are consecutive runs of the requests in group order, and every step is per request (the
     negatives' draw included), so the parts, read in order, are the whole table to the bit, whichever
-    runner built them: `run_chunks` (default: here, one after the other; the Ray engine's runs them as
-    tasks on a cluster) yields each chunk's request count as it finishes."""
-    if chunk_requests < 1:
-        raise ConfigError(f"chunk_requests = {chunk_requests}: give a number of requests per chunk, at least 1.")
-    requests = requests.sort(*GROUP_ORDER)
-    jobs = [(requests.slice(start, chunk_requests), folder / f"part-{number:05d}.parquet")
-            for number, start in enumerate(range(0, max(requests.height, 1), chunk_requests))]
-    shared = (events, feature_set, context, window, until)
-    with tqdm(total=requests.height, desc="training groups", unit="request", disable=not progress) as bar:
-        for done in (run_chunks or run_here)(build_part, jobs, shared):
-            bar.update(done)
-    return [part for _, part in jobs]
+    runner built them."""
+    chunks = plan_chunks(requests, folder, chunk_requests, "part")
+    build_chunks(chunks, (events, feature_set, context, window, until), progress, run_chunks)
+    return [chunk.part for chunk in chunks]
 
 
-# A way to run `build_part` over chunks: (build_part, [(requests, part path)], shared) -> each chunk's count.
-ChunkRunner = Callable[[Callable[..., int], list[tuple[pl.DataFrame, Path]], tuple], Iterable[int]]
+# A way to run `build_part` over chunks: (build_part, chunks, shared) -> each chunk's request count.
+ChunkRunner = Callable[[Callable[[Chunk, tuple], int], list[Chunk], tuple], Iterable[int]]
 
 
-def run_here(build: Callable[..., int], jobs: list[tuple[pl.DataFrame, Path]], shared: tuple) -> Iterator[int]:
+def run_here(build: Callable[[Chunk, tuple], int], chunks: list[Chunk], shared: tuple) -> Iterator[int]:
     """The local runner: each chunk in turn, in this process."""
-    for requests, part in jobs:
-        yield build(requests, part, shared)
+    for chunk in chunks:
+        yield build(chunk, shared)
 
 
-def build_part(requests: pl.DataFrame, part: Path, shared: tuple) -> int:
-    """One chunk's training rows, written to `part` (whole or not at all); returns its request count."""
+def build_part(chunk: Chunk, shared: tuple) -> int:
+    """One chunk's rows, written to its part (whole or not at all); returns its request count."""
     events, feature_set, context, window, until = shared
-    write_parquet_atomic(training_rows(requests, events, feature_set, context, window, until), part)
-    return requests.height
+    if chunk.validation:
+        rows = validation_rows(chunk.requests, events, feature_set, context, window)
+    else:
+        rows = training_rows(chunk.requests, events, feature_set, context, window, until)
+    write_parquet_atomic(rows, chunk.part)
+    return chunk.requests.height
 
 
 def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
@@ -255,6 +292,15 @@ def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fea
     return compute_features(sampled(rows, feature_set), feature_set.build_extractors(), context)
 
 
+def validation_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
+                    window: float | None) -> pl.DataFrame:
+    """Every candidate of `requests`, labelled by what the user took in the window, with features,
+    sorted by group and item."""
+    theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
+    truth = future_items(requests, theirs, window)
+    return labelled_candidates(requests, truth, feature_set, context, GROUP_ORDER)
+
+
 def sampled(rows: pl.DataFrame, feature_set: FeatureSet) -> pl.DataFrame:
     """`rows` (labelled request groups) with the negatives the feature set's [labels] budget keeps, hard
     ones by the ranks of its sources."""
@@ -264,8 +310,9 @@ def sampled(rows: pl.DataFrame, feature_set: FeatureSet) -> pl.DataFrame:
                             labels["seed"])
 
 
-def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> pl.DataFrame:
-    return attach_labels(feature_set.candidate_rows(requests, context), truth).sort(*REQUEST_KEYS, "item_id")
+def labelled_candidates(requests: pl.DataFrame, truth: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext,
+                        order: list[str] = REQUEST_KEYS) -> pl.DataFrame:
+    return attach_labels(feature_set.candidate_rows(requests, context), truth).sort(*order, "item_id")
 
 
 def impression_splits(events: pl.DataFrame, feature_set: FeatureSet, context: FeatureContext) -> tuple[Split, Split]:
@@ -365,16 +412,20 @@ def refit(train_split: Split, val_split: Split, features: list[str], keys: list[
           best: int) -> lgb.Booster:
     """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows.
     The validation groups join with their negatives sampled as the training groups' were."""
-    val_rows = sampled(val_split.rows, feature_set) if keys == REQUEST_KEYS else val_split.rows
     requests = train_split.requests + val_split.requests
     if train_split.frame is not None:
+        val_rows = sampled(val_split.rows, feature_set) if keys == REQUEST_KEYS else val_split.rows
         train_rows = _useful(train_split.frame, keys).height
         both = Split(pl.concat([train_split.frame, val_rows], how="diagonal_relaxed"), None, requests)
     else:
         train_rows = train_split.height
-        part = Path(train_split.folder.name) / "validation.parquet"
-        val_rows.select(train_split.head(0).columns).write_parquet(part)
-        both = Split(None, None, requests, [*train_split.parts, part], train_split.folder)
+        columns = train_split.head(0).columns
+        parts = []
+        for number, rows in enumerate(val_split.chunks()):
+            part = Path(train_split.folder.name) / f"validation-sampled-{number:05d}.parquet"
+            sampled(rows, feature_set).select(columns).write_parquet(part)
+            parts.append(part)
+        both = Split(None, None, requests, [*train_split.parts, *parts], train_split.folder)
     dataset = lgb_dataset(both, features, keys)
     rounds = max(1, round(best * len(dataset.get_label()) / train_rows))
     booster = lgb.train(lgb_params(feature_set.ranker), dataset, num_boost_round=rounds)
@@ -397,8 +448,8 @@ def lgb_dataset(split: Split, features: list[str], keys: list[str]) -> lgb.Datas
         matrix = useful.select(pl.col(features).cast(pl.Float64)).to_numpy()
         return lgb.Dataset(matrix, label=_labels(useful), group=_group_sizes(useful, keys), feature_name=features,
                            free_raw_data=False)
-    heads = [pl.read_parquet(part, columns=[*keys, "label"]) for part in split.parts]
-    sequences = [_Part(part, features, head.height) for part, head in zip(split.parts, heads) if head.height]
+    heads = [_useful(pl.read_parquet(part, columns=[*keys, "label"]), keys) for part in split.parts]
+    sequences = [_Part(part, features, keys, head.height) for part, head in zip(split.parts, heads) if head.height]
     if not sequences:
         return None
     heads = [head for head in heads if head.height]
@@ -416,14 +467,15 @@ def _group_sizes(rows: pl.DataFrame, keys: list[str]) -> np.ndarray:
 
 
 class _Part(lgb.Sequence):
-    """One training part's feature matrix for LightGBM, read from its parquet file when first asked
-    for. LightGBM asks for rows in increasing order, part after part, so one part is held at a time."""
+    """One part's feature matrix for LightGBM (the rows of its groups that hold a positive), read from
+    its parquet file when first asked for. LightGBM asks for rows in increasing order, part after
+    part, so one part is held at a time."""
 
     batch_size = 65_536
     _held: tuple[Any, np.ndarray | None] = (None, None)  # (part, its matrix): the one part in memory
 
-    def __init__(self, path: Path, features: list[str], height: int):
-        self.path, self.features, self.height = path, features, height
+    def __init__(self, path: Path, features: list[str], keys: list[str], height: int):
+        self.path, self.features, self.keys, self.height = path, features, keys, height
 
     def __len__(self) -> int:
         return self.height
@@ -431,8 +483,8 @@ class _Part(lgb.Sequence):
     def __getitem__(self, index):
         held, matrix = _Part._held
         if held is not self:
-            matrix = pl.read_parquet(self.path, columns=self.features).select(
-                pl.col(self.features).cast(pl.Float64)).to_numpy()
+            rows = _useful(pl.read_parquet(self.path, columns=list(dict.fromkeys([*self.features, *self.keys, "label"]))), self.keys)
+            matrix = rows.select(pl.col(self.features).cast(pl.Float64)).to_numpy()
             _Part._held = (self, matrix)
         return matrix[index]
 
@@ -447,20 +499,24 @@ def evaluate_split(
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The ranker's metrics on `split`, and the same metrics for each source alone and for popularity."""
     ks = tuple(feature_set.ranker["eval_at"])
-    rows = split.rows
-    metrics = evaluate(rows.with_columns(pl.Series("score", model.score(rows))), split.truth, keys, ks, catalogue)
-    baselines = {}
-    for name in feature_set.candidates:
-        column = candidate_columns(name)[0]
-        if column in rows.columns:
-            alone = rows.filter(pl.col(column).is_not_null()).with_columns(pl.col(column).alias("score"))
-            baselines[f"source_{name}"] = evaluate(alone, split.truth, keys, ks, catalogue)
-    # Popularity re-ranking the same candidates: the lift a ranker must at least show.
     columns = list(dict.fromkeys([*keys, "user_id", "item_id", "timestamp"]))
     counts = plugins.create("feature_extractors", "item_popularity", {"windows_days": [], "half_lives_days": []})
-    counted = compute_features(rows.select(columns), [counts], context)
-    baselines["popularity"] = evaluate(counted.rename({"item_count_all": "score"}), split.truth, keys, ks, catalogue)
-    return metrics, baselines
+    per_request: dict[str, list[pl.DataFrame]] = {}
+
+    def add(name: str, ranked: pl.DataFrame) -> None:
+        per_request.setdefault(name, []).append(request_metrics(ranked, split.truth, keys, ks))
+
+    for rows in split.chunks():  # requests are independent: a part at a time, in bounded memory
+        add("model", rows.with_columns(pl.Series("score", model.score(rows))))
+        for name in feature_set.candidates:
+            column = candidate_columns(name)[0]
+            if column in rows.columns:
+                add(f"source_{name}", rows.filter(pl.col(column).is_not_null()).with_columns(pl.col(column).alias("score")))
+        # Popularity re-ranking the same candidates: the lift a ranker must at least show.
+        counted = compute_features(rows.select(columns), [counts], context)
+        add("popularity", counted.rename({"item_count_all": "score"}))
+    summaries = {name: summarise(pl.concat(frames), split.truth, keys, ks, catalogue) for name, frames in per_request.items()}
+    return summaries.pop("model"), summaries
 
 
 def model_spec(feature_set: FeatureSet, features: list[str], keys: list[str], booster: lgb.Booster, trained_on: dict) -> dict[str, Any]:

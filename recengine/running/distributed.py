@@ -572,7 +572,7 @@ class _EncodeTexts:
 def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
     """A chunk runner for `recengine.learning.training.train` (`recengine train --engine ray`): actors
     of `cpus_per_task` CPUs each (as many as the cluster's CPUs hold, at most one per chunk) build the
-    chunks of training requests, each its candidates, labels, sampled negatives and features, with
+    chunks of training and validation requests, each its candidates, labels, sampled negatives (training) and features, with
     the local job's own code, and write its part. The events, the feature set and the context (learned
     states included) go to the object store once and each actor keeps them, with the as-of state its
     chunks build: each actor takes one consecutive run of the chunks, which are in time order, so
@@ -589,7 +589,7 @@ def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
         shared_ref = ray.put(shared)
         actors = [builder.remote(build, shared_ref) for _ in range(workers)]
         per = -(-len(jobs) // workers)  # consecutive runs of chunks, one per actor; an actor runs its calls in order
-        pending = [actors[number // per].build.remote(requests, part) for number, (requests, part) in enumerate(jobs)]
+        pending = [actors[number // per].build.remote(chunk) for number, chunk in enumerate(jobs)]
         try:
             while pending:  # counted as they finish, whatever the order
                 done, pending = ray.wait(pending, num_returns=1)
@@ -609,13 +609,13 @@ def ray_chunks(address: str | None = None, cpus_per_task: float = 1):
 
 
 class _ChunkBuilder:
-    """A Ray actor that builds training chunks with one copy of the shared events and context."""
+    """A Ray actor that builds training and validation chunks with one copy of the shared events and context."""
 
     def __init__(self, build, shared):
         self.build_part, self.shared = build, shared
 
-    def build(self, requests, part) -> tuple[int, str]:
+    def build(self, chunk) -> tuple[int, str]:
         """`build_part` for one chunk, with the node it ran on."""
         import ray
 
-        return self.build_part(requests, part, self.shared), ray.get_runtime_context().get_node_id()
+        return self.build_part(chunk, self.shared), ray.get_runtime_context().get_node_id()
