@@ -84,13 +84,14 @@ def summed(blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int,
     count is copied O(log blocks) times, not once per block as adding every block to one total would."""
     stack: list[sp.csr_matrix] = []
     for a, b, _ in blocks:
-        part = sp.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))  # duplicates summed
+        # Counts as int32 (8 bytes a stored pair with its index, not float64's 12): exact, and far below 2^31.
+        part = sp.csr_matrix((np.ones(len(a), dtype=np.int32), (a, b)), shape=(n, n))  # duplicates summed
         while stack and 2 * part.nnz >= stack[-1].nnz:
             part = stack.pop() + part
         stack.append(part)
     for part in reversed(stack):
         totals = part if totals is None else totals + part
-    return sp.csr_matrix((n, n)) if totals is None else totals
+    return sp.csr_matrix((n, n), dtype=np.int32) if totals is None else totals
 
 
 def _sequences(context) -> Sequences:
@@ -137,7 +138,7 @@ def totals_as_of(context, window: int, times: pl.Series, directed: bool = False)
     if last is not None and len(stamps) and last[0] <= stamps[0]:
         _, start, totals = last
     else:
-        start, totals = 0, sp.csr_matrix((n, n))
+        start, totals = 0, sp.csr_matrix((n, n), dtype=np.int32)
     for time, stamp in zip(times, stamps):
         end = int(np.searchsorted(at, stamp, side="left"))  # the events strictly before this time
         totals = summed(pair_blocks(seq, window, directed, later=np.sort(order[start:end])), n, totals)
@@ -322,6 +323,8 @@ class CovisitationSource:
     def _after_all_pairs(self, seeds: pl.DataFrame, context) -> pl.LazyFrame:
         """Requests after the last pair (ranking "now") see every pair, so their scores are one sparse
         product, seed weights x pair totals, instead of a join as long as seeds x neighbours."""
+        if not seeds.height:  # the totals over every pair (a matrix kept for the run) only when a request needs them
+            return self._scores(seeds, None, None, context)
         ids, totals = pair_totals(context, self.window)
         return self._scores(seeds, ids, totals, context)
 
