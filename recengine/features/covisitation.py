@@ -28,6 +28,10 @@ from recengine.parts.plugins import check_number
 
 # Requests per distinct time above which the source scores them as of each time (snapshot requests).
 SHARED_TIME = 20
+# Distinct times few enough to step the context's totals to, whatever the requests, once those totals
+# are at or before the first of them (the last chunks of a run, however small): each step copies the
+# totals once, while the other way, the dated pair table, is events x 2 x window rows held for the run.
+FEW_TIMES = 4
 # Rows of the point-in-time pair join the co-visitation source holds at once (about 40 bytes each).
 JOIN_ROWS = 5_000_000
 # Pairs found at once (24 bytes each) when they are summed into totals rather than kept.
@@ -147,6 +151,17 @@ def totals_as_of(context, window: int, times: pl.Series, directed: bool = False)
         yield time, seq.ids, totals
 
 
+def as_of_pays(context, window: int, directed: bool, times: pl.Series, requests: int) -> bool:
+    """Whether requests at `times` (sorted, distinct) should read the totals as of each time rather
+    than join with every dated pair: when many requests share each time, or when the totals kept from
+    the last call are at or before the first time and the times are few (chunks in time order)."""
+    if times.len() * SHARED_TIME < requests:
+        return True
+    last = context.memo(("covis_cursor", window, directed), dict).get("last")
+    first = times.head(1).cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
+    return last is not None and times.len() <= FEW_TIMES and len(first) > 0 and last[0] <= first[0]
+
+
 def _time_order(seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """The events' times (ms) sorted, and their positions in that order (ties in position order)."""
     stamps = seq.times.cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
@@ -201,7 +216,7 @@ class Covisitation:
         history = history.join(seed_events, on="_row").drop("_row")
         expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
         times = requests.select(pl.col("timestamp").unique().sort()).collect().to_series()
-        if times.len() * SHARED_TIME < profiles.select(pl.len()).collect().item():
+        if as_of_pays(context, self.window, self.directed, times, profiles.select(pl.len()).collect().item()):
             # Collected before numbering, as `history` above: both reads below must see one row order.
             expanded = expanded.collect().with_row_index("_row").lazy()
             found = self._counts_as_of(expanded.select("_row", "timestamp", "a", "b").collect(), times, context)
@@ -292,7 +307,7 @@ class CovisitationSource:
         requests), the pair totals as of each time, as a sparse matrix grown time after time, times the
         seed weights; otherwise each seed joined with its item's dated pairs."""
         times = seeds["timestamp"].unique().sort()
-        if times.len() * SHARED_TIME < seeds["_request"].n_unique():
+        if as_of_pays(context, self.window, False, times, seeds["_request"].n_unique()):
             return self._as_of_times(seeds, times, context)
         return self._joined_pairs(seeds, context)
 
