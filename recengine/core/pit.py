@@ -26,10 +26,13 @@ def asof_before(
 
 
 def cumulative(events: pl.LazyFrame, by: str | list[str], sums: dict[str, pl.Expr]) -> pl.LazyFrame:
-    """Per `by`, running totals of `sums` at each distinct timestamp (ties summed together)."""
+    """Per `by`, running totals of `sums` at each distinct timestamp (ties summed together), in time
+    order (each key's rows in time order within it). As-of joins need the table sorted by time: a table
+    kept for the run (a context's memo) is then sorted once, not once per chunk of requests."""
     keys = [by] if isinstance(by, str) else list(by)
     per_time = events.group_by(*keys, "timestamp").agg(**sums).sort(*keys, "timestamp")
-    return per_time.with_columns(pl.col(name).cum_sum().over(keys) for name in sums)
+    running = per_time.with_columns(pl.col(name).cum_sum().over(keys) for name in sums)
+    return running.sort("timestamp", maintain_order=True)
 
 
 def totals_before(

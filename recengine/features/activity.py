@@ -19,9 +19,11 @@ class UserActivity:
 
     def transform(self, requests, context):
         value = pl.col("value") if context.has("value") else pl.lit(None, pl.Float64)
-        table = cumulative(context.events.with_columns(value.alias("_v")), "user_id", {"n": pl.len(), "v": pl.col("_v").sum()})
+        # Only the requests' users' events: a chunk of requests costs its users' histories, not the log.
+        theirs = context.events.join(requests.select("user_id").unique(), on="user_id", how="semi")
+        table = cumulative(theirs.with_columns(value.alias("_v")), "user_id", {"n": pl.len(), "v": pl.col("_v").sum()})
         table = table.with_columns(pl.col("timestamp").alias("_last"))
-        first = context.events.group_by("user_id").agg(pl.col("timestamp").min().alias("_first"))
+        first = theirs.group_by("user_id").agg(pl.col("timestamp").min().alias("_first"))
         keys = requests.select("_row", "user_id", "timestamp")
         joined = asof_before(keys, table.select("user_id", "timestamp", "n", "v", "_last"), "user_id")
         joined = joined.join(first, on="user_id", how="left")

@@ -32,15 +32,18 @@ class CategoryAffinity:
 
     def transform(self, requests, context):
         categories = item_categories(context, self.field, self.separator)
-        per_user = cumulative(context.events.select("user_id", "timestamp"), "user_id", {"total": pl.len()})
+        # Only the requests' users' events: a chunk of requests costs its users' histories, not the log.
+        theirs = context.events.join(requests.select("user_id").unique(), on="user_id", how="semi")
+        per_user = cumulative(theirs.select("user_id", "timestamp"), "user_id", {"total": pl.len()})
         per_cat = cumulative(
-            context.events.select("user_id", "item_id", "timestamp").join(categories, on="item_id"),
+            theirs.select("user_id", "item_id", "timestamp").join(categories, on="item_id"),
             ["user_id", "_cat"],
             {"hits": pl.len()},
         )
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         total = totals_before(keys, per_user, "user_id", ["total"])
-        exploded = keys.join(categories, on="item_id").with_row_index("_pair").rename({"_row": "_request"})
+        # Numbered once (collected): it is read twice below, and a lazy join's row order may differ between reads.
+        exploded = keys.join(categories, on="item_id").collect().with_row_index("_pair").rename({"_row": "_request"}).lazy()
         hits = totals_before(exploded.rename({"_pair": "_row"}), per_cat, ["user_id", "_cat"], ["hits"])
         share = (
             exploded.join(hits.rename({"_row": "_pair"}), on="_pair")

@@ -221,7 +221,7 @@ class Covisitation:
             expanded = expanded.collect().with_row_index("_row").lazy()
             found = self._counts_as_of(expanded.select("_row", "timestamp", "a", "b").collect(), times, context)
         else:
-            expanded = expanded.with_row_index("_row")
+            expanded = expanded.collect().with_row_index("_row").lazy()  # numbered once, as above
             found = totals_before(expanded, self.counts(context), ["a", "b"], ["n"])
         n = pl.col("n").cast(pl.Float64)
         per_request = (

@@ -44,17 +44,18 @@ class ItemPopularity:
                 (pl.col("item_count_all") - pl.col("n")).alias(f"item_count_{window:g}d")
             ).drop("n")
         for half_life in self.half_lives:
-            decayed = decayed_counts(keys, context.events, "item_id", half_life)
+            decayed = decayed_counts(keys, context.events, "item_id", half_life, context)
             out = out.join(decayed.rename({"decayed": f"item_decay_{half_life:g}d"}), on="_row")
         return out
 
 
-def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_life_days: float) -> pl.LazyFrame:
+def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_life_days: float, context=None) -> pl.LazyFrame:
     """sum(exp(-(t - ts) / tau)) over events before t, per `by`, without overflow.
 
     The sum factors as exp(-t/tau) * sum(exp(ts/tau)), but over years exp(ts/tau) overflows. So time is
     cut into epochs of 200 tau, each with its own origin: an event counts in its own epoch's running
     sum and, re-based, in the next epoch's total. Older events weigh under exp(-200) and are dropped.
+    With `context` (whose events `events` are), the running sums are kept for the context's next calls.
     """
     tau = half_life_days / math.log(2) * DAY.total_seconds() * 1000
     span = 200 * tau
@@ -68,6 +69,9 @@ def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_l
     sums = {"w": pl.col("w").first() * pl.len(), "w_next": pl.col("w_next").first() * pl.len()}
     running = cumulative(weighted, [by, "_epoch"], sums)
     carried = running.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").last().alias("carry"))
+    if context is not None:  # built once per context: chunk after chunk reads them instead of regrouping the log
+        running = context.memo(("decayed_sums", by, half_life_days), running.collect).lazy()
+        carried = context.memo(("decayed_carry", by, half_life_days), carried.collect).lazy()
     keyed = requests.with_columns(epoch.alias("_epoch"))
     same = totals_before(keyed, running, [by, "_epoch"], ["w"])
     scale = (((pl.col("_epoch") + 1) * span - ms) / tau).exp()
@@ -127,8 +131,11 @@ class ItemValue:
             return requests.select("_row", pl.lit(None, pl.Float64).alias("item_value_mean"))
         keys = requests.select("_row", "item_id", "timestamp", pl.lit(0).alias("_all"))
         sums = {"n": pl.len(), "v": pl.col("value").sum()}
-        item = totals_before(keys, cumulative(context.events, "item_id", sums), "item_id", ["n", "v"])
-        everyone = cumulative(context.events.with_columns(pl.lit(0).alias("_all")), "_all", sums)
+        # Built once per context, as `item_counts`: chunk after chunk reads them instead of regrouping the log.
+        per_item = context.memo("item_value_sums", lambda: cumulative(context.events, "item_id", sums).collect()).lazy()
+        item = totals_before(keys, per_item, "item_id", ["n", "v"])
+        everyone = context.memo("value_sums", lambda: cumulative(
+            context.events.with_columns(pl.lit(0).alias("_all")), "_all", sums).collect()).lazy()
         prior = totals_before(keys, everyone, "_all", ["n", "v"]).rename({"n": "gn", "v": "gv"})
         mean = (pl.col("v") + self.prior_weight * pl.col("gv") / pl.col("gn")) / (pl.col("n") + self.prior_weight)
         return item.join(prior, on="_row").select("_row", pl.when(pl.col("gn") > 0).then(mean).alias("item_value_mean"))

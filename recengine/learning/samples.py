@@ -113,7 +113,7 @@ def snapshot_requests(events: pl.LazyFrame, every_days: float, horizon_days: flo
     times = pl.DataFrame({"timestamp": [start + step * i for i in range(count)]}).cast({"timestamp": events.collect_schema()["timestamp"]})
     table = cumulative(events.select("user_id", "timestamp"), "user_id", {"n": pl.len()})
     users = events.select("user_id").unique().sort("user_id")
-    grid = users.join(times.lazy(), how="cross").with_row_index("_row")
+    grid = users.join(times.lazy(), how="cross").collect().with_row_index("_row").lazy()  # numbered once: read thrice
     before = totals_before(grid, table, "user_id", ["n"]).rename({"n": "_before"})
     by_end = totals_before(grid, table, "user_id", ["n"], at=pl.col("timestamp") + DAY * horizon_days).rename({"n": "_by_end"})
     chosen = grid.join(before, on="_row").join(by_end, on="_row").filter(

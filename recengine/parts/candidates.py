@@ -58,6 +58,6 @@ def drop_seen(rows: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFrame:
     # Only the rows' users' events: a chunk of requests costs its users' histories, not the whole log.
     theirs = events.join(rows.select("user_id").unique(), on="user_id", how="semi")
     table = cumulative(theirs.select("user_id", "item_id", "timestamp"), ["user_id", "item_id"], {"n": pl.len()})
-    keyed = rows.with_row_index("_row")
+    keyed = rows.collect().with_row_index("_row").lazy()  # numbered once: it is read twice below
     seen = totals_before(keyed, table, ["user_id", "item_id"], ["n"])
     return keyed.join(seen, on="_row").filter(pl.col("n") == 0).drop("_row", "n")
