@@ -49,6 +49,11 @@ def totals_before(
     return joined.select("_row", *(pl.col(n).fill_null(0) for n in names))
 
 
+def users_events(events: pl.LazyFrame, requests: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """Only the events of `requests`' users: a chunk of requests then costs its users' histories, not the log."""
+    return events.lazy().join(requests.lazy().select("user_id").unique(), on="user_id", how="semi")
+
+
 def with_sequence(events: pl.LazyFrame) -> pl.LazyFrame:
     """Events numbered 0, 1, ... per user in time order (`_seq`), the basis of `recent_history`."""
     return events.sort("user_id", "timestamp", "item_id").with_columns(
@@ -63,8 +68,7 @@ def recent_history(profiles: pl.LazyFrame, events: pl.LazyFrame, n: int) -> pl.L
     Linear in profiles x n: the count of earlier events comes from an as-of join on the event
     sequence, and the last n are joined by sequence number rather than by filtering all history.
     """
-    # Only these users' events: a chunk of requests then costs its users' histories, not a sort of the log.
-    sequenced = with_sequence(events.join(profiles.select("user_id").unique(), on="user_id", how="semi"))
+    sequenced = with_sequence(users_events(events, profiles))
     # One row per (user, timestamp): with ties, the as-of join must see the count after all of them.
     counts = sequenced.group_by("user_id", "timestamp").agg((pl.col("_seq").max() + 1).alias("_before"))
     keyed = profiles.with_row_index("_profile")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from recengine.core.pit import asof_before, cumulative
+from recengine.core.pit import asof_before, cumulative, users_events
 from recengine.parts.context import days
 from recengine.parts.hookspecs import hookimpl
 
@@ -19,8 +19,7 @@ class UserActivity:
 
     def transform(self, requests, context):
         value = pl.col("value") if context.has("value") else pl.lit(None, pl.Float64)
-        # Only the requests' users' events: a chunk of requests costs its users' histories, not the log.
-        theirs = context.events.join(requests.select("user_id").unique(), on="user_id", how="semi")
+        theirs = users_events(context.events, requests)
         table = cumulative(theirs.with_columns(value.alias("_v")), "user_id", {"n": pl.len(), "v": pl.col("_v").sum()})
         table = table.with_columns(pl.col("timestamp").alias("_last"))
         first = theirs.group_by("user_id").agg(pl.col("timestamp").min().alias("_first"))

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recengine.core.pit import cumulative, totals_before
+from recengine.core.pit import cumulative, totals_before, users_events
 from recengine.errors import ConfigError
 from recengine.parts.hookspecs import hookimpl
 
@@ -32,8 +32,7 @@ class CategoryAffinity:
 
     def transform(self, requests, context):
         categories = item_categories(context, self.field, self.separator)
-        # Only the requests' users' events: a chunk of requests costs its users' histories, not the log.
-        theirs = context.events.join(requests.select("user_id").unique(), on="user_id", how="semi")
+        theirs = users_events(context.events, requests)
         per_user = cumulative(theirs.select("user_id", "timestamp"), "user_id", {"total": pl.len()})
         per_cat = cumulative(
             theirs.select("user_id", "item_id", "timestamp").join(categories, on="item_id"),

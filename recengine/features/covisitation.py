@@ -137,9 +137,9 @@ def totals_as_of(context, window: int, times: pl.Series, directed: bool = False)
     # The last time's (time, events before it, totals), read and replaced whole: one consistent state
     # even if two threads share the context.
     cursor = context.memo(("covis_cursor", window, directed), dict)
-    stamps = times.cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
-    last = cursor.get("last")
-    if last is not None and len(stamps) and last[0] <= stamps[0]:
+    stamps = _stamps(times)
+    last = _resumable(context, window, directed, stamps)
+    if last is not None:
         _, start, totals = last
     else:
         start, totals = 0, sp.csr_matrix((n, n), dtype=np.int32)
@@ -157,14 +157,23 @@ def as_of_pays(context, window: int, directed: bool, times: pl.Series, requests:
     the last call are at or before the first time and the times are few (chunks in time order)."""
     if times.len() * SHARED_TIME < requests:
         return True
+    return times.len() <= FEW_TIMES and _resumable(context, window, directed, _stamps(times)) is not None
+
+
+def _stamps(times: pl.Series) -> np.ndarray:
+    return times.cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
+
+
+def _resumable(context, window: int, directed: bool, stamps: np.ndarray) -> tuple | None:
+    """The kept (time, events before it, totals), if they are at or before the first of `stamps`
+    (sorted ms), so the totals as of those times grow from them instead of from the first event."""
     last = context.memo(("covis_cursor", window, directed), dict).get("last")
-    first = times.head(1).cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
-    return last is not None and times.len() <= FEW_TIMES and len(first) > 0 and last[0] <= first[0]
+    return last if last is not None and len(stamps) and last[0] <= stamps[0] else None
 
 
 def _time_order(seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """The events' times (ms) sorted, and their positions in that order (ties in position order)."""
-    stamps = seq.times.cast(pl.Datetime("ms")).to_numpy().astype(np.int64)
+    stamps = _stamps(seq.times)
     order = np.argsort(stamps, kind="stable")
     return stamps[order], order
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from recengine.core.data import Dataset, write_parquet_atomic
 from recengine.core.metrics import request_metrics, summarise
+from recengine.core.pit import users_events
 from recengine.errors import ConfigError, DataError
 from recengine.learning.model import SPEC_FORMAT, RankerModel
 from recengine.learning.samples import (attach_labels, cap_groups, future_items, sample_negatives, sample_requests,
@@ -285,8 +286,7 @@ def training_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: Fea
     """Labelled, negative-sampled training rows of `requests`, with features, sorted by group and item.
 
     Negatives are drawn before the features are computed: the features of a dropped row are never built."""
-    theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
-    truth = future_items(requests, theirs, window, until=until)
+    truth = future_items(requests, users_events(events, requests), window, until=until)
     rows = generate(requests, feature_set.build_sources(), context, feature_set.exclude_seen)
     rows = attach_labels(rows, truth).sort(*GROUP_ORDER, "item_id")
     return compute_features(sampled(rows, feature_set), feature_set.build_extractors(), context)
@@ -296,8 +296,7 @@ def validation_rows(requests: pl.DataFrame, events: pl.DataFrame, feature_set: F
                     window: float | None) -> pl.DataFrame:
     """Every candidate of `requests`, labelled by what the user took in the window, with features,
     sorted by group and item."""
-    theirs = events.lazy().join(requests.select("user_id").unique().lazy(), on="user_id", how="semi")
-    truth = future_items(requests, theirs, window)
+    truth = future_items(requests, users_events(events, requests), window)
     return labelled_candidates(requests, truth, feature_set, context, GROUP_ORDER)
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import polars as pl
 
 from recengine.core.data import TIMESTAMP
-from recengine.core.pit import cumulative, totals_before
+from recengine.core.pit import cumulative, totals_before, users_events
 from recengine.core.topk import rounded, top_k
 from recengine.errors import ConfigError
 from recengine.parts.context import FeatureContext
@@ -55,8 +55,7 @@ def generate(
 
 def drop_seen(rows: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFrame:
     """Rows whose user had no event with the item strictly before the row's timestamp."""
-    # Only the rows' users' events: a chunk of requests costs its users' histories, not the whole log.
-    theirs = events.join(rows.select("user_id").unique(), on="user_id", how="semi")
+    theirs = users_events(events, rows)
     table = cumulative(theirs.select("user_id", "item_id", "timestamp"), ["user_id", "item_id"], {"n": pl.len()})
     keyed = rows.collect().with_row_index("_row").lazy()  # numbered once: it is read twice below
     seen = totals_before(keyed, table, ["user_id", "item_id"], ["n"])
