@@ -7,6 +7,10 @@ holds all pairs), the all-time totals (a sparse item x item matrix, grown block 
 after the last pair sees), the totals as of each of a few times (snapshot requests), and the time of the
 last pair. Each is built once per feature context. The extractor and the candidate source below both
 read them.
+
+Undirected counts are symmetric, so their matrices hold each pair once, at (smaller index, larger
+index): half the memory of the largest thing a run keeps. `counts_at`, `times_counts` and
+`both_ways` read them as the whole matrix.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import scipy.sparse as sp
 from recengine.core.pit import cumulative, recent_history, totals_before
 from recengine.core.topk import DECIMALS
 from recengine.errors import ConfigError
+from recengine.features.popularity import item_counts
 from recengine.parts.candidates import source_top_k
 from recengine.parts.context import FIXED_POINT, RESOLUTION, exact_sum, exact_sum_expr
 from recengine.parts.hookspecs import hookimpl
@@ -36,6 +41,8 @@ FEW_TIMES = 4
 JOIN_ROWS = 5_000_000
 # Pairs found at once (24 bytes each) when they are summed into totals rather than kept.
 PAIR_ROWS = 5_000_000
+# Requests scored at once by the source (the product of their seeds' rows with the totals).
+SCORE_REQUESTS = 250
 
 
 def check_window(window: int, part: str) -> None:
@@ -54,8 +61,11 @@ class Sequences(NamedTuple):
 
     @classmethod
     def of(cls, events: pl.LazyFrame) -> "Sequences":
+        # Run numbers and item indices as int32: a log of 2^31 events is far off, and these arrays are
+        # kept for the run (8 bytes an event, not 16).
         ordered = events.sort("user_id", "timestamp", "item_id").select(
-            pl.col("user_id").rle_id(), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("_i"), "timestamp",
+            pl.col("user_id").rle_id().cast(pl.Int32), "item_id", (pl.col("item_id").rank("dense") - 1).cast(pl.Int32).alias("_i"),
+            "timestamp",
         ).collect()
         return cls(ordered["item_id"].unique().sort(), ordered["user_id"].to_numpy(), ordered["_i"].to_numpy(), ordered["timestamp"])
 
@@ -79,6 +89,34 @@ def pair_blocks(seq: Sequences, window: int, directed: bool = False, later: np.n
             at.append(block)
         a, b, at = np.concatenate(a), np.concatenate(b), np.concatenate(at)
         yield (a, b, at) if directed else (np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([at, at]))
+
+
+def stored_blocks(seq: Sequences, window: int, directed: bool = False, later: np.ndarray | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`pair_blocks` as the count matrices store them: undirected pairs once each, at (smaller index,
+    larger index) (the pair a-b and b-a are one count)."""
+    for a, b, at in pair_blocks(seq, window, directed=True, later=later):
+        yield (a, b, at) if directed else (np.minimum(a, b), np.maximum(a, b), at)
+
+
+def counts_at(totals: sp.csr_matrix, a: np.ndarray, b: np.ndarray, directed: bool) -> np.ndarray:
+    """The counts of the pairs (a[i], b[i]) in a stored count matrix."""
+    if not directed:
+        a, b = np.minimum(a, b), np.maximum(a, b)
+    return np.asarray(totals[a, b]).ravel()
+
+
+def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
+    """weights x the whole count matrix: with the upper half stored, weights x U + (U x weights^T)^T."""
+    product = weights @ totals
+    if not directed:
+        product = product + (totals @ weights.T).T
+    return product.tocsr()
+
+
+def both_ways(totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
+    """The whole count matrix of a stored one (for serving states, which read rows)."""
+    return totals if directed else (totals + totals.T).tocsr()
 
 
 def summed(blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int,
@@ -114,18 +152,18 @@ def pair_table(context, window: int, directed: bool = False) -> pl.LazyFrame:
 
 
 def pair_totals(context, window: int, directed: bool = False) -> tuple[pl.Series, sp.csr_matrix]:
-    """Every pair's count over all events as a sparse item x item matrix, and the item ids of its rows
-    and columns: what a request after the last pair sees."""
+    """Every pair's count over all events as a sparse item x item matrix (stored: undirected pairs in
+    the upper half), and the item ids of its rows and columns: what a request after the last pair sees."""
     def build() -> tuple[pl.Series, sp.csr_matrix]:
         seq = _sequences(context)
-        return seq.ids, summed(pair_blocks(seq, window, directed), len(seq.ids))
+        return seq.ids, summed(stored_blocks(seq, window, directed), len(seq.ids))
 
     return context.memo(("covis_totals", window, directed), build)
 
 
 def totals_as_of(context, window: int, times: pl.Series, directed: bool = False) -> Iterator[tuple[Any, pl.Series, sp.csr_matrix]]:
     """(time, ids, totals) for each of `times` (sorted, distinct): the pair counts dated strictly before
-    it, grown from the previous time's by the pairs whose later event falls between the two. Memory:
+    it (stored as `pair_totals`'), grown from the previous time's by the pairs whose later event falls between the two. Memory:
     one matrix of totals and a block of pairs, never every pair.
 
     The context keeps the last time's totals as a cursor, so calls in time order (training chunks,
@@ -145,7 +183,7 @@ def totals_as_of(context, window: int, times: pl.Series, directed: bool = False)
         start, totals = 0, sp.csr_matrix((n, n), dtype=np.int32)
     for time, stamp in zip(times, stamps):
         end = int(np.searchsorted(at, stamp, side="left"))  # the events strictly before this time
-        totals = summed(pair_blocks(seq, window, directed, later=np.sort(order[start:end])), n, totals)
+        totals = summed(stored_blocks(seq, window, directed, later=np.sort(order[start:end])), n, totals)
         cursor["last"] = (stamp, end, totals)
         start = end
         yield time, seq.ids, totals
@@ -175,7 +213,7 @@ def _time_order(seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """The events' times (ms) sorted, and their positions in that order (ties in position order)."""
     stamps = _stamps(seq.times)
     order = np.argsort(stamps, kind="stable")
-    return stamps[order], order
+    return stamps[order], order.astype(np.int32 if len(order) < 2**31 else np.int64)
 
 
 def last_pair(context, window: int) -> Any:
@@ -215,13 +253,13 @@ class Covisitation:
         ).lazy()
 
     def transform(self, requests, context):
-        item_counts = context.memo("item_counts", lambda: cumulative(context.events, "item_id", {"n": pl.len()}).collect()).lazy()
+        counts = item_counts(context)
         keys = requests.select("_row", "user_id", "item_id", "timestamp")
         profiles = keys.select("user_id", "timestamp").unique()
         # Collected before numbering: a lazy join's row order may differ between the two reads below.
         history = recent_history(profiles, context.events, self.recent).select(
             "user_id", "timestamp", pl.col("h_item").alias("a"), "h_back").collect().with_row_index("_row").lazy()
-        seed_events = totals_before(history.rename({"a": "item_id"}), item_counts, "item_id", ["n"]).rename({"n": "_na"})
+        seed_events = totals_before(history.rename({"a": "item_id"}), counts, "item_id", ["n"]).rename({"n": "_na"})
         history = history.join(seed_events, on="_row").drop("_row")
         expanded = keys.join(history, on=["user_id", "timestamp"]).rename({"item_id": "b", "_row": "_request"})
         times = requests.select(pl.col("timestamp").unique().sort()).collect().to_series()
@@ -242,7 +280,7 @@ class Covisitation:
             )
             .rename({"_request": "_row"})
         )
-        item_events = totals_before(keys, item_counts, "item_id", ["n"]).rename({"n": "_nb"})
+        item_events = totals_before(keys, counts, "item_id", ["n"]).rename({"n": "_nb"})
         return keys.select("_row").join(per_request, on="_row", how="left").join(item_events, on="_row").select(
             "_row", *(pl.col(c) for c in self.columns[:3]),
             (pl.col("_cos") / pl.col("_nb").clip(lower_bound=1).sqrt()).alias(self.columns[3]),
@@ -259,7 +297,7 @@ class Covisitation:
                     for c in ("a", "b"))
             n = np.zeros(len(rows), dtype=np.uint32)
             known = (a >= 0) & (b >= 0)  # an item in no pair (or unknown) has no count
-            n[known] = np.asarray(totals[a[known], b[known]]).ravel()
+            n[known] = counts_at(totals, a[known], b[known], self.directed)
             found.append(pl.DataFrame({"_row": rows["_row"], "n": n}))
         return pl.concat(found).lazy() if found else pl.LazyFrame(schema={"_row": pl.UInt32, "n": pl.UInt32})
 
@@ -268,7 +306,7 @@ class Covisitation:
         def build() -> sp.csr_matrix:
             ids, totals = pair_totals(snapshot.context, self.window, self.directed)
             at = snapshot.index(ids)
-            pairs = totals.tocoo()
+            pairs = both_ways(totals, self.directed).tocoo()
             n = snapshot.size + 1
             return sp.csr_matrix((pairs.data, (at[pairs.row], at[pairs.col])), shape=(n, n))
 
@@ -364,11 +402,16 @@ class CovisitationSource:
         # products with the counts is exact, so the order scipy adds in cannot change a score.
         fixed = np.round(seeds["w"].to_numpy() * FIXED_POINT)
         weights = sp.csr_matrix((fixed, (row, col)), shape=(len(requests), totals.shape[0]))
-        scores = (weights @ totals).tocsr() * RESOLUTION
-        keep = _at_least_top_k(scores, self.k)
-        hit_rows = np.repeat(np.arange(len(requests)), np.diff(scores.indptr))[keep]
-        return pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
-                             "score": scores.data[keep]}, schema=schema).lazy()
+        found = []
+        # A block of requests at a time: a request's scores are a row of the product, the product of
+        # many requests (every neighbour of every seed) the largest thing this source builds.
+        for lo in range(0, len(requests), SCORE_REQUESTS):
+            scores = times_counts(weights[lo : lo + SCORE_REQUESTS], totals, directed=False) * RESOLUTION
+            keep = _at_least_top_k(scores, self.k)
+            hit_rows = lo + np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))[keep]
+            found.append(pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
+                                       "score": scores.data[keep]}, schema=schema))
+        return pl.concat(found).lazy()
 
 
 def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
