@@ -11,7 +11,8 @@ from recengine.parts.context import FeatureContext, compute_features
 from recengine.features.activity import UserActivity
 from recengine.features.attributes import ItemAttribute
 from recengine.features.categories import CategoryAffinity
-from recengine.features.covisitation import Covisitation, CovisitationSource, last_pair, pair_table, pair_totals
+from recengine.features.covisitation import (Covisitation, CovisitationSource, both_ways, last_pair, pair_table,
+                                             pair_totals)
 from recengine.core.grid import on_grid
 from recengine.features.interest import EmbeddingSource, InterestScores
 from recengine.features.popularity import (
@@ -104,6 +105,54 @@ def test_category_affinity_is_the_share_of_history_in_the_items_categories():
     assert row["affinity_genres_mean"] == pytest.approx((1 / 3 + 0) / 2) and row["affinity_genres_max"] == pytest.approx(1 / 3)
 
 
+def test_running_totals_equal_the_whole_time_indexed_table_to_the_bit():
+    # The context keeps a cursor per lane (a row per key) instead of a row per key and event time. Read
+    # in chunks in time order (stepping), with shared times (snapshots), backwards (starting over), in
+    # two lanes, or with every request at once, it gives `cumulative`'s totals, float sums included.
+    from recengine.core.pit import RunningTotals, cumulative, totals_before
+
+    rng = np.random.default_rng(4)
+    n = 2_000
+    # Values in half stars, as ratings: a time's sum is exact whichever order its events come in.
+    events = pl.DataFrame({"item_id": rng.integers(0, 30, n), "value": rng.integers(1, 11, n) / 2,
+                           "timestamp": [T0 + timedelta(hours=int(h)) for h in rng.integers(0, 24 * 60, n)]})
+    sums = {"n": pl.len(), "v": pl.col("value").sum()}
+    whole = cumulative(events.lazy(), "item_id", sums).collect().lazy()
+    requests = pl.DataFrame({"item_id": rng.integers(0, 32, 600),  # items 30, 31: no events
+                             "timestamp": [T0 + timedelta(hours=int(h)) for h in np.sort(rng.integers(-5, 24 * 62, 600))]})
+    requests = requests.with_columns(pl.when(pl.int_range(600) % 7 < 3).then(pl.lit(T0 + DAY * 20)).otherwise(
+        pl.col("timestamp")).alias("timestamp")).with_row_index("_row")  # many share one time
+    running = RunningTotals(events.sample(fraction=1.0, shuffle=True, seed=0), "item_id", sums)  # not in time order: sorted
+    week_ago = pl.col("timestamp") - DAY * 7
+    expected = {lane: totals_before(requests.lazy(), whole, "item_id", ["n", "v"], at=at).collect().sort("_row")
+                for lane, at in ((None, None), (7, week_ago))}
+    ordered = requests.sort("timestamp", "_row")
+    for chunks in ([ordered.slice(i, 50) for i in range(0, 600, 50)],  # time order: the cursor steps
+                   [ordered.slice(i, 200) for i in range(400, -1, -200)],  # backwards: each starts over
+                   [ordered.filter(pl.col("timestamp") == T0 + DAY * 20)] * 2,  # one shared time, twice
+                   [requests]):
+        for lane, at in ((None, None), (7, week_ago)):
+            for chunk in chunks:
+                got = totals_before(chunk.lazy(), running, "item_id", ["n", "v"], at=at, lane=lane).collect().sort("_row")
+                assert got.equals(expected[lane].join(chunk, on="_row", how="semi")), (lane, len(chunks))
+    assert len(running._cursors[None][1]) <= 30  # what is kept: a row per item, not per event time
+
+
+def test_covisitation_source_scores_the_same_a_block_of_requests_at_a_time(monkeypatch):
+    # Requests after the last pair are scored by blocks of SCORE_REQUESTS (memory follows the block).
+    from recengine.features import covisitation
+
+    rng = np.random.default_rng(5)
+    events = pl.DataFrame({"user_id": rng.integers(0, 40, 800), "item_id": rng.integers(0, 60, 800),
+                           "timestamp": [T0 + DAY * int(d) for d in rng.integers(0, 50, 800)]})
+    requests = pl.DataFrame({"user_id": np.arange(40), "timestamp": [T0 + DAY * 60] * 40})
+    source = CovisitationSource(k=15, window=3, recent=5)
+    whole = generate(requests, [source], FeatureContext.from_frames(events.lazy()), exclude_seen=False)
+    monkeypatch.setattr(covisitation, "SCORE_REQUESTS", 3)
+    blocks = generate(requests, [source], FeatureContext.from_frames(events.lazy()), exclude_seen=False)
+    assert whole.height > 40 * 10 and blocks.equals(whole)
+
+
 def test_covisitation_counts_pairs_seen_before_t():
     features = compute_features(REQUESTS, [Covisitation(window=1, recent=3)], context(BASE))
     # user 2 at t has recent items 3, 4, 1; item 1 was next to 3 in user 2's log (1 then 3): once.
@@ -155,7 +204,9 @@ def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed, 
     counts = np.zeros(totals.shape)
     for a, b, n in expected.group_by("a", "b").len().iter_rows():
         counts[at[a], at[b]] = n
-    np.testing.assert_array_equal(totals.toarray(), counts)
+    np.testing.assert_array_equal(both_ways(totals, directed).toarray(), counts)
+    # Undirected counts are stored once a pair, in the upper half: what a run keeps is half the matrix.
+    np.testing.assert_array_equal(totals.toarray(), counts if directed else np.triu(counts))
     assert last_pair(ctx, 3) == expected["timestamp"].max()
     if not directed:  # the totals as of a few times (snapshot requests): the pairs dated strictly before each,
         # in one call, in calls that resume the context's cursor (times after its last), and in calls that
@@ -168,7 +219,7 @@ def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed, 
                 for a, b, n in expected.filter(pl.col("timestamp") < time).group_by("a", "b").len().iter_rows():
                     counts[at[a], at[b]] = n
                 assert ids_as_of.equals(ids)
-                np.testing.assert_array_equal(as_of.toarray(), counts)
+                np.testing.assert_array_equal(both_ways(as_of, False).toarray(), counts)
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)

@@ -7,6 +7,7 @@ by a request at t" is enforced in one place: as-of joins with `allow_exact_match
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, Sequence
 
 import polars as pl
 
@@ -25,26 +26,95 @@ def asof_before(
     return joined.drop("_known_at", strict=False)
 
 
-def cumulative(events: pl.LazyFrame, by: str | list[str], sums: dict[str, pl.Expr]) -> pl.LazyFrame:
+def cumulative(events: pl.LazyFrame, by: str | list[str], sums: dict[str, pl.Expr],
+               start: pl.DataFrame | None = None) -> pl.LazyFrame:
     """Per `by`, running totals of `sums` at each distinct timestamp (ties summed together), in time
     order (each key's rows in time order within it). As-of joins need the table sorted by time: a table
-    kept for the run (a context's memo) is then sorted once, not once per chunk of requests."""
+    kept for the run (a context's memo) is then sorted once, not once per chunk of requests.
+
+    `start` (keys, timestamp, sums; dated before every event) is where the totals begin: the running
+    sums then go on adding in the order they would have from the first event, to the same bits."""
     keys = [by] if isinstance(by, str) else list(by)
-    per_time = events.group_by(*keys, "timestamp").agg(**sums).sort(*keys, "timestamp")
-    running = per_time.with_columns(pl.col(name).cum_sum().over(keys) for name in sums)
+    per_time = events.group_by(*keys, "timestamp").agg(**sums)
+    if start is not None:
+        per_time = pl.concat([start.lazy(), per_time], how="vertical_relaxed")
+    running = per_time.sort(*keys, "timestamp").with_columns(pl.col(name).cum_sum().over(keys) for name in sums)
     return running.sort("timestamp", maintain_order=True)
+
+
+class RunningTotals:
+    """Per key, the totals of `sums` over the events strictly before any time: what a feature context
+    keeps for a run in place of `cumulative`'s table, which holds a row per key and event time (the
+    log's size, per table).
+
+    It keeps one row per key as of the last time it was read, a cursor per `lane` (a lane per offset,
+    e.g. each trailing window's start, so each moves forward). Requests at times from t0 to t1 read the
+    cursor stepped to t0 and a running table of the events in [t0, t1) only: chunks in time order
+    (training's, a batch's single "now") cost the events between them, and snapshot chunks, whose
+    requests share a time, no table at all. A request before the cursor starts its lane over.
+
+    The steps continue `cumulative`'s additions in its order (`start`), so the totals are its bits.
+    `derive` adds columns to the events (e.g. weights) before the sums read them."""
+
+    def __init__(self, events: pl.LazyFrame | pl.DataFrame, by: str | list[str], sums: dict[str, pl.Expr],
+                 derive: Sequence[pl.Expr] = ()):
+        self.keys = [by] if isinstance(by, str) else list(by)
+        self.sums, self.derive = sums, list(derive)
+        events = events.lazy().collect()
+        # Steps slice the events by time; a context's events already come in time order (no copy).
+        self.events = events if events["timestamp"].is_sorted() else events.sort("timestamp", maintain_order=True)
+        self._cursors: dict[Any, tuple[Any, pl.DataFrame | None]] = {}
+
+    def _between(self, start: Any, end: Any) -> pl.LazyFrame:
+        """The events at or after `start` (None: the first) and strictly before `end`, derived columns added."""
+        times = self.events["timestamp"]
+        lo = 0 if start is None else times.search_sorted(start, side="left")
+        hi = times.search_sorted(end, side="left")
+        return self.events.slice(lo, max(0, hi - lo)).lazy().with_columns(*self.derive)
+
+    def _as_of(self, time: Any, lane: Any) -> pl.DataFrame | None:
+        """The totals strictly before `time` (keys, timestamp of each key's last event, sums; a row per
+        key), stepped from the lane's cursor; None before the first event."""
+        at, totals = self._cursors.get(lane, (None, None))
+        if at is not None and at > time:  # the cursor is past this time: start over from the first event
+            at, totals = None, None
+        if at is None or at < time:
+            running = cumulative(self._between(at, time), self.keys, self.sums, totals)
+            # Each key's last running total (one row per key and time, so the latest is one row).
+            totals = running.group_by(self.keys).agg(pl.all().sort_by("timestamp").last()).collect()
+            self._cursors[lane] = (time, totals)
+        return totals
+
+    def before(self, requests: pl.LazyFrame, names: list[str], at: pl.Expr | None = None, lane: Any = None) -> pl.LazyFrame:
+        """`_row` plus the totals `names` strictly before `at` (default: each request's timestamp)."""
+        left = requests.select("_row", *self.keys, (at if at is not None else pl.col("timestamp")).alias("_at")).collect()
+        span = left.select(pl.col("_at").min().alias("lo"), pl.col("_at").max().alias("hi"))
+        lo, hi = span["lo"].item(), span["hi"].item()
+        if lo is None:  # no requests: an empty table, for the columns' types
+            table = cumulative(self.events.clear().lazy().with_columns(*self.derive), self.keys, self.sums)
+        else:
+            table = cumulative(self._between(lo, hi), self.keys, self.sums, self._as_of(lo, lane))
+        return _totals_joined(left.lazy(), table, self.keys, names)
 
 
 def totals_before(
     requests: pl.LazyFrame,
-    table: pl.LazyFrame,
+    table: "pl.LazyFrame | RunningTotals",
     by: str | list[str],
     names: list[str],
     at: pl.Expr | None = None,
+    lane: Any = None,
 ) -> pl.LazyFrame:
-    """`_row` plus the running totals `names` of `table` (from `cumulative`) strictly before `at`."""
+    """`_row` plus the running totals `names` of `table` (from `cumulative`, or `RunningTotals` with
+    its `lane`) strictly before `at`."""
+    if isinstance(table, RunningTotals):
+        return table.before(requests, names, at, lane)
     keys = [by] if isinstance(by, str) else list(by)
     left = requests.select("_row", *keys, (at if at is not None else pl.col("timestamp")).alias("_at"))
+    return _totals_joined(left, table, keys, names)
+
+
+def _totals_joined(left: pl.LazyFrame, table: pl.LazyFrame, keys: list[str], names: list[str]) -> pl.LazyFrame:
     joined = asof_before(left, table.select(*keys, "timestamp", *names), keys, at="_at")
     return joined.select("_row", *(pl.col(n).fill_null(0) for n in names))
 

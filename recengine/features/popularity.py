@@ -9,7 +9,7 @@ from typing import Sequence
 
 import polars as pl
 
-from recengine.core.pit import DAY, cumulative, totals_before
+from recengine.core.pit import DAY, RunningTotals, cumulative, totals_before
 from recengine.parts.candidates import source_top_k
 from recengine.parts.context import FIXED_POINT, RESOLUTION, days
 from recengine.parts.hookspecs import hookimpl
@@ -35,11 +35,12 @@ class ItemPopularity:
         )
 
     def transform(self, requests, context):
-        table = context.memo("item_counts", lambda: cumulative(context.events, "item_id", {"n": pl.len()}).collect()).lazy()
+        table = item_counts(context)
         keys = requests.select("_row", "item_id", "timestamp")
         out = totals_before(keys, table, "item_id", ["n"]).rename({"n": "item_count_all"})
         for window in self.windows:
-            start = totals_before(keys, table, "item_id", ["n"], at=pl.col("timestamp") - DAY * window)
+            # A lane per window: each window's start moves forward chunk after chunk.
+            start = totals_before(keys, table, "item_id", ["n"], at=pl.col("timestamp") - DAY * window, lane=window)
             out = out.join(start, on="_row").with_columns(
                 (pl.col("item_count_all") - pl.col("n")).alias(f"item_count_{window:g}d")
             ).drop("n")
@@ -47,6 +48,11 @@ class ItemPopularity:
             decayed = decayed_counts(keys, context.events, "item_id", half_life, context)
             out = out.join(decayed.rename({"decayed": f"item_decay_{half_life:g}d"}), on="_row")
         return out
+
+
+def item_counts(context) -> RunningTotals:
+    """Events per item before any time, kept by the context (popularity and co-visitation read it)."""
+    return context.memo("item_counts", lambda: RunningTotals(context.events, "item_id", {"n": pl.len()}))
 
 
 def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_life_days: float, context=None) -> pl.LazyFrame:
@@ -62,25 +68,24 @@ def decayed_counts(requests: pl.LazyFrame, events: pl.LazyFrame, by: str, half_l
     ms = pl.col("timestamp").dt.epoch("ms").cast(pl.Float64)
     epoch = (ms / span).floor()
     origin = (epoch + 1) * span
-    weighted = events.select(by, "timestamp", epoch.alias("_epoch"), ((ms - origin) / tau).exp().alias("w"),
-                             ((ms - origin - span) / tau).exp().alias("w_next"))
+    derive = [epoch.alias("_epoch"), ((ms - origin) / tau).exp().alias("w"), ((ms - origin - span) / tau).exp().alias("w_next")]
     # Every event of one time has one weight, so a time's total is that weight times the count, and
     # the running totals add the times in time order: no float sum depends on a group-by's order.
     sums = {"w": pl.col("w").first() * pl.len(), "w_next": pl.col("w_next").first() * pl.len()}
-    running = cumulative(weighted, [by, "_epoch"], sums)
-    carried = running.group_by(by, (pl.col("_epoch") + 1).alias("_epoch")).agg(pl.col("w_next").last().alias("carry"))
-    if context is not None:  # built once per context: chunk after chunk reads them instead of regrouping the log
-        running = context.memo(("decayed_sums", by, half_life_days), running.collect).lazy()
-        carried = context.memo(("decayed_carry", by, half_life_days), carried.collect).lazy()
+    build = lambda: RunningTotals(events.select(by, "timestamp"), [by, "_epoch"], sums, derive)  # noqa: E731
+    # Kept by the context (whose events `events` are): chunk after chunk steps it instead of regrouping the log.
+    running = context.memo(("decayed_sums", by, half_life_days), build) if context is not None else build()
     keyed = requests.with_columns(epoch.alias("_epoch"))
     same = totals_before(keyed, running, [by, "_epoch"], ["w"])
+    # The previous epoch's total, re-based to this one: all of it is before the request.
+    carried = totals_before(keyed.with_columns(pl.col("_epoch") - 1), running, [by, "_epoch"], ["w_next"])
     scale = (((pl.col("_epoch") + 1) * span - ms) / tau).exp()
     return (
         keyed.join(same, on="_row")
-        .join(carried, on=[by, "_epoch"], how="left")
+        .join(carried.rename({"w_next": "carry"}), on="_row")
         # On the fixed-point grid (2^-30): the last bits of this product were seen to differ between
         # two builds of the same rows (1 in 5 runs), and a feature must not depend on the run.
-        .select("_row", (((scale * (pl.col("w") + pl.col("carry").fill_null(0))) * FIXED_POINT).round() * RESOLUTION).alias("decayed"))
+        .select("_row", (((scale * (pl.col("w") + pl.col("carry"))) * FIXED_POINT).round() * RESOLUTION).alias("decayed"))
     )
 
 
@@ -131,11 +136,11 @@ class ItemValue:
             return requests.select("_row", pl.lit(None, pl.Float64).alias("item_value_mean"))
         keys = requests.select("_row", "item_id", "timestamp", pl.lit(0).alias("_all"))
         sums = {"n": pl.len(), "v": pl.col("value").sum()}
-        # Built once per context, as `item_counts`: chunk after chunk reads them instead of regrouping the log.
-        per_item = context.memo("item_value_sums", lambda: cumulative(context.events, "item_id", sums).collect()).lazy()
+        # Kept by the context, as `item_counts`: chunk after chunk steps them instead of regrouping the log.
+        per_item = context.memo("item_value_sums", lambda: RunningTotals(context.events, "item_id", sums))
         item = totals_before(keys, per_item, "item_id", ["n", "v"])
-        everyone = context.memo("value_sums", lambda: cumulative(
-            context.events.with_columns(pl.lit(0).alias("_all")), "_all", sums).collect()).lazy()
+        everyone = context.memo("value_sums", lambda: RunningTotals(
+            context.events, "_all", sums, derive=[pl.lit(0).alias("_all")]))
         prior = totals_before(keys, everyone, "_all", ["n", "v"]).rename({"n": "gn", "v": "gv"})
         mean = (pl.col("v") + self.prior_weight * pl.col("gv") / pl.col("gn")) / (pl.col("n") + self.prior_weight)
         return item.join(prior, on="_row").select("_row", pl.when(pl.col("gn") > 0).then(mean).alias("item_value_mean"))

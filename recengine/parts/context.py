@@ -43,8 +43,9 @@ class FeatureContext:
 
     @classmethod
     def from_frames(cls, events: pl.LazyFrame | pl.DataFrame, items=None, **kwargs: Any) -> "FeatureContext":
-        # Collected once: every extractor re-reads the events, and a scan would re-parse the file.
-        events = events.lazy().with_columns(pl.col("timestamp").cast(TIMESTAMP)).collect()
+        # Collected once: every extractor re-reads the events, and a scan would re-parse the file. In time
+        # order, so the running totals kept for a run (`recengine.core.pit.RunningTotals`) slice them.
+        events = events.lazy().with_columns(pl.col("timestamp").cast(TIMESTAMP)).sort("timestamp", maintain_order=True).collect()
         items = items.lazy().collect().lazy() if items is not None else None
         impressions = None
         if "label" in events.columns:
