@@ -12,7 +12,8 @@ import pytest
 
 from recengine.core.data import Dataset
 from recengine.learning.samples import cap_groups, sample_negatives, sample_requests, time_split
-from recengine.learning.training import (GROUP_ORDER, REQUEST_KEYS, labelled_candidates, train, training_parts)
+from recengine.learning.training import (GROUP_ORDER, REQUEST_KEYS, labelled_candidates, train, training_parts,
+                                         validation_chunk)
 from recengine.parts.context import FeatureContext
 from recengine.parts.featureset import FeatureSet
 
@@ -117,6 +118,15 @@ def test_chunked_rows_equal_the_whole_table_to_the_bit(small_budget, tmp_path):
     assert tables[0]["label"].sum() == whole["label"].sum() > 0
 
 
+def test_validation_chunks_hold_about_the_rows_of_a_training_chunk(small_budget):
+    # A validation group keeps every candidate (up to the sources' k summed), a training group its
+    # negatives' budget: validation chunks take fewer requests, so the two peak alike.
+    assert validation_chunk(2_000, FeatureSet.load("movielens")) == 2_000 * 100 // 600
+    assert validation_chunk(9, small_budget) == 1  # 12 negatives against k = 40 + 60
+    everything = FeatureSet.from_dict({**small_budget.to_dict(), "labels": {**small_budget.labels, "negatives_per_group": 0}})
+    assert validation_chunk(2_000, everything) == 2_000  # no budget: training groups keep every candidate too
+
+
 def test_validation_in_parts_equals_the_whole_table_and_its_metrics(small_budget):
     # Validation streams as training does: every candidate of each chunk of requests, a part each.
     # Read back, the parts are the whole table (in group order), and the metrics computed a part at a
@@ -127,7 +137,7 @@ def test_validation_in_parts_equals_the_whole_table_and_its_metrics(small_budget
     context = FeatureContext.from_frames(data.events, data.items)
     events = context.events.collect()
     train_split, val_split = interaction_splits(events, small_budget, context, chunk_requests=9)
-    assert len(val_split.parts) == -(-val_split.requests // 9) > 3
+    assert len(val_split.parts) == -(-val_split.requests // validation_chunk(9, small_budget)) > 3
     requests = val_split.rows.select(*REQUEST_KEYS).unique().sort(*GROUP_ORDER)
     whole = labelled_candidates(requests, val_split.truth, small_budget, context, GROUP_ORDER)
     assert val_split.rows.select(whole.columns).equals(whole)
