@@ -106,12 +106,15 @@ def counts_at(totals: sp.csr_matrix, a: np.ndarray, b: np.ndarray, directed: boo
     return np.asarray(totals[a, b]).ravel()
 
 
-def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
-    """weights x the whole count matrix: with the upper half stored, weights x U + (U x weights^T)^T."""
-    product = weights @ totals
-    if not directed:
-        product = product + (totals @ weights.T).T
-    return product.tocsr()
+def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, rows: int
+                 ) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """(first row, product): weights x the whole count matrix, `rows` rows of weights at a time. With
+    the upper half U stored, weights x U + (U x weights^T)^T; the second term is built once for all
+    rows, as U x anything reads every stored pair."""
+    lower = None if directed else (totals @ weights.T).T.tocsr()
+    for lo in range(0, weights.shape[0], rows):
+        product = weights[lo : lo + rows] @ totals
+        yield lo, (product if lower is None else product + lower[lo : lo + rows]).tocsr()
 
 
 def both_ways(totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
@@ -405,8 +408,8 @@ class CovisitationSource:
         found = []
         # A block of requests at a time: a request's scores are a row of the product, the product of
         # many requests (every neighbour of every seed) the largest thing this source builds.
-        for lo in range(0, len(requests), SCORE_REQUESTS):
-            scores = times_counts(weights[lo : lo + SCORE_REQUESTS], totals, directed=False) * RESOLUTION
+        for lo, scores in times_counts(weights, totals, False, SCORE_REQUESTS):
+            scores = scores * RESOLUTION
             keep = _at_least_top_k(scores, self.k)
             hit_rows = lo + np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))[keep]
             found.append(pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
