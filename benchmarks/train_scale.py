@@ -19,6 +19,12 @@ fails stops the sweep (larger logs would fail too). The embedding cache is share
 run an empty one, timing the embedding too.
 
     .venv/bin/python benchmarks/train_scale.py [--sizes 0.1M,1M,5M,20M] [--feature-set movielens] [--seed 0] [--json out.json]
+    .venv/bin/python benchmarks/train_scale.py --sizes 5M --skip-rank --ray   # Ray's overhead on one machine
+
+With `--ray`, each size also trains with `--engine ray` on a local Ray started by the command (same
+flags, its own folder), and the table gives its time and the ratio to the local run. Its peak MB is the
+largest single process's (Ray's workers are not the command's children); the memory limit still
+counts the command's process tree.
 """
 
 from __future__ import annotations
@@ -128,15 +134,16 @@ def run_measured(command: list[str], cwd: Path, log: Path, limit_mb: float | Non
     return process.returncode, wall, usage.ru_maxrss / 1024, note
 
 
-def train_once(folder: Path, events: int, run: Path, args) -> Measured:
+def train_once(folder: Path, events: int, run: Path, args, engine: str = "local") -> Measured:
     model = run / "model"
     command = [str(RECENGINE), "train", "--events", str(folder / "events.parquet"), "--items", str(folder / "items.parquet"),
                "--feature-set", args.feature_set, "--experiment", "train-scale", "--run-name",
                f"train-scale {synthlog.size_label(events)}", "--no-register", "--output", str(model),
-               "--cache-dir", str(args.cache(run))]
-    code, wall, peak, note = run_measured(command, run, run / "train.log", args.limit_mb)
-    measured = Measured("train", events, events, code, wall, peak, note=note)
-    output = (run / "train.log").read_text(errors="replace")
+               "--cache-dir", str(args.cache(run)), "--engine", engine]
+    log = run / f"train-{engine}.log"
+    code, wall, peak, note = run_measured(command, run, log, args.limit_mb)
+    measured = Measured("train" if engine == "local" else f"train-{engine}", events, events, code, wall, peak, note=note)
+    output = log.read_text(errors="replace")
     found = re.search(r"run id:\s+(\w+)", output)
     if code or not found:
         measured.note = measured.note or _tail(output)
@@ -189,7 +196,7 @@ def slope(sizes: list[int], seconds: list[float]) -> float:
 
 def report(results: list[Measured]) -> str:
     lines = [f"{'size':>6}  {'command':<7} {'stage':<28} {'seconds':>9} {'peak MB':>9} {'rows/s':>11}"]
-    for m in sorted(results, key=lambda m: (m.command != "train", m.events)):
+    for m in sorted(results, key=lambda m: (m.command == "rank", m.events, m.command)):
         label = synthlog.size_label(m.events)
         if m.returncode or not m.stages:
             lines.append(f"{label:>6}  {m.command:<7} FAILED (exit {m.returncode}) {m.note.splitlines()[0] if m.note else ''}")
@@ -201,7 +208,12 @@ def report(results: list[Measured]) -> str:
     if len({m.events for m in results if not m.returncode and m.stages}) > 1:
         lines += ["", ("growth exponent of time (and peak memory) against events: log-log slope between consecutive "
                        "sizes; overall fit")]
-    for command in ("train", "rank"):
+    ray = {m.events: m for m in results if m.command == "train-ray" and not m.returncode and m.stages}
+    local = {m.events: m for m in results if m.command == "train" and not m.returncode and m.stages}
+    for events in sorted(set(ray) & set(local)):
+        lines.append(f"train --engine ray / local at {synthlog.size_label(events)}: wall {ray[events].wall_s / local[events].wall_s:.2f}x, "
+                     f"candidates and features {ray[events].stages.get('candidates_and_features', 0) / local[events].stages.get('candidates_and_features', 1):.2f}x")
+    for command in ("train", "train-ray", "rank"):
         done = sorted((m for m in results if m.command == command and not m.returncode and m.stages), key=lambda m: m.events)
         if len(done) < 2:
             continue
@@ -233,6 +245,8 @@ def main() -> None:
     parser.add_argument("--cold-cache", action="store_true", help="Each run embeds into its own empty cache.")
     parser.add_argument("--chunk-rows", type=int, default=1_000_000, help="rank --chunk-rows.")
     parser.add_argument("--skip-rank", action="store_true", help="Only train.")
+    parser.add_argument("--ray", action="store_true",
+                        help="Also train each size with --engine ray (a local Ray on this machine) and report the ratio to local.")
     parser.add_argument("--memory-limit-gb", type=float, default=None,
                         help="Kill a command whose processes hold more [default: 60%% of this machine's memory].")
     parser.add_argument("--keep", action="store_true", help="Keep each run's folder (model, MLflow store, logs).")
@@ -263,6 +277,16 @@ def main() -> None:
                 print(f"training failed at {synthlog.size_label(events)} (log kept in {run}); larger logs are skipped")
                 args.keep = True
                 break
+            if args.ray:  # the same training on a local Ray (its own folder: a fresh MLflow store and model)
+                ray_run = Path(tempfile.mkdtemp(prefix=f"train-scale-{synthlog.size_label(events)}-ray-"))
+                try:
+                    on_ray = train_once(folder, events, ray_run, args, engine="ray")
+                finally:
+                    if not args.keep:
+                        shutil.rmtree(ray_run, ignore_errors=True)
+                results.append(on_ray)
+                print(f"train --engine ray {synthlog.size_label(events)}: exit {on_ray.returncode}, {on_ray.wall_s:.1f} s "
+                      f"({on_ray.wall_s / trained.wall_s:.2f}x local), peak {on_ray.peak_mb:,.0f} MB {on_ray.note}", flush=True)
             if not args.skip_rank:
                 ranked = rank_once(folder, events, run, args)
                 results.append(ranked)

@@ -63,7 +63,7 @@ class RunningTotals:
         events = events.lazy().collect()
         # Steps slice the events by time; a context's events already come in time order (no copy).
         self.events = events if events["timestamp"].is_sorted() else events.sort("timestamp", maintain_order=True)
-        self._cursors: dict[Any, tuple[Any, pl.DataFrame | None]] = {}
+        self._cursors: dict[Any, tuple[Any, pl.DataFrame]] = {}
 
     def _between(self, start: Any, end: Any) -> pl.LazyFrame:
         """The events at or after `start` (None: the first) and strictly before `end`, derived columns added."""
@@ -72,9 +72,9 @@ class RunningTotals:
         hi = times.search_sorted(end, side="left")
         return self.events.slice(lo, max(0, hi - lo)).lazy().with_columns(*self.derive)
 
-    def _as_of(self, time: Any, lane: Any) -> pl.DataFrame | None:
+    def _as_of(self, time: Any, lane: Any) -> pl.DataFrame:
         """The totals strictly before `time` (keys, timestamp of each key's last event, sums; a row per
-        key), stepped from the lane's cursor; None before the first event."""
+        key seen by then), stepped from the lane's cursor."""
         at, totals = self._cursors.get(lane, (None, None))
         if at is not None and at > time:  # the cursor is past this time: start over from the first event
             at, totals = None, None
