@@ -210,6 +210,8 @@ MODEL_CASES: list[Case] = [
          _with_files(), ["--k", "-3 is not in the range x>=1"], needs_model=True),
     Case("train-model-name-the-registry-refuses", ["train", *DATA, "--feature-set", "fs.toml", "--model-name", "shop/v2"],
          _training_data(), ["--model-name 'shop/v2'", "registry refuses", "'/'"]),
+    Case("train-workers-without-ray", [*TRAIN, "--workers", "2"], _training_data(),
+         ["--workers 2", "--engine local", "add --engine ray"]),
     Case("an-unknown-option", ["train", "--epochs", "3"], _with_files(), ["no such option", "--epochs", "recengine train --help"]),
     Case("rank-local-engine-with-a-uri", ["rank", "--model", "model", *DATA, "--input", "s3://bucket/candidates.parquet",
                                           "--output", "out.parquet"],

@@ -352,6 +352,65 @@ def test_training_on_a_simulated_cluster_uses_both_nodes(local_training, local_c
         local_cluster.remove_node(added)
 
 
+# LightGBM on Ray Train: one worker is the local training; several train LightGBM's data-parallel
+# learner, each on whole request groups, and stop at the same round.
+
+def _fit_on_ray(local, workers=None):
+    from recengine.learning.training import REQUEST_KEYS, fit
+    from recengine.running.ray_lightgbm import ray_lightgbm
+
+    ranker = local.model.spec["feature_set"]["ranker"]
+    return fit(local.train, local.validation, local.model.spec["features"], REQUEST_KEYS, ranker, False,
+               ray_lightgbm(workers=workers))
+
+
+def test_lightgbm_on_one_ray_worker_is_the_local_model_byte_for_byte(local_training, local_ray):
+    from recengine.learning.training import train
+    from recengine.running.ray_lightgbm import ray_lightgbm
+
+    data, fs, local = local_training
+    ran = train(data, fs, progress=False, say=lambda *_: None, chunk_requests=40, run_boost=ray_lightgbm())
+    assert ran.model.spec["early_stopped_at"] == local.model.spec["early_stopped_at"]
+    assert ran.model.booster.model_to_string() == local.model.booster.model_to_string()  # the refit's too
+    assert ran.history == local.history and ran.metrics == local.metrics
+
+
+def test_lightgbm_on_a_simulated_2_node_cluster_is_reproducible_and_learns_as_well(local_training, local_cluster):
+    data, fs, local = local_training
+    added = local_cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    try:
+        local_cluster.wait_for_nodes()
+        booster, history = _fit_on_ray(local)  # one worker per node
+        again, _ = _fit_on_ray(local)
+    finally:
+        local_cluster.remove_node(added)
+    text = booster.model_to_string()
+    assert "[tree_learner: data]" in text and "[num_machines: 2]" in text
+    assert "[machines: ]" in text  # the run's ports are not part of the model
+    assert text == again.model_to_string()
+    # The shards hold different groups than one machine bins, so the trees differ; the early-stopped
+    # validation NDCG@10 stays within what tiny data varies by.
+    best, local_best = max(history["validation_ndcg@10"]), max(local.history["validation_ndcg@10"])
+    assert text != local.model.booster.model_to_string() and best >= 0.9 * local_best, (best, local_best)
+
+
+def test_more_lightgbm_workers_than_training_parts_are_fewer_workers(local_training, local_ray):
+    from recengine.running.ray_lightgbm import _shards
+    from recengine.learning.training import REQUEST_KEYS, Boost
+
+    data, fs, local = local_training
+    job = Boost({}, local.train, None, local.model.spec["features"], REQUEST_KEYS, 1)
+    shards = _shards(job, Path("unused"), 100)
+    assert [part for shard in shards for part in shard] == [str(p) for p in local.train.parts]  # whole parts, in order
+    assert len(shards) == len(local.train.parts) and all(len(shard) == 1 for shard in shards)
+    two = _shards(job, Path("unused"), 2)
+    assert [part for shard in two for part in shard] == [str(p) for p in local.train.parts]
+    rows = {str(p): pl.read_parquet(p).filter((pl.col("label") > 0).any().over("user_id", "timestamp")).height
+            for p in local.train.parts}
+    sums = [sum(rows[p] for p in shard) for shard in two]
+    assert len(two) == 2 and abs(sums[0] - sums[1]) <= max(rows.values()), sums  # balanced by the rows LightGBM learns from
+
+
 def test_the_cli_trains_on_ray(local_training, local_ray, cli_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the run goes to this folder's mlruns/
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

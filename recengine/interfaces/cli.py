@@ -246,11 +246,17 @@ def _report(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -
 @cache_option
 @engine_option
 @address_option
+@click.option("--workers", type=click.IntRange(min=1),
+              help="With --engine ray: LightGBM workers, each training on its share of the groups with the others "
+                   "[default: one per Ray node].")
 @_friendly_errors
 def train(events, items, users, columns, timestamp_unit, feature_set, experiment, run_name, model_name, no_register, promote, output,
-          chunk_requests, cache_dir, engine, address) -> None:
+          chunk_requests, cache_dir, engine, address, workers) -> None:
     """Train a ranker, evaluate it on the latest requests, log it to MLflow and register it."""
     _check_engine(engine, address)
+    if workers and engine != "ray":
+        raise RecengineError(f"--workers {workers} spreads LightGBM over a Ray cluster, but the job runs with --engine "
+                             f"{engine}; add --engine ray, or drop --workers (the local job uses every core).")
     from recengine.core.store import tracking_uri
     from recengine.interfaces.tracking import check_model_name, log_training, training_run
     from recengine.learning.model import check_model_destination
@@ -268,13 +274,14 @@ def train(events, items, users, columns, timestamp_unit, feature_set, experiment
     dataset = load_dataset(events, items, users, columns, timestamp_unit)
     # The MLflow run covers the training (its duration, system metrics); a failure ends it FAILED.
     with training_run(spec, experiment, feature_set_path=feature_set, run_name=run_name):
-        run_chunks = None
+        run_chunks = run_boost = None
         if engine == "ray":
             from recengine.running.distributed import ray_chunks
+            from recengine.running.ray_lightgbm import ray_lightgbm
 
-            run_chunks = ray_chunks(address)
+            run_chunks, run_boost = ray_chunks(address), ray_lightgbm(address, workers)
         result = fit_ranker(dataset, spec, _cache(cache_dir), progress=True, say=click.echo, chunk_requests=chunk_requests,
-                            run_chunks=run_chunks)
+                            run_chunks=run_chunks, run_boost=run_boost)
         click.echo(f"validation metrics ({result.model.spec['metrics_measured']}; best "
                    f"{result.model.spec['early_stopping_metric']} at iteration {result.model.spec['early_stopped_at']}, "
                    f"final model {result.model.spec['best_iteration']} rounds):")

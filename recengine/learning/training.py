@@ -47,6 +47,8 @@ GROUP_ORDER = ["timestamp", "user_id"]
 # and their features' intermediates at most, whatever the log's size.
 CHUNK_REQUESTS = 2_000
 IMPRESSION_KEYS = ["request_id"]
+NO_POSITIVES = ("no training or no validation request has a positive among its candidates; "
+                "add events, widen [labels] window_days, or add candidate sources.")
 
 
 @dataclass
@@ -112,11 +114,13 @@ def train(
     say: Callable[[str], None] = print,
     chunk_requests: int = CHUNK_REQUESTS,
     run_chunks: ChunkRunner | None = None,
+    run_boost: BoostRunner | None = None,
 ) -> TrainResult:
     """Fit the feature set's ranker on `dataset` and evaluate it on the later requests.
 
     Training groups are built `chunk_requests` requests at a time and written to temporary parquet
-    parts, so memory follows the chunk, not the log; the parts are the same whatever the chunk size."""
+    parts, so memory follows the chunk, not the log; the parts are the same whatever the chunk size.
+    `run_chunks` builds the chunks and `run_boost` trains LightGBM (default: here, in this process)."""
     check_ranker(feature_set)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -152,7 +156,7 @@ def train(
         f"validation: {val_split.requests:,} requests, {val_split.height:,} rows ({timings['candidates_and_features']:.1f} s)")
 
     features = feature_columns(feature_set)
-    booster, history = fit(train_split, val_split, features, keys, feature_set.ranker, progress)
+    booster, history = fit(train_split, val_split, features, keys, feature_set.ranker, progress, run_boost)
     lap("lightgbm")
     catalogue = catalogue_size(dataset, events)
     metrics, baselines = evaluate_split(RankerModel(booster, model_spec(feature_set, features, keys, booster, trained_on)),
@@ -160,7 +164,7 @@ def train(
     lap("evaluation")
     stopped_at = booster.best_iteration or booster.current_iteration()
     if feature_set.ranker["refit"]:
-        booster = refit(train_split, val_split, features, keys, feature_set, stopped_at)
+        booster = refit(train_split, val_split, features, keys, feature_set, stopped_at, run_boost, progress)
         say(f"  refit on training + validation groups: {booster.current_iteration()} rounds")
         lap("refit")
     spec = model_spec(feature_set, features, keys, booster, trained_on)
@@ -354,26 +358,61 @@ def feature_columns(feature_set: FeatureSet) -> list[str]:
 
 
 def fit(
-    train_split: Split, val_split: Split, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True
+    train_split: Split, val_split: Split, features: list[str], keys: list[str], ranker: dict[str, Any], progress: bool = True,
+    run_boost: "BoostRunner | None" = None,
 ) -> tuple[lgb.Booster, dict[str, list[float]]]:
-    """LightGBM on groups that hold a positive (others teach nothing and would inflate validation NDCG)."""
-    params = lgb_params(ranker)
-    train_set, val_set = (lgb_dataset(split, features, keys) for split in (train_split, val_split))
-    if train_set is None or val_set is None:
-        raise DataError("no training or no validation request has a positive among its candidates; "
-                        "add events, widen [labels] window_days, or add candidate sources.")
-    val_set.set_reference(train_set)
+    """LightGBM on groups that hold a positive (others teach nothing and would inflate validation NDCG),
+    early-stopped on the validation groups, by `run_boost` (default: here; the Ray engine's trains on a cluster)."""
+    job = Boost(lgb_params(ranker), train_split, val_split, features, keys, ranker["num_boost_round"],
+                (early_stopping_metric(ranker), ranker["early_stopping_rounds"]))
+    return (run_boost or boost_here)(job, progress)
+
+
+@dataclass(frozen=True)
+class Boost:
+    """One LightGBM training as a runner gets it: the splits (their groups that hold a positive are the
+    rows), LightGBM's parameters and rounds, and early stopping on `validation` as (metric, patience)
+    (none for the refit, which has no validation split)."""
+
+    params: dict[str, Any]
+    train: Split
+    validation: Split | None
+    features: list[str]
+    keys: list[str]
+    rounds: int
+    stopping: tuple[str, int] | None = None
+
+
+def boost_here(job: Boost, progress: bool = True) -> tuple[lgb.Booster, dict[str, list[float]]]:
+    """The local runner: LightGBM in this process, reading the parts one at a time."""
+    train_set = lgb_dataset(job.train, job.features, job.keys)
+    val_set = None if job.validation is None else lgb_dataset(job.validation, job.features, job.keys)
+    if train_set is None or (job.validation is not None and val_set is None):
+        raise DataError(NO_POSITIVES)
+    with tqdm(total=job.rounds, desc="lightgbm", unit="it", disable=not progress) as bar:
+        return boost(job, train_set, val_set, lambda done: bar.update(done - bar.n))
+
+
+def boost(job: Boost, train_set: lgb.Dataset, val_set: lgb.Dataset | None, on_round: Callable[[int], None],
+          params: dict[str, Any] | None = None) -> tuple[lgb.Booster, dict[str, list[float]]]:
+    """`lgb.train` on built Datasets, as every runner calls it: `on_round` hears each round's count
+    done; the history is each validation metric per round. `params` replaces the job's (a cluster
+    worker's adds its network)."""
     history: dict[str, dict[str, list[float]]] = {}
-    rounds = ranker["num_boost_round"]
-    bar = tqdm(total=rounds, desc="lightgbm", unit="it", disable=not progress)
-    stop = StopOnMetric(early_stopping_metric(ranker), ranker["early_stopping_rounds"])
-    booster = lgb.train(
-        params, train_set, num_boost_round=rounds, valid_sets=[val_set], valid_names=["validation"],
-        callbacks=[lgb.record_evaluation(history), stop, lambda env: bar.update(1)],
-    )
-    bar.close()
+    callbacks: list[Callable] = [lambda env: on_round(env.iteration + 1)]
+    validation: dict[str, Any] = {}
+    if val_set is not None:
+        val_set.set_reference(train_set)
+        callbacks += [lgb.record_evaluation(history), StopOnMetric(*job.stopping)]
+        validation = {"valid_sets": [val_set], "valid_names": ["validation"]}
+    booster = lgb.train(params or job.params, train_set, num_boost_round=job.rounds, callbacks=callbacks, **validation)
     _Part.release()
     return booster, {f"validation_{name}": values for name, values in history.get("validation", {}).items()}
+
+
+# A way to train LightGBM: (job, progress) -> (the booster, its best iteration set when early-stopped;
+# the validation history).
+BoostRunner = Callable[[Boost, bool], tuple[lgb.Booster, dict[str, list[float]]]]
 
 
 def lgb_params(ranker: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +462,7 @@ class StopOnMetric:
 
 
 def refit(train_split: Split, val_split: Split, features: list[str], keys: list[str], feature_set: FeatureSet,
-          best: int) -> lgb.Booster:
+          best: int, run_boost: BoostRunner | None = None, progress: bool = False) -> lgb.Booster:
     """The same ranker trained on both splits, its early-stopped round count scaled by the growth in rows.
     The validation groups join with their negatives sampled as the training groups' were."""
     requests = train_split.requests + val_split.requests
@@ -440,11 +479,16 @@ def refit(train_split: Split, val_split: Split, features: list[str], keys: list[
             sampled(rows, feature_set).select(columns).write_parquet(part)
             parts.append(part)
         both = Split(None, None, requests, [*train_split.parts, *parts], train_split.folder)
-    dataset = lgb_dataset(both, features, keys)
-    rounds = max(1, round(best * len(dataset.get_label()) / train_rows))
-    booster = lgb.train(lgb_params(feature_set.ranker), dataset, num_boost_round=rounds)
-    _Part.release()
-    return booster
+    rounds = max(1, round(best * useful_rows(both, keys) / train_rows))
+    job = Boost(lgb_params(feature_set.ranker), both, None, features, keys, rounds)
+    return (run_boost or boost_here)(job, progress)[0]
+
+
+def useful_rows(split: Split, keys: list[str]) -> int:
+    """The rows LightGBM learns from in `split`: those of groups that hold a positive."""
+    if split.frame is not None:
+        return _useful(split.frame, keys).height
+    return sum(_useful(pl.read_parquet(part, columns=[*keys, "label"]), keys).height for part in split.parts)
 
 
 def _useful(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
