@@ -426,3 +426,11 @@ def test_the_cli_trains_on_ray(local_training, local_ray, cli_run, tmp_path, mon
     assert (tmp_path / "model" / "model.txt").read_text().split("\nparameters:")[0] == \
         local.model.booster.model_to_string().split("\nparameters:")[0]
 
+
+
+def test_more_lightgbm_workers_than_the_cluster_has_cpus_are_refused(local_training, local_ray):
+    from recengine.errors import ConfigError
+
+    data, fs, local = local_training
+    with pytest.raises(ConfigError, match=r"--workers 5: the Ray cluster has 2 CPU\(s\).*--workers 2 or fewer"):
+        _fit_on_ray(local, workers=5)

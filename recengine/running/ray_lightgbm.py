@@ -33,7 +33,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recengine.errors import ConfigError, DataError
-from recengine.learning.training import NO_POSITIVES, Boost, Split, _useful, boost, lgb_dataset
+from recengine.learning.training import NO_POSITIVES, Boost, Split, _useful, boost, lgb_dataset, useful_rows
 from recengine.running.distributed import _ray, _user_error, check_address, connect
 
 # Model-file parameters that name the run's network (ports drawn at random): written as a local run
@@ -53,8 +53,14 @@ def ray_lightgbm(address: str | None = None, workers: int | None = None):
     def run(job: Boost, progress: bool = True) -> tuple[lgb.Booster, dict[str, list[float]]]:
         connect(address)
         with tempfile.TemporaryDirectory(prefix="recengine-lightgbm-") as folder:
+            if job.validation is not None and not useful_rows(job.validation, job.keys):
+                raise DataError(NO_POSITIVES)  # here, not in a worker, where Ray would wrap it
             shards = _shards(job, Path(folder), workers or _nodes())
             threads = _threads(len(shards))
+            cpus = int(_ray().cluster_resources().get("CPU", 0))
+            if len(shards) * threads > cpus:  # Ray would wait for ever for CPUs the cluster lacks
+                raise ConfigError(f"--workers {len(shards)}: the Ray cluster has {cpus} CPU(s), and each LightGBM worker "
+                                  f"takes one at least; give --workers {max(cpus, 1)} or fewer, or add nodes.")
             config = {"job": dataclasses.replace(job, train=Split(None, None, job.train.requests),
                                                  validation=_on_disk(job.validation, Path(folder), job.keys)),
                       "shards": shards, "threads": threads, "folder": folder}
