@@ -360,8 +360,9 @@ def _fit_on_ray(local, workers=None):
     from recengine.running.ray_lightgbm import ray_lightgbm
 
     ranker = local.model.spec["feature_set"]["ranker"]
-    return fit(local.train, local.validation, local.model.spec["features"], REQUEST_KEYS, ranker, False,
-               ray_lightgbm(workers=workers))
+    runner = ray_lightgbm(workers=workers)
+    booster, history = fit(local.train, local.validation, local.model.spec["features"], REQUEST_KEYS, ranker, False, runner)
+    return booster, history, runner.workers
 
 
 def test_lightgbm_on_one_ray_worker_is_the_local_model_byte_for_byte(local_training, local_ray):
@@ -380,12 +381,12 @@ def test_lightgbm_on_a_simulated_2_node_cluster_is_reproducible_and_learns_as_we
     added = local_cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
     try:
         local_cluster.wait_for_nodes()
-        booster, history = _fit_on_ray(local)  # one worker per node
-        again, _ = _fit_on_ray(local)
+        booster, history, workers = _fit_on_ray(local)  # one worker per node
+        again, _, _ = _fit_on_ray(local)
     finally:
         local_cluster.remove_node(added)
     text = booster.model_to_string()
-    assert "[tree_learner: data]" in text and "[num_machines: 2]" in text
+    assert workers == 2 and "[tree_learner: data]" in text and "[num_machines: 2]" in text
     assert "[machines: ]" in text  # the run's ports are not part of the model
     assert text == again.model_to_string()
     # The shards hold different groups than one machine bins, so the trees differ; the early-stopped

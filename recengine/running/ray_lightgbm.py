@@ -57,6 +57,7 @@ def ray_lightgbm(address: str | None = None, workers: int | None = None):
                 raise DataError(NO_POSITIVES)  # here, not in a worker, where Ray would wrap it
             shards = _shards(job, Path(folder), workers or _nodes())
             threads = _threads(len(shards))
+            run.workers = len(shards)
             cpus = int(_ray().cluster_resources().get("CPU", 0))
             if len(shards) * threads > cpus:  # Ray would wait for ever for CPUs the cluster lacks
                 raise ConfigError(f"--workers {len(shards)}: the Ray cluster has {cpus} CPU(s), and each LightGBM worker "
@@ -71,6 +72,7 @@ def ray_lightgbm(address: str | None = None, workers: int | None = None):
         booster.best_iteration = found["best_iteration"]
         return booster, found["history"]
 
+    run.workers = 0  # the workers of the last training (fewer than asked when there are fewer parts)
     return run
 
 
