@@ -89,7 +89,7 @@ def main() -> None:
         for run in (1, 2):
             runner = ray_lightgbm()
             rows.append(measured(f"Ray Train, run {run}", runner, job))
-            rows[-1]["run"] += f" ({runner.workers} worker{'s' if runner.workers > 1 else ''})
+            rows[-1]["run"] += f" ({runner.workers} worker{'s' if runner.workers > 1 else ''})"
     finally:
         ray.shutdown()
         cluster.shutdown()
