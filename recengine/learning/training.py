@@ -385,12 +385,19 @@ class Boost:
 
 def boost_here(job: Boost, progress: bool = True) -> tuple[lgb.Booster, dict[str, list[float]]]:
     """The local runner: LightGBM in this process, reading the parts one at a time."""
-    train_set = lgb_dataset(job.train, job.features, job.keys)
+    train_set, val_set = job_datasets(job, job.train)
+    with tqdm(total=job.rounds, desc="lightgbm", unit="it", disable=not progress) as bar:
+        return boost(job, train_set, val_set, lambda done: bar.update(done - bar.n))
+
+
+def job_datasets(job: Boost, train: Split) -> tuple[lgb.Dataset, lgb.Dataset | None]:
+    """The LightGBM Datasets of `train` (the job's, or a worker's shard of it) and of the job's validation
+    split, refused when either has no group with a positive."""
+    train_set = lgb_dataset(train, job.features, job.keys)
     val_set = None if job.validation is None else lgb_dataset(job.validation, job.features, job.keys)
     if train_set is None or (job.validation is not None and val_set is None):
         raise DataError(NO_POSITIVES)
-    with tqdm(total=job.rounds, desc="lightgbm", unit="it", disable=not progress) as bar:
-        return boost(job, train_set, val_set, lambda done: bar.update(done - bar.n))
+    return train_set, val_set
 
 
 def boost(job: Boost, train_set: lgb.Dataset, val_set: lgb.Dataset | None, on_round: Callable[[int], None],

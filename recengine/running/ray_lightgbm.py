@@ -33,7 +33,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recengine.errors import ConfigError, DataError
-from recengine.learning.training import NO_POSITIVES, Boost, Split, _useful, boost, lgb_dataset, useful_rows
+from recengine.learning.training import NO_POSITIVES, Boost, Split, _useful, boost, job_datasets, useful_rows
 from recengine.running.distributed import _ray, _user_error, check_address, connect
 
 # Model-file parameters that name the run's network (ports drawn at random): written as a local run
@@ -76,16 +76,19 @@ def ray_lightgbm(address: str | None = None, workers: int | None = None):
     return run
 
 
+def _node_cpus() -> list[float]:
+    """The CPUs of each live node that has one at least."""
+    return [node["Resources"]["CPU"] for node in _ray().nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1]
+
+
 def _nodes() -> int:
-    ray = _ray()
-    return max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1))
+    return max(1, len(_node_cpus()))
 
 
 def _threads(workers: int) -> int:
     """LightGBM threads per worker: the same on every worker (metrics sum per-thread buffers, so
     different counts could differ in the last bit and stop workers at different rounds)."""
-    ray = _ray()
-    cpus = [node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1]
+    cpus = _node_cpus()
     per_node = int(min(cpus)) if cpus else 1
     nodes = len(cpus) or 1
     return max(1, per_node * nodes // max(workers, nodes))
@@ -144,7 +147,7 @@ def _fit_with_progress(config: dict, workers: int, threads: int, rounds: int, pr
 
     def fit() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            trainer.fit()  # its result is worker 0's folder, read below
         except BaseException as exc:  # noqa: BLE001  (handed to the waiting thread)
             outcome["error"] = exc
 
@@ -173,10 +176,7 @@ def _train_worker(config: dict) -> None:
     job: Boost = config["job"]
     rank = ray.train.get_context().get_world_rank()
     workers = len(config["shards"])
-    train_set = lgb_dataset(Split(None, None, 0, [Path(p) for p in config["shards"][rank]]), job.features, job.keys)
-    val_set = None if job.validation is None else lgb_dataset(job.validation, job.features, job.keys)
-    if train_set is None or (job.validation is not None and val_set is None):
-        raise DataError(NO_POSITIVES)
+    train_set, val_set = job_datasets(job, Split(None, None, 0, [Path(p) for p in config["shards"][rank]]))
     params = dict(job.params)
     if workers > 1:  # one worker is the local training exactly (LightGBM would drop the network anyway)
         params.update(tree_learner="data", **get_network_params())
