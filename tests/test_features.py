@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
 from recengine.parts.candidates import generate
 from recengine.parts.context import FeatureContext, compute_features
@@ -220,6 +221,35 @@ def test_covisitation_pairs_totals_and_last_time_match_the_definition(directed, 
                     counts[at[a], at[b]] = n
                 assert ids_as_of.equals(ids)
                 np.testing.assert_array_equal(both_ways(as_of, False).toarray(), counts)
+
+
+@pytest.mark.parametrize("directed", [False, True])
+def test_pair_counts_and_products_read_a_stored_matrix_as_the_whole_one(directed):
+    # `counts_at` (a binary search of every pair's row at once) and `times_counts` (the upper half and
+    # its transpose) must read a stored count matrix exactly as the whole dense matrix: long and empty
+    # rows, pairs not stored, pairs on the diagonal, weights split into blocks of rows.
+    from recengine.features.covisitation import counts_at, times_counts
+
+    rng = np.random.default_rng(5)
+    n = 40
+    a, b = rng.integers(0, n, 900), rng.integers(0, n, 900)
+    a[:300] = 3  # one long row (and column)
+    keep = (a != b) & (a != 17) & (b != 17)  # item 17 in no pair: an empty row
+    a, b = a[keep], b[keep]
+    if not directed:
+        a, b = np.minimum(a, b), np.maximum(a, b)
+    stored = sp.csr_matrix((np.ones(len(a), dtype=np.int32), (a, b)), shape=(n, n))
+    whole = both_ways(stored, directed).toarray()
+    qa, qb = rng.integers(0, n, 5_000), rng.integers(0, n, 5_000)
+    found = counts_at(stored, qa, qb, directed)
+    np.testing.assert_array_equal(found, whole[qa, qb])
+    assert found.dtype == np.int32 and (found == 0).any() and found.max() > 1
+    np.testing.assert_array_equal(counts_at(sp.csr_matrix((n, n), dtype=np.int32), qa, qb, directed), 0)
+    weights = sp.random(11, n, density=0.2, random_state=5, format="csr")
+    blocks = [(lo, product.toarray()) for lo, product in times_counts(weights, stored, directed, 4)]
+    assert [lo for lo, _ in blocks] == [0, 4, 8]
+    np.testing.assert_allclose(np.vstack([product for _, product in blocks]), weights.toarray() @ whole)
+
 
 def test_interest_scores_equal_a_direct_computation(tiny_bert):
     ctx = context(BASE)

@@ -100,10 +100,29 @@ def stored_blocks(seq: Sequences, window: int, directed: bool = False, later: np
 
 
 def counts_at(totals: sp.csr_matrix, a: np.ndarray, b: np.ndarray, directed: bool) -> np.ndarray:
-    """The counts of the pairs (a[i], b[i]) in a stored count matrix."""
+    """The counts of the pairs (a[i], b[i]) in a stored count matrix (0 for a pair it does not hold).
+
+    One binary search over every pair's row at once, each step halving every open range (as many steps
+    as the longest row has bits). scipy's `totals[a, b]` scans each pair's whole row whenever there are
+    fewer pairs than a tenth of the stored entries: 16 s of a 42-s validation chunk at 20M events."""
     if not directed:
         a, b = np.minimum(a, b), np.maximum(a, b)
-    return np.asarray(totals[a, b]).ravel()
+    if not totals.has_sorted_indices:  # the sums built here keep rows sorted; a copy rather than a change to shared totals
+        totals = totals.sorted_indices()
+    lo, end = totals.indptr[a].astype(np.int64), totals.indptr[a + 1].astype(np.int64)
+    hi = end.copy()
+    open_ = np.flatnonzero(lo < hi)
+    while len(open_):
+        mid = (lo[open_] + hi[open_]) // 2
+        right = totals.indices[mid] < b[open_]
+        lo[open_[right]] = mid[right] + 1
+        hi[open_[~right]] = mid[~right]
+        open_ = open_[lo[open_] < hi[open_]]
+    hit = lo < end
+    hit[hit] = totals.indices[lo[hit]] == b[hit]
+    counts = np.zeros(len(a), dtype=totals.dtype)
+    counts[hit] = totals.data[lo[hit]]
+    return counts
 
 
 def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, rows: int
