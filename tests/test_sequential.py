@@ -34,7 +34,7 @@ def one_thread():
 
 def settings(tiny_bert, **extra) -> dict:
     return {"encoder_params": {"model": str(tiny_bert), "device": DEVICE}, "history": 10, "dim": 16, "heads": 2,
-            "layers": 1, "epochs": 8, "batch_size": 32, "lr": 1e-2, **extra}
+            "layers": 1, "epochs": 8, "batch_size": 32, "lr": 1e-2, "device": DEVICE, **extra}
 
 
 def events_and_boundary(n_users: int = 120):

@@ -155,12 +155,14 @@ def test_lora_trains_only_the_adapters_and_moves_the_embeddings(tiny_bert):
     model = lora_model(encoder)
     fresh = {name: p for name, p in model.named_parameters()}
     with torch.no_grad():
-        untuned = encode_with(torch, model.eval(), encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).numpy()
+        untuned = encode_with(torch, model.eval(), encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).float().cpu().numpy()
         for name, value in adapters.items():
             fresh[name].copy_(torch.as_tensor(value))
-        tuned = encode_with(torch, model, encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).numpy()
-    np.testing.assert_allclose(untuned, frozen.matrix, atol=1e-4)
-    assert np.abs(tuned - frozen.matrix).max() > 1e-3
+        tuned = encode_with(torch, model, encoder, encoder.token_ids(items["title"].to_list()), np.arange(items.height)).float().cpu().numpy()
+    # bf16/fp16 (CUDA's default) rounds a padded batch's sums differently: a looser match, a larger move.
+    atol = 1e-4 if encoder.precision == "fp32" else 2e-2
+    np.testing.assert_allclose(untuned, frozen.matrix, atol=atol)
+    assert np.abs(tuned - frozen.matrix).max() > 10 * atol, np.abs(tuned - frozen.matrix).max()
 
 
 @pytest.mark.parametrize("mode", ["lora", "adalora", "full"])

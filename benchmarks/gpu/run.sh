@@ -2,10 +2,11 @@
 # On a lent GPU machine (README, "Running the CUDA paths on a GPU"): two calls made one after the other
 # while the machine stays warm, each printing its figures and writing them under $OUT.
 #   bash benchmarks/gpu/run.sh tests   (carry .gpu/wheels)  install into $SITE, run the encoder, tuning,
-#                                                            adapter and image tests with RECENGINE_TEST_DEVICE=cuda
+#                                                            adapter, sequential and image tests with RECENGINE_TEST_DEVICE=cuda
 #   bash benchmarks/gpu/run.sh bench   (carry .gpu/minilm)  MiniLM back to fp32, then benchmarks/encode.py
 #                                                            (short and long texts) and benchmarks/tune.py
-#                                                            (head, lora, adalora, full on the same cutoffs)
+#                                                            (head, lora, adalora, full on the same cutoffs) and
+#                                                            benchmarks/sequential.py (the sequential model's fit, CPU and CUDA)
 # Here on a CPU, `DEVICE=cpu bash benchmarks/gpu/run.sh tests` checks the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +27,8 @@ tests)
     $( [ -d plugins/recengine-images ] && echo plugins/recengine-images ) || exit 1
   # The tests that need MLflow or LightGBM's training stay on the CPU (MLflow does not fit in a call).
   "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_encoders.py tests/test_tuning.py tests/test_tuned.py \
-    tests/test_adalora.py tests/test_adapters.py $( [ -f tests/test_images.py ] && echo tests/test_images.py ) \
-    -k "not (recengine_tune or tune_refuses or mlflow or training or trained or ranker or fresh_process or minilm)" \
+    tests/test_adalora.py tests/test_adapters.py tests/test_sequential.py $( [ -f tests/test_images.py ] && echo tests/test_images.py ) \
+    -k "not (recengine_tune or tune_until or tune_refuses or mlflow or training or trained or ranker or fresh_process or minilm)" \
     2>&1 | tee "$OUT/tests.txt"
   exit "${PIPESTATUS[0]}"
   ;;
@@ -43,6 +44,7 @@ shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_pattern
 save_file({k: v.astype("float32") if v.dtype.kind == "f" else v for k, v in load_file(source / "model-fp16.safetensors").items()},
           target / "model.safetensors")
 PY
+  "$PYTHON" benchmarks/sequential.py --model "$model" --devices cpu,$DEVICE --epochs ${SEQ_EPOCHS:-5} 2>&1 | grep -v Loading | tee "$OUT/sequential.txt"
   "$PYTHON" benchmarks/encode.py --model "$model" --n ${ENCODE_N:-50000} --repeats 3 --cache-n 0 2>&1 | grep -v Loading | tee "$OUT/encode.txt"
   "$PYTHON" benchmarks/tune.py --model "$model" --mode head,lora,adalora,full --cutoffs ${CUTOFFS:-3} --epochs 3 \
     --max-pairs 20000 --batch-size 256 --history 20 --set lora:lr=1e-4 --set adalora:lr=1e-3 --set full:lr=2e-5 \

@@ -246,12 +246,20 @@ def lora_model(encoder, rank: int = 8, alpha: int = 16, modules: tuple[str, ...]
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     if adalora is None:
-        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
-    tinit, tfinal = adalora.steps(total_steps)
-    return get_peft_model(base, AdaLoraConfig(
-        init_r=adalora.init_rank, target_r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0,
-        total_step=max(total_steps, 1), tinit=tinit, tfinal=tfinal, deltaT=adalora.interval,
-        orth_reg_weight=adalora.orth_weight))
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0))
+    else:
+        tinit, tfinal = adalora.steps(total_steps)
+        model = get_peft_model(base, AdaLoraConfig(
+            init_r=adalora.init_rank, target_r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0,
+            total_step=max(total_steps, 1), tinit=tinit, tfinal=tfinal, deltaT=adalora.interval,
+            orth_reg_weight=adalora.orth_weight))
+    # Only the adapters train. peft moves AdaLoRA's `ranknum` to a CUDA base layer's device by storing a plain
+    # tensor in a ParameterDict, which makes it a trainable Parameter there (not on the CPU): the optimiser
+    # would then move the adapters' scaling, and the state would carry it.
+    for name, parameter in model.named_parameters():
+        if ".lora_" not in name:
+            parameter.requires_grad_(False)
+    return model
 
 
 def encode_with(torch, model, encoder, token_ids: list[list[int]], rows: np.ndarray):

