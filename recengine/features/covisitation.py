@@ -41,8 +41,14 @@ FEW_TIMES = 4
 JOIN_ROWS = 5_000_000
 # Pairs found at once (24 bytes each) when they are summed into totals rather than kept.
 PAIR_ROWS = 5_000_000
-# Requests scored at once by the source (the product of their seeds' rows with the totals).
-SCORE_REQUESTS = 250
+# Requests scored at once by the source (the product of their seeds' rows with the totals). A request's
+# row often spans most of the catalogue (79,000 of 89,430 items at 20M events: 12 bytes each), and each
+# block's product goes through a few copies (sum, scaling, top-k masks).
+SCORE_REQUESTS = 125
+# Requests whose lower-half term (U x their seeds, one read of every stored pair) is built at once:
+# held while their blocks are scored. At 20M events 1,000 at once held ~1 GB; 500 cost one more read
+# of the 163M pairs (~0.6 s) a thousand requests.
+LOWER_REQUESTS = 500
 
 
 def check_window(window: int, part: str) -> None:
@@ -125,15 +131,23 @@ def counts_at(totals: sp.csr_matrix, a: np.ndarray, b: np.ndarray, directed: boo
     return counts
 
 
-def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, rows: int
+def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, rows: int, group: int | None = None
                  ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """(first row, product): weights x the whole count matrix, `rows` rows of weights at a time. With
-    the upper half U stored, weights x U + (U x weights^T)^T; the second term is built once for all
-    rows, as U x anything reads every stored pair."""
-    lower = None if directed else (totals @ weights.T).T.tocsr()
-    for lo in range(0, weights.shape[0], rows):
-        product = weights[lo : lo + rows] @ totals
-        yield lo, (product if lower is None else product + lower[lo : lo + rows]).tocsr()
+    the upper half U stored, weights x U + (U x weights^T)^T; the second term is built for `group` rows
+    at a time (default: all), as U x anything reads every stored pair: fewer groups cost fewer reads,
+    smaller ones less memory (a request's row often spans most of the catalogue)."""
+    group = max(group or weights.shape[0], rows)
+    for start in range(0, weights.shape[0], group):
+        part = weights[start : start + group]
+        lower = None if directed else (totals @ part.T).T.tocsr()
+        for lo in range(0, part.shape[0], rows):
+            product = part[lo : lo + rows] @ totals
+            if lower is not None:
+                product = (product + lower[lo : lo + rows]).tocsr()
+            yield start + lo, product
+            del product  # (a generator's locals outlive the yield: the next block is built without this one)
+        del lower  # the next group's is built without this one
 
 
 def both_ways(totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
@@ -433,12 +447,13 @@ class CovisitationSource:
         found = []
         # A block of requests at a time: a request's scores are a row of the product, the product of
         # many requests (every neighbour of every seed) the largest thing this source builds.
-        for lo, scores in times_counts(weights, totals, False, SCORE_REQUESTS):
+        for lo, scores in times_counts(weights, totals, False, SCORE_REQUESTS, LOWER_REQUESTS):
             scores = scores * RESOLUTION
             keep = _at_least_top_k(scores, self.k)
             hit_rows = lo + np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))[keep]
             found.append(pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
                                        "score": scores.data[keep]}, schema=schema))
+            del scores, keep, hit_rows  # a block's arrays (most of the catalogue a request) gone before the next's
         return pl.concat(found).lazy()
 
 
