@@ -262,6 +262,15 @@ def test_covisitation_source_as_of_shared_times_proposes_what_the_join_does(monk
     shared = generate(requests, fs.build_sources(), context)
     monkeypatch.setattr(covisitation, "PAIR_ROWS", 500)  # the totals grown from many small blocks of pairs
     assert generate(requests, fs.build_sources(), FeatureContext.from_frames(context.events, context.items)).equals(shared)
+    # Scores in blocks of a few requests, lower terms for groups of a few more, products of a few
+    # stored pairs at a time: the same candidates and scores.
+    items = context.items.collect().height
+    monkeypatch.setattr(covisitation, "SCORE_CELLS", 7 * items)
+    monkeypatch.setattr(covisitation, "LOWER_CELLS", 17 * items)
+    monkeypatch.setattr(covisitation, "PRODUCT_PAIRS", 50)
+    for threads in (1, 3):  # each thread writes its own rows: the same whatever their number and timing
+        monkeypatch.setattr(covisitation, "THREADS", threads)
+        assert generate(requests, fs.build_sources(), FeatureContext.from_frames(context.events, context.items)).equals(shared)
     monkeypatch.setattr(covisitation, "SHARED_TIME", 10**9)  # the join, whatever the times
     joined = generate(requests, fs.build_sources(), context)
     assert shared.height > 1000 and shared.equals(joined)

@@ -248,7 +248,7 @@ def test_pair_counts_and_products_read_a_stored_matrix_as_the_whole_one(directed
     weights = sp.random(11, n, density=0.2, random_state=5, format="csr")
     # Blocks of 4 rows; the lower half's term for all rows at once, or for groups of 5 or 8 rows.
     for group, starts in ((None, [0, 4, 8]), (5, [0, 4, 5, 9, 10]), (8, [0, 4, 8])):
-        blocks = [(lo, product.toarray()) for lo, product in times_counts(weights, stored, directed, 4, group)]
+        blocks = [(lo, product) for lo, product in times_counts(weights, stored, directed, 4, group)]
         assert [lo for lo, _ in blocks] == starts
         np.testing.assert_allclose(np.vstack([product for _, product in blocks]), weights.toarray() @ whole)
 

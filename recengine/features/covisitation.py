@@ -15,7 +15,9 @@ index): half the memory of the largest thing a run keeps. `counts_at`, `times_co
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -41,14 +43,22 @@ FEW_TIMES = 4
 JOIN_ROWS = 5_000_000
 # Pairs found at once (24 bytes each) when they are summed into totals rather than kept.
 PAIR_ROWS = 5_000_000
-# Requests scored at once by the source (the product of their seeds' rows with the totals). A request's
-# row often spans most of the catalogue (79,000 of 89,430 items at 20M events: 12 bytes each), and each
-# block's product goes through a few copies (sum, scaling, top-k masks).
-SCORE_REQUESTS = 125
-# Requests whose lower-half term (U x their seeds, one read of every stored pair) is built at once:
-# held while their blocks are scored. At 20M events 1,000 at once held ~1 GB; 500 cost one more read
-# of the 163M pairs (~0.6 s) a thousand requests.
-LOWER_REQUESTS = 500
+# Score cells (requests x catalogue items, 8 bytes each) the source holds at once. A request's row of
+# scores spans most of the catalogue (79,000 of 89,430 items at 20M events), so blocks of scores are
+# dense arrays: 8 bytes a cell, not a sparse matrix's 12 a stored score and its copies through sums.
+# Requests scored at once: `SCORE_CELLS` / items (at least one, at most `SCORE_REQUESTS`).
+SCORE_CELLS = 8_000_000
+SCORE_REQUESTS = 250
+# Requests whose lower-half term (one read of every stored pair) is built at once, as an items x
+# requests array of `LOWER_CELLS` at most: fewer groups read the stored pairs fewer times (163M at
+# 20M events), smaller ones hold less.
+LOWER_CELLS = 30_000_000
+LOWER_REQUESTS = 1_000
+# Stored pairs of the lower term's products on one thread at a time.
+PRODUCT_PAIRS = 20_000_000
+# Threads the scoring's pieces run on, each on its own rows of the output: scipy's products and numpy's
+# array operations release the GIL, and scoring is most of a training chunk's time.
+THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def check_window(window: int, part: str) -> None:
@@ -132,22 +142,68 @@ def counts_at(totals: sp.csr_matrix, a: np.ndarray, b: np.ndarray, directed: boo
 
 
 def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, rows: int, group: int | None = None
-                 ) -> Iterator[tuple[int, sp.csr_matrix]]:
-    """(first row, product): weights x the whole count matrix, `rows` rows of weights at a time. With
-    the upper half U stored, weights x U + (U x weights^T)^T; the second term is built for `group` rows
-    at a time (default: all), as U x anything reads every stored pair: fewer groups cost fewer reads,
-    smaller ones less memory (a request's row often spans most of the catalogue)."""
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, product as an array): weights x the whole count matrix, `rows` rows of weights at a
+    time. With the upper half U stored, weights x U + (U x weights^T)^T; the second term is built for
+    `group` rows at a time (default: all), as U x anything reads every stored pair: fewer groups cost
+    fewer reads, smaller ones less memory."""
     group = max(group or weights.shape[0], rows)
+    # scipy casts both sides' values to one type inside every product: the counts as floats once here
+    # (8 bytes a stored pair, shared by the threads), not a copy of them in each product.
+    totals = sp.csr_matrix((totals.data.astype(weights.dtype), totals.indices, totals.indptr), shape=totals.shape)
     for start in range(0, weights.shape[0], group):
         part = weights[start : start + group]
-        lower = None if directed else (totals @ part.T).T.tocsr()
+        lower = None if directed else _times_transposed(totals, part)
         for lo in range(0, part.shape[0], rows):
-            product = part[lo : lo + rows] @ totals
+            block = _times(part[lo : lo + rows], totals)
             if lower is not None:
-                product = (product + lower[lo : lo + rows]).tocsr()
-            yield start + lo, product
-            del product  # (a generator's locals outlive the yield: the next block is built without this one)
+                def add(a: int, b: int, block=block, lo=lo) -> None:
+                    block[a:b] += lower[:, lo + a : lo + b].T
+                in_threads(add, np.linspace(0, block.shape[0], THREADS + 1).astype(int))
+            yield start + lo, block
+            del block  # (a generator's locals outlive the yield: the next block is built without this one)
         del lower  # the next group's is built without this one
+
+
+def _times(weights: sp.csr_matrix, totals: sp.csr_matrix) -> np.ndarray:
+    """weights x totals as an array, a run of weights' rows on each thread."""
+    out = np.empty((weights.shape[0], totals.shape[1]))
+
+    def rows(a: int, b: int) -> None:
+        (weights[a:b] @ totals).toarray(out=out[a:b])
+
+    in_threads(rows, np.linspace(0, weights.shape[0], THREADS + 1).astype(int))
+    return out
+
+
+def _times_transposed(totals: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarray:
+    """totals x weights^T as an (items x weight rows) array, a run of about `PRODUCT_PAIRS` stored
+    pairs of totals' rows on each thread (views of its arrays), each run's product written into its rows."""
+    right = weights.T.tocsr()
+    out = np.empty((totals.shape[0], weights.shape[0]))
+
+    def rows(a: int, b: int) -> None:
+        first, last = totals.indptr[a], totals.indptr[b]
+        run = sp.csr_matrix((totals.data[first:last], totals.indices[first:last], totals.indptr[a : b + 1] - first),
+                            shape=(b - a, totals.shape[1]))
+        (run @ right).toarray(out=out[a:b])
+
+    bounds = np.searchsorted(totals.indptr, np.arange(PRODUCT_PAIRS, totals.nnz, PRODUCT_PAIRS))
+    in_threads(rows, np.concatenate([[0], bounds, [totals.shape[0]]]))
+    return out
+
+
+def in_threads(work: Callable[[int, int], None], bounds: np.ndarray) -> None:
+    """work(a, b) for each run of rows between consecutive `bounds` (empty runs skipped), on up to
+    `THREADS` threads. Each run writes only its own rows, so the result does not depend on timing."""
+    runs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if THREADS < 2 or len(runs) < 2:
+        for a, b in runs:
+            work(a, b)
+        return
+    with ThreadPoolExecutor(min(THREADS, len(runs))) as pool:
+        for done in [pool.submit(work, a, b) for a, b in runs]:
+            done.result()  # (raises a run's error here)
 
 
 def both_ways(totals: sp.csr_matrix, directed: bool) -> sp.csr_matrix:
@@ -445,26 +501,35 @@ class CovisitationSource:
         fixed = np.round(seeds["w"].to_numpy() * FIXED_POINT)
         weights = sp.csr_matrix((fixed, (row, col)), shape=(len(requests), totals.shape[0]))
         found = []
-        # A block of requests at a time: a request's scores are a row of the product, the product of
-        # many requests (every neighbour of every seed) the largest thing this source builds.
-        for lo, scores in times_counts(weights, totals, False, SCORE_REQUESTS, LOWER_REQUESTS):
-            scores = scores * RESOLUTION
-            keep = _at_least_top_k(scores, self.k)
-            hit_rows = lo + np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))[keep]
-            found.append(pl.DataFrame({"_request": requests[hit_rows], "item_id": ids.gather(scores.indices[keep]),
-                                       "score": scores.data[keep]}, schema=schema))
-            del scores, keep, hit_rows  # a block's arrays (most of the catalogue a request) gone before the next's
+        # A block of requests at a time, as many as `SCORE_CELLS` allows: a request's scores are a row of
+        # the product, the product of many requests (every neighbour of every seed) the largest thing
+        # this source builds.
+        rows = max(1, min(SCORE_REQUESTS, SCORE_CELLS // max(1, len(ids))))
+        group = max(rows, min(LOWER_REQUESTS, LOWER_CELLS // max(1, len(ids))))
+        for lo, scores in times_counts(weights, totals, False, rows, group):
+            scores *= RESOLUTION
+            hit_rows, hit_items = np.nonzero(_at_least_top_k(scores, self.k))  # row by row, items in order
+            found.append(pl.DataFrame({"_request": requests[lo + hit_rows], "item_id": ids.gather(hit_items),
+                                       "score": scores[hit_rows, hit_items]}, schema=schema))
+            del scores, hit_rows, hit_items  # a block's arrays gone before the next's
         return pl.concat(found).lazy()
 
 
-def _at_least_top_k(scores: sp.csr_matrix, k: int) -> np.ndarray:
-    """A mask over the stored scores keeping each row's k best and every score tied with the k-th
-    (after the rounding of `recengine.core.topk`), so the exact tie-break by item_id happens there."""
-    keep = np.ones(scores.nnz, dtype=bool)
-    for r in np.flatnonzero(np.diff(scores.indptr) > k):
-        lo, hi = scores.indptr[r], scores.indptr[r + 1]
-        row = np.round(scores.data[lo:hi], DECIMALS)
-        keep[lo:hi] = row >= np.partition(row, len(row) - k)[len(row) - k]
+def _at_least_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """A mask over a block of scores (0: no pair) keeping each row's k best and every score tied with
+    the k-th (after the rounding of `recengine.core.topk`), so the exact tie-break by item_id happens
+    there. Every pair's score is positive, so a row with fewer than k of them keeps them all."""
+    keep = scores > 0
+    n = scores.shape[1]
+    if n <= k:
+        return keep
+
+    def rows(a: int, b: int) -> None:
+        rounded = np.round(scores[a:b], DECIMALS)
+        kth = np.partition(rounded, n - k, axis=1)[:, n - k].copy()  # (the partitioned copy freed at once)
+        keep[a:b] &= rounded >= kth[:, None]
+
+    in_threads(rows, np.linspace(0, scores.shape[0], THREADS + 1).astype(int))
     return keep
 
 
