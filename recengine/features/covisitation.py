@@ -157,9 +157,9 @@ def times_counts(weights: sp.csr_matrix, totals: sp.csr_matrix, directed: bool, 
         for lo in range(0, part.shape[0], rows):
             block = _times(part[lo : lo + rows], totals)
             if lower is not None:
-                def add(a: int, b: int, block=block, lo=lo) -> None:
+                def add(a: int, b: int) -> None:
                     block[a:b] += lower[:, lo + a : lo + b].T
-                in_threads(add, np.linspace(0, block.shape[0], THREADS + 1).astype(int))
+                in_threads(add, block.shape[0])
             yield start + lo, block
             del block  # (a generator's locals outlive the yield: the next block is built without this one)
         del lower  # the next group's is built without this one
@@ -172,7 +172,7 @@ def _times(weights: sp.csr_matrix, totals: sp.csr_matrix) -> np.ndarray:
     def rows(a: int, b: int) -> None:
         (weights[a:b] @ totals).toarray(out=out[a:b])
 
-    in_threads(rows, np.linspace(0, weights.shape[0], THREADS + 1).astype(int))
+    in_threads(rows, weights.shape[0])
     return out
 
 
@@ -193,9 +193,12 @@ def _times_transposed(totals: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarr
     return out
 
 
-def in_threads(work: Callable[[int, int], None], bounds: np.ndarray) -> None:
-    """work(a, b) for each run of rows between consecutive `bounds` (empty runs skipped), on up to
-    `THREADS` threads. Each run writes only its own rows, so the result does not depend on timing."""
+def in_threads(work: Callable[[int, int], None], bounds: int | np.ndarray) -> None:
+    """work(a, b) for each run of rows between consecutive `bounds` (empty runs skipped), or for
+    `THREADS` even runs of `bounds` rows when it is a count, on up to `THREADS` threads. Each run
+    writes only its own rows, so the result does not depend on timing."""
+    if isinstance(bounds, int):
+        bounds = np.linspace(0, bounds, THREADS + 1).astype(int)
     runs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if THREADS < 2 or len(runs) < 2:
         for a, b in runs:
@@ -529,7 +532,7 @@ def _at_least_top_k(scores: np.ndarray, k: int) -> np.ndarray:
         kth = np.partition(rounded, n - k, axis=1)[:, n - k].copy()  # (the partitioned copy freed at once)
         keep[a:b] &= rounded >= kth[:, None]
 
-    in_threads(rows, np.linspace(0, scores.shape[0], THREADS + 1).astype(int))
+    in_threads(rows, scores.shape[0])
     return keep
 
 

@@ -57,6 +57,9 @@ class _Commands(click.Group):
 @click.version_option(package_name="recengine")
 def cli() -> None:
     """recengine: train and serve personalized rankers from behaviour logs and item text."""
+    from recengine.core.memory import return_freed_memory
+
+    return_freed_memory()  # every command streams chunks; freed chunks must not stay resident
 
 
 @cli.command()

@@ -612,6 +612,9 @@ class _ChunkBuilder:
     """A Ray actor that builds training and validation chunks with one copy of the shared events and context."""
 
     def __init__(self, build, shared):
+        from recengine.core.memory import return_freed_memory
+
+        return_freed_memory()  # a long-lived worker holds chunk after chunk, as `train` does
         self.build_part, self.shared = build, shared
 
     def build(self, chunk) -> tuple[int, str]:
