@@ -11,7 +11,6 @@ or more in its own mapping, returned the moment it is freed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
@@ -31,7 +30,9 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
 
 def _glibc_mallopt():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The process's own symbols, libc's among them: no search for the library (find_library runs
+        # ldconfig, or a compiler, in a subprocess at every command's start).
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only; musl has mallopt but other option numbers
     except (OSError, AttributeError):
         return None
